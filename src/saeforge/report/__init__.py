@@ -1,0 +1,1 @@
+"""Reports: the self-contained feature dashboard (``saeforge.report.dashboard``)."""

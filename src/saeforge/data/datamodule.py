@@ -1,0 +1,236 @@
+"""Stream activation rows into training batches: chunk-order + buffer shuffling, per-rank parts.
+
+- Chunks (file row ranges) are split into train and a held-out tail (`val_fraction`).
+- Each epoch the train chunks are permuted (seed, epoch); DDP rank r takes chunks r, r+W, ...
+  and every rank yields the same number of batches (so collective ops never wait on a rank).
+- A token-level shuffle buffer of `shuffle_buffer` rows mixes rows across chunks: when it is full
+  it is permuted and its first half is emitted as batches.
+- Exact resume: the stream is a pure function of (seed, epoch, rank); after a restart the first
+  `global_step - epoch * batches_per_epoch` batches of the epoch are regenerated and skipped.
+Non-finite rows are found in a scan before training: an error names the file and row, or with
+`skip_nonfinite` they are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from saeforge.activations.readers import RowChunk, RowSource, open_rows, read_chunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamSpec:
+    """What a stream needs; plain data so it pickles into DataLoader workers."""
+
+    chunks: list[RowChunk]
+    batch_size: int
+    shuffle_buffer: int
+    seed: int
+    shuffle: bool
+    bad_rows: dict[RowChunk, list[int]] = field(default_factory=dict)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def load_rows(chunk: RowChunk, bad_rows: Mapping[RowChunk, list[int]]) -> torch.Tensor:
+    rows = read_chunk(chunk)
+    bad = bad_rows.get(chunk)
+    if bad:
+        keep = torch.ones(rows.shape[0], dtype=torch.bool)
+        keep[bad] = False
+        rows = rows[keep]
+    return rows
+
+
+def guaranteed_rows(chunks: list[RowChunk], world: int, bad_rows: Mapping[RowChunk, list[int]]) -> int:
+    """Rows every rank is sure to read whatever the chunk permutation: the sum of the N//W smallest chunks."""
+    sizes = sorted(c.rows - len(bad_rows.get(c, ())) for c in chunks)
+    return sum(sizes[: len(chunks) // world])
+
+
+def batches_per_epoch(spec: StreamSpec, world: int) -> int:
+    return guaranteed_rows(spec.chunks, world, spec.bad_rows) // spec.batch_size
+
+
+class ActivationStream(IterableDataset):
+    """Yields float32 [batch_size, d_in] batches for one rank; see the module docstring."""
+
+    def __init__(self, spec: StreamSpec, position: "StreamPosition"):
+        self.spec, self.position = spec, position
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (so Lightning knows the schedule length)."""
+        if self.spec.shuffle:
+            return batches_per_epoch(self.spec, rank_and_world()[1])
+        return sum(c.rows - len(self.spec.bad_rows.get(c, ())) for c in self.spec.chunks) // self.spec.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        spec = self.spec
+        rank, world = rank_and_world()
+        epoch, skip = self.position.epoch_and_skip()
+        n_batches = batches_per_epoch(spec, world) if spec.shuffle else math.inf
+        order = list(range(len(spec.chunks)))
+        gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 7919 + rank)
+        if spec.shuffle:
+            perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(spec.seed * 31 + epoch))
+            order = perm.tolist()
+        mine = [spec.chunks[i] for i in order[rank::world]]
+        emitted = 0
+        buffer = torch.empty(0)
+        for chunk in mine:
+            rows = load_rows(chunk, spec.bad_rows)
+            buffer = torch.cat([buffer.reshape(-1, rows.shape[1]), rows])
+            if not spec.shuffle:
+                while buffer.shape[0] >= spec.batch_size:
+                    yield buffer[: spec.batch_size]
+                    buffer = buffer[spec.batch_size :]
+                continue
+            if buffer.shape[0] < spec.shuffle_buffer:
+                continue
+            buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
+            half = (buffer.shape[0] // 2 // spec.batch_size) * spec.batch_size
+            for start in range(0, half, spec.batch_size):
+                if emitted >= n_batches:
+                    return
+                if emitted >= skip:
+                    yield buffer[start : start + spec.batch_size]
+                emitted += 1
+            buffer = buffer[half:]
+        if buffer.numel():
+            if spec.shuffle:
+                buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
+            for start in range(0, buffer.shape[0] - spec.batch_size + 1, spec.batch_size):
+                if emitted >= n_batches:
+                    return
+                if emitted >= skip:
+                    yield buffer[start : start + spec.batch_size]
+                emitted += 1
+
+
+class StreamPosition:
+    """Where the training stream starts: derived from the Trainer's restored progress."""
+
+    def __init__(self) -> None:
+        self.trainer: L.Trainer | None = None
+        self.batches_per_epoch = 0
+
+    def epoch_and_skip(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 0
+        epoch = self.trainer.current_epoch
+        skip = max(0, self.trainer.global_step - epoch * self.batches_per_epoch)
+        return epoch, skip
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Batches of raw activation rows from a store or a user file (`data.path`)."""
+
+    def __init__(self, data_cfg: Mapping[str, Any], path: str, hookpoint: str | None, seed: int):
+        super().__init__()
+        self.cfg, self.path, self.hookpoint, self.seed = data_cfg, path, hookpoint, seed
+        self.position = StreamPosition()
+        self.source: RowSource | None = None
+        self.train_chunks: list[RowChunk] = []
+        self.val_chunks: list[RowChunk] = []
+        self.bad_rows: dict[RowChunk, list[int]] = {}
+
+    @property
+    def d_in(self) -> int:
+        self.prepare()
+        assert self.source is not None
+        return self.source.d_in
+
+    def prepare(self) -> None:
+        """Open the source, scan it for non-finite rows, split train/held-out (idempotent)."""
+        if self.source is not None:
+            return
+        cfg = self.cfg
+        self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")), int(cfg.get("read_rows", 16384)))
+        self.bad_rows = scan_nonfinite(self.source, bool(cfg.get("skip_nonfinite", False)))
+        chunks = self.source.chunks
+        n_val = math.ceil(len(chunks) * float(cfg.get("val_fraction", 0.02))) if len(chunks) > 1 else 0
+        self.train_chunks, self.val_chunks = chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :]
+        batch = int(cfg["batch_size"])
+        train_rows = sum(c.rows for c in self.train_chunks)
+        if train_rows < batch:
+            raise ValueError(f"{self.source.description}: {train_rows} training rows is fewer than data.batch_size={batch}")
+        log.info("data: %s — %d rows (d_in %d), %d train / %d held-out chunks", self.source.description,
+                 self.source.n_rows, self.source.d_in, len(self.train_chunks), len(self.val_chunks))
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        self.position.trainer = self.trainer
+        _, world = rank_and_world()
+        self.position.batches_per_epoch = batches_per_epoch(self._spec(self.train_chunks, True), world)
+        if self.position.batches_per_epoch == 0:
+            raise ValueError(f"data.batch_size={self.cfg['batch_size']} is larger than each of {world} ranks' share of the data")
+
+    def _spec(self, chunks: list[RowChunk], shuffle: bool) -> StreamSpec:
+        return StreamSpec(chunks, int(self.cfg["batch_size"]), int(self.cfg.get("shuffle_buffer", 262144)), self.seed, shuffle, self.bad_rows)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ActivationStream(self._spec(self.train_chunks, True), self.position), batch_size=None,
+                          num_workers=int(self.cfg.get("num_workers", 0)))
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = rank_and_world()
+        mine = self.val_chunks[rank::world] if len(self.val_chunks) >= world else self.val_chunks
+        return DataLoader(ActivationStream(self._spec(mine, False), StreamPosition()), batch_size=None)
+
+    def heldout_batches(self, max_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """Every held-out row (the same on every rank), for threshold calibration and evaluation."""
+        self.prepare()
+        seen = 0
+        for chunk in self.val_chunks or self.train_chunks[-1:]:
+            rows = load_rows(chunk, self.bad_rows)
+            yield rows
+            seen += rows.shape[0]
+            if max_rows is not None and seen >= max_rows:
+                return
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        """A seeded random sample of ~n training rows (identical on every rank), for initialisation."""
+        self.prepare()
+        gen = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(self.train_chunks), generator=gen).tolist()
+        picked, total = [], 0
+        for i in order:
+            rows = load_rows(self.train_chunks[i], self.bad_rows)
+            picked.append(rows)
+            total += rows.shape[0]
+            if total >= n:
+                break
+        rows = torch.cat(picked)
+        return rows[torch.randperm(rows.shape[0], generator=gen)[:n]]
+
+
+def scan_nonfinite(source: RowSource, skip: bool) -> dict[RowChunk, list[int]]:
+    """Row indices (within each chunk) that hold NaN/Inf; raise naming file and row unless `skip`."""
+    bad: dict[RowChunk, list[int]] = {}
+    for chunk in tqdm(source.chunks, desc="scan", unit="chunk", leave=False, disable=len(source.chunks) < 8):
+        rows = read_chunk(chunk)
+        nonfinite = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten().tolist()
+        if nonfinite and not skip:
+            raise ValueError(
+                f"{chunk.path}:{chunk.key} row {chunk.start + nonfinite[0]} holds NaN/Inf "
+                f"({len(nonfinite)} such rows in rows {chunk.start}-{chunk.stop}); set data.skip_nonfinite=true to drop them"
+            )
+        if nonfinite:
+            bad[chunk] = nonfinite
+    if bad:
+        log.warning("skipping %d non-finite rows (data.skip_nonfinite=true)", sum(map(len, bad.values())))
+    return bad

@@ -1,0 +1,149 @@
+"""`python train.py`: build/reuse the activation store, train the SAE, calibrate, export, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from saeforge.activations.extract import build_store
+from saeforge.callbacks.export import ExportSAECallback
+from saeforge.data.datamodule import ActivationDataModule
+from saeforge.evaluate import metrics
+from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
+from saeforge.runconfig import make_wandb_logger, run_dir, strip_secrets
+from saeforge.sae.formats import write_saelens
+from saeforge.sae.module import SAEModule
+
+log = logging.getLogger(__name__)
+INIT_SAMPLE_ROWS = 32768
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The `trainer` group as Lightning kwargs; `precision: auto` → bf16-mixed on CUDA, fp32 on CPU."""
+    kwargs = dict(cfg.trainer)
+    if kwargs.get("precision") == "auto":
+        on_gpu = kwargs.get("accelerator") in ("gpu", "cuda") or (kwargs.get("accelerator") == "auto" and torch.cuda.is_available())
+        kwargs["precision"] = "bf16-mixed" if on_gpu else "32-true"
+    return kwargs
+
+
+def resolve_ckpt(cfg: DictConfig, directory: Path) -> str | None:
+    """`ckpt_path=last` or an existing <run.dir>/checkpoints/last.ckpt resumes; else a fresh run."""
+    last = directory / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path in (None, "last"):
+        if last.is_file():
+            log.info("resuming from %s", last)
+            return str(last)
+        if cfg.ckpt_path == "last":
+            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist")
+        return None
+    path = Path(str(cfg.ckpt_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
+    return str(path)
+
+
+def check_ckpt_d_in(ckpt: str, d_in: int) -> None:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    ckpt_d_in = state["sae.W_enc"].shape[0]
+    if ckpt_d_in != d_in:
+        raise ValueError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}")
+
+
+def data_source(cfg: DictConfig) -> tuple[str, str | None, str, str]:
+    """(path, hookpoint within a store, hookpoint name for the export, model name)."""
+    if cfg.data.get("path"):
+        return str(cfg.data.path), None, canonical_name(str(cfg.data.hookpoint)), str(cfg.model.get("name") or "unknown")
+    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=list(cfg.get("overwrite") or []))
+    hookpoint = canonical_name(str(cfg.data.hookpoint))
+    return str(store.root), hookpoint, hookpoint, str(store.manifest.get("model"))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; returns the final held-out metrics (also written to metrics.json)."""
+    directory = run_dir(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    path, store_hookpoint, hookpoint, model_name = data_source(cfg)
+    if cfg.get("extract_only"):
+        print(f"activation store ready: {path}")
+        return {"store": path}
+
+    dm = ActivationDataModule(cfg.data, path, store_hookpoint, int(cfg.seed))
+    d_in = dm.d_in
+    module = SAEModule(cfg.sae, d_in)
+    if float(cfg.sae.k) >= module.c["d_sae"]:
+        raise ValueError(f"sae.k={cfg.sae.k} must be smaller than d_sae={module.c['d_sae']}")
+    ckpt = resolve_ckpt(cfg, directory)
+    if ckpt:
+        check_ckpt_d_in(ckpt, d_in)
+    module.initialize(dm.sample_rows(INIT_SAMPLE_ROWS))
+    export_dir = directory / "sae" / hookpoint
+    provenance = {"config": strip_secrets(cfg), "git_sha": git_sha(), "data": path}
+
+    def write(pl_module: SAEModule, extra: dict[str, Any], sparsity: torch.Tensor | None = None) -> Path:
+        return write_saelens(pl_module.export_sae(), export_dir, hook_name=hookpoint, hook_layer=hookpoint_layer(hookpoint),
+                             model_name=model_name, provenance={**provenance, **extra}, sparsity=sparsity)
+
+    checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
+                                 every_n_train_steps=int(cfg.checkpoint_every_n_steps))
+    logger = make_wandb_logger(cfg, directory, "train")
+    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
+                        callbacks=[checkpoint, ExportSAECallback(write)])
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+
+    threshold = module.calibrate(dm.heldout_batches())
+    result = heldout_metrics(module, dm)
+    result.update({"threshold": threshold, "k": float(cfg.sae.k), "d_sae": module.c["d_sae"], "d_in": d_in,
+                   "steps": trainer.global_step, "hookpoint": hookpoint})
+    if trainer.is_global_zero:
+        sparsity = torch.log10(result.pop("_frequency").clamp_min(1e-10))
+        write(module, {"step": trainer.global_step, "threshold": "calibrated on held-out rows"}, sparsity)
+        (directory / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        if logger is not None:
+            logger.experiment.summary.update({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        print(f"SAE exported to {export_dir}")
+        print(f"held-out: FVU {result['fvu']:.4f}  MSE {result['mse']:.4g}  L0 {result['l0']:.1f}  "
+              f"dead {100 * result['dead_frac']:.1f}%  ({result['rows']} rows)")
+    else:
+        result.pop("_frequency")
+    return result
+
+
+@torch.no_grad()
+def heldout_metrics(module: SAEModule, dm: ActivationDataModule) -> dict[str, Any]:
+    """Inference-mode metrics on raw held-out rows with the exported SAE (what users will load)."""
+    sae = module.export_sae()
+    xs, x_hats, fired, l0s = [], [], torch.zeros(sae.cfg.d_sae), []
+    for batch in dm.heldout_batches():
+        acts = sae.encode_inference(batch)
+        xs.append(batch)
+        x_hats.append(sae.decode(acts))
+        fired += (acts > 0).sum(0).float()
+        l0s.append(metrics.l0(acts) * batch.shape[0])
+    x, x_hat = torch.cat(xs), torch.cat(x_hats)
+    rows = x.shape[0]
+    return {
+        "fvu": float(metrics.fvu(x, x_hat)),
+        "mse": float(metrics.mse(x, x_hat)),
+        "cosine": float(metrics.cosine_similarity(x, x_hat).mean()),
+        "l0": float(sum(l0s) / rows),
+        "dead_frac": float((fired == 0).float().mean()),
+        "rows": rows,
+        "_frequency": fired / rows,
+    }
