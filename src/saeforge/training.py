@@ -20,7 +20,7 @@ from saeforge.evaluate import metrics
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
 from saeforge.runconfig import make_wandb_logger, run_dir, strip_secrets
 from saeforge.sae.formats import write_saelens
-from saeforge.sae.module import SAEModule
+from saeforge.sae.module import SAEModule, resolve_sae_config
 
 log = logging.getLogger(__name__)
 INIT_SAMPLE_ROWS = 32768
@@ -86,9 +86,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     dm = ActivationDataModule(cfg.data, path, store_hookpoint, int(cfg.seed))
     d_in = dm.d_in
+    d_sae = resolve_sae_config(cfg.sae, d_in)["d_sae"]
+    if not 0 < float(cfg.sae.k) < d_sae:
+        raise ValueError(f"sae.k={cfg.sae.k} must be positive and smaller than d_sae={d_sae}")
     module = SAEModule(cfg.sae, d_in)
-    if float(cfg.sae.k) >= module.c["d_sae"]:
-        raise ValueError(f"sae.k={cfg.sae.k} must be smaller than d_sae={module.c['d_sae']}")
     ckpt = resolve_ckpt(cfg, directory)
     if ckpt:
         check_ckpt_d_in(ckpt, d_in)
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=[checkpoint, ExportSAECallback(write)])
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    check_ranks_identical(module)
 
     threshold = module.calibrate(dm.heldout_batches())
     result = heldout_metrics(module, dm)
@@ -123,6 +125,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         result.pop("_frequency")
     return result
+
+
+@torch.no_grad()
+def check_ranks_identical(module: SAEModule) -> None:
+    """Under DDP, all-gather a fingerprint of every parameter and buffer; raise if ranks differ."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    state = [t.detach().double().flatten().cpu() for t in module.state_dict().values()]
+    flat = torch.cat(state)
+    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)
+    fingerprint = torch.stack([flat.sum(), (flat * weights).sum(), (flat * flat).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, fingerprint)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"DDP ranks diverged: SAE state fingerprints {[g.tolist() for g in gathered]}")
+    if torch.distributed.get_rank() == 0:
+        log.info("DDP: %d ranks hold identical SAE state", len(gathered))
 
 
 @torch.no_grad()

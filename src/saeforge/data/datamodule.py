@@ -37,6 +37,8 @@ class StreamSpec:
     shuffle_buffer: int
     seed: int
     shuffle: bool
+    """True for training: permute chunks per epoch, take this rank's share, shuffle rows in a buffer.
+    False (held-out): read the given chunks in order (the caller picked this rank's chunks)."""
     bad_rows: dict[RowChunk, list[int]] = field(default_factory=dict)
 
 
@@ -88,7 +90,7 @@ class ActivationStream(IterableDataset):
         if spec.shuffle:
             perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(spec.seed * 31 + epoch))
             order = perm.tolist()
-        mine = [spec.chunks[i] for i in order[rank::world]]
+        mine = [spec.chunks[i] for i in (order[rank::world] if spec.shuffle else order)]
         emitted = 0
         buffer = torch.empty(0)
         for chunk in mine:

@@ -1,0 +1,104 @@
+"""Training throughput: saeforge's SAE step vs SAELens 6.54's BatchTopK training step (CPU).
+
+Ours: exactly the step SAEModule runs, without Lightning's loop overhead — normalise, forward
+(dense encoder GEMM + sparse decode / sparse encoder backward), mse + AuxK, backward, remove the
+decoder-parallel gradient, Adam step, renormalise decoder rows, dead-latent + threshold update.
+SAELens: `BatchTopKTrainingSAE.training_forward_pass(TrainStepInput(...))`, the firing statistics,
+backward, clip_grad_norm_(1.0), Adam step — the body of SAELens's `SAETrainer._train_step`.
+Both run on the same in-memory random activations, fp32, same thread count; steps alternate
+(ours, theirs, ours, ...) so background load hits both equally.
+
+    python bench/train_throughput.py            # quick: 2 warm-up + 4 timed steps each (< 2 min)
+    python bench/train_throughput.py --steps 20 --batch 4096 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def make_ours(d_in: int, d_sae: int, k: float, sample: torch.Tensor):
+    from saeforge.sae.module import SAEModule
+
+    module = SAEModule({"d_sae": d_sae, "k": k, "architecture": "batchtopk"}, d_in=d_in)
+    module.initialize(sample)
+    opt = torch.optim.Adam(module.sae.parameters(), lr=float(module.c["lr"]))
+
+    def step(batch: torch.Tensor) -> None:
+        x = module.normalize(batch)
+        out = module.sae(x, dead_mask=module.tokens_since_fired >= int(module.c["dead_tokens"]))
+        (out.mse + out.auxk_loss).backward()
+        module.on_before_optimizer_step(opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        module.sae.normalize_decoder_()
+        module._update_state(out.latent_indices, out.min_kept, batch.shape[0])
+
+    return step
+
+
+def make_saelens(d_in: int, d_sae: int, k: float):
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-4, betas=(0.9, 0.999))
+    since_fired = torch.zeros(d_sae)
+    n_steps = [0]
+
+    def step(batch: torch.Tensor) -> None:
+        sae.train()
+        out = sae.training_forward_pass(step_input=TrainStepInput(
+            sae_in=batch, coefficients=sae.get_coefficients(), dead_neuron_mask=since_fired > 1000,
+            n_training_steps=n_steps[0], is_logging_step=False,
+        ))
+        with torch.no_grad():
+            did_fire = out.feature_acts.bool().float().sum(-2).bool()
+            since_fired.add_(1)
+            since_fired[did_fire] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        n_steps[0] += 1
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--k", type=float, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per implementation")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--n-batches", type=int, default=4, help="distinct in-memory batches to cycle")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = [torch.randn(args.batch, args.d_in) * 3 + 1 for _ in range(args.n_batches)]
+    impls = {"saeforge": make_ours(args.d_in, args.d_sae, args.k, data[0][:2048]),
+             "sae_lens": make_saelens(args.d_in, args.d_sae, args.k)}
+    elapsed = dict.fromkeys(impls, 0.0)
+    for i in range(args.warmup + args.steps):
+        for name, step in impls.items():
+            t0 = time.perf_counter()
+            step(data[i % len(data)])
+            if i >= args.warmup:
+                elapsed[name] += time.perf_counter() - t0
+    tps = {name: args.steps * args.batch / t for name, t in elapsed.items()}
+    print(f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} fp32 "
+          f"threads={args.threads} steps={args.steps}")
+    for name, v in tps.items():
+        print(f"{name:>9}: {v:10.0f} tokens/s")
+    print(f"    ratio: {tps['saeforge'] / tps['sae_lens']:.2f}x (saeforge / sae_lens)")
+
+
+if __name__ == "__main__":
+    main()

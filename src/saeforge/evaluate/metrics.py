@@ -1,0 +1,66 @@
+"""Reconstruction and sparsity metrics, each formula written once.
+
+Training logs (`saeforge.sae.model`, `saeforge.sae.module`) and `evaluate.py` import these; never
+recompute a metric inline elsewhere. All functions take float tensors ``x`` (inputs) and
+``x_hat`` (reconstructions) of shape [B, d] and return 0-d tensors (differentiable where it makes
+sense), unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Σ_rows ‖x − x̂‖², summed over the batch and the feature dimension."""
+    return (x - x_hat).pow(2).sum()
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """Σ_rows ‖x − mean(x)‖², with mean(x) the per-dimension mean over the batch."""
+    return (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean squared error per element: Σ‖x − x̂‖² / (B·d)."""
+    return (x - x_hat).pow(2).mean()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the batch.
+
+    0 is a perfect reconstruction; 1 is as good as predicting the batch mean. The denominator is
+    clamped at the smallest positive float so a constant batch does not divide by zero.
+    """
+    return squared_error(x, x_hat) / total_variance(x).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Explained variance = 1 − fvu(x, x̂)."""
+    return 1.0 - fvu(x, x_hat)
+
+
+def cosine_similarity(x: Tensor, x_hat: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean over rows of cos(x, x̂) = ⟨x, x̂⟩ / (‖x‖‖x̂‖) (eps guards zero rows)."""
+    return torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=eps).mean()
+
+
+def l0(acts: Tensor) -> Tensor:
+    """Mean number of nonzero latents per row of dense activations [B, d_sae]."""
+    return (acts != 0).sum(dim=-1).float().mean()
+
+
+def dead_fraction(fire_counts: Tensor) -> Tensor:
+    """Fraction of latents that never fired: mean(fire_counts == 0) for counts [d_sae]."""
+    return (fire_counts == 0).float().mean()
+
+
+def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -> Tensor:
+    """Fraction of latents firing on more than `threshold` of `n_tokens` tokens."""
+    return (fire_counts.float() / max(n_tokens, 1) > threshold).float().mean()
+
+
+def log10_feature_sparsity(fire_counts: Tensor, n_tokens: int, eps: float = 1e-10) -> Tensor:
+    """Per-latent log10(firing frequency + eps), the vector SAELens stores as `sparsity`."""
+    return torch.log10(fire_counts.double() / max(n_tokens, 1) + eps).float()

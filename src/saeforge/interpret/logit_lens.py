@@ -1,0 +1,125 @@
+"""Logit lens of SAE decoder directions, and nearest features by decoder cosine.
+
+    logits_f = (W_dec[f] ⊙ γ) · W_Uᵀ
+
+γ is the final norm's elementwise weight only (RMSNorm / LayerNorm scale; Gemma's RMSNorm
+multiplies by 1 + weight, which is used for Gemma models). The normalisation by the RMS/std of
+the residual, LayerNorm's mean subtraction and bias, Gemma-2's final logit soft-capping (monotone)
+and any unembedding bias are left out: the lens shows which tokens the direction promotes or
+suppresses, not calibrated logits. W_U = `model.get_output_embeddings().weight` [vocab, d_model].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from saeforge.interpret.maxact import TokenDecoder
+
+_FINAL_NORM_PATHS = (
+    "model.norm",                      # Llama, Mistral, Qwen, SmolLM, Gemma 1-2
+    "model.language_model.norm",       # Gemma 3 multimodal, Llava-style wrappers
+    "language_model.model.norm",
+    "transformer.ln_f",                # GPT-2, GPT-J, Bloom
+    "gpt_neox.final_layer_norm",       # Pythia / GPT-NeoX
+    "model.final_layernorm",           # Phi
+    "model.decoder.final_layer_norm",  # OPT
+)
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied before the unembedding: known attribute paths first, else the last
+    module named like a norm outside the decoder blocks. None if the model has none."""
+    for path in _FINAL_NORM_PATHS:
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.Module):
+            return module
+    found = None
+    for name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower() or name.rsplit(".", 1)[-1].startswith(("ln_f", "norm"))
+        inside_block = any(p.isdigit() for p in name.split("."))
+        if is_norm and not inside_block and getattr(module, "weight", None) is not None:
+            found = module
+    return found
+
+
+def final_norm_scale(model: nn.Module, d_model: int) -> Tensor:
+    """γ [d_model] of the final norm (1 + weight for Gemma's RMSNorm); ones when there is none."""
+    norm = find_final_norm(model)
+    weight = getattr(norm, "weight", None) if norm is not None else None
+    if weight is None:
+        return torch.ones(d_model)
+    gamma = weight.detach().float().cpu()
+    if "gemma" in type(norm).__name__.lower():
+        gamma = 1.0 + gamma
+    return gamma
+
+
+def logit_lens(
+    lm: Any,
+    sae: Any,
+    features: Sequence[int] | None,
+    top_n: int = 10,
+    n_neighbours: int = 5,
+    chunk_elements: int = 1 << 24,
+) -> dict[str, Any]:
+    """{"features": {"f": {"top": [[token, logit]...], "bottom": [...], "neighbours": [[id, cos]...]}}}.
+
+    `features=None` means all. Logits and cosines are computed for chunks of features so that one
+    chunk holds at most `chunk_elements` floats (vocab or d_sae wide); neighbours exclude the
+    feature itself.
+    """
+    W_dec = sae.W_dec.detach().float().cpu()
+    d_sae, d_in = W_dec.shape
+    feats = list(range(d_sae)) if features is None else list(dict.fromkeys(int(f) for f in features))
+    bad = [f for f in feats if not 0 <= f < d_sae]
+    if bad:
+        raise ValueError(f"features must be ids in [0, {d_sae}), got {bad[:10]}")
+    W_U = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [vocab, d_model]
+    if W_U.shape[1] != d_in:
+        raise ValueError(f"SAE d_in={d_in} does not match the unembedding width {W_U.shape[1]}")
+    gamma = final_norm_scale(lm.model, d_in)
+    unembed = (W_U * gamma).t().contiguous()  # [d_in, vocab]
+    unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    decode = TokenDecoder(lm.tokenizer)
+    n_top = min(top_n, W_U.shape[0])
+    n_nb = min(n_neighbours, d_sae - 1)
+    out: dict[str, Any] = {}
+    idx = torch.tensor(feats, dtype=torch.long)
+    chunk = max(1, chunk_elements // max(W_U.shape[0], d_sae))
+    with torch.inference_mode():
+        for s in range(0, len(feats), chunk):
+            f = idx[s : s + chunk]
+            logits = W_dec[f] @ unembed
+            top_v, top_i = logits.topk(n_top, dim=1)
+            bot_v, bot_i = logits.topk(n_top, dim=1, largest=False)
+            cos = unit[f] @ unit.t()
+            cos[torch.arange(len(f)), f] = -torch.inf
+            nb_v, nb_i = cos.topk(n_nb, dim=1) if n_nb > 0 else (cos[:, :0], f[:, None][:, :0])
+            for r, fid in enumerate(f.tolist()):
+                out[str(fid)] = {
+                    "top": [[t, round(v, 5)] for t, v in zip(decode(top_i[r].tolist()), top_v[r].tolist())],
+                    "bottom": [[t, round(v, 5)] for t, v in zip(decode(bot_i[r].tolist()), bot_v[r].tolist())],
+                    "neighbours": [[i, round(v, 5)] for i, v in zip(nb_i[r].tolist(), nb_v[r].tolist())],
+                }
+    return {"features": out}
+
+
+def write_logit_lens(result: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write `out_dir/logit_lens.json` (temp file, then rename). Returns the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "logit_lens.json"
+    tmp = out_dir / f".logit_lens.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(result, allow_nan=False, ensure_ascii=False))
+    tmp.replace(path)
+    return path

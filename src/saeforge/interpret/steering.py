@@ -1,0 +1,603 @@
+"""Feature steering: generate with `strength × A_max × W_dec[f]` added to the residual stream.
+
+For a feature f of an SAE trained at hookpoint `layers.L`, the intervention adds
+
+    v(s) = s · A_max(f) · d_f          d_f = W_dec[f] (the decoder row as stored; SAEs here work on
+                                       raw activations, so no de-normalisation is needed)
+
+to the output of block L at every position (prompt and generated tokens alike), through
+`saeforge.lm.capture.add_to_residual`. All strengths × prompts of a feature run in one batched,
+left-padded `generate` call (chunked to `max_batch` rows); the unsteered "original" rows ride in
+the same batch with a zero vector, so original and steered texts share the sampling settings.
+
+Two per-feature measures come out of a run:
+- `steering_effect`: text-only, 0.6 × token diversity + 0.4 × text uniqueness (see its docstring);
+- `steering_kl`: model-based, mean KL(steered ‖ unsteered) of the next-token distribution over
+  the generated tokens (see its docstring).
+
+Outputs (DESIGN.md, "Interpretation outputs"):
+`<out_dir>/steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json` shaped
+`{"<L>": {"<F>": {"<prompt>": {"original": ..., "-2.0": ..., "1.0": ...}}}}` and
+`<out_dir>/steering/effects.json` `{"<F>": {"steering_effect": ..., "steering_kl": ...}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import random
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saeforge.lm.capture import add_to_residual
+from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STRENGTHS = [-2.0, -1.0, 1.0, 2.0]
+STRENGTH_PRESETS = {
+    "default": DEFAULT_STRENGTHS,
+    "wide": [-4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0],
+}
+ORIGINAL = "original"
+EFFECT_MAX_WORDS = 50  # steering_effect looks at the first 50 whitespace tokens of each text
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class SteeringConfig:
+    """Settings of the steering stage; built from a plain mapping by `steering_config`."""
+
+    strengths: list[float]
+    """Multipliers s of A_max × d_f (a list, or the name of a preset: default | wide)."""
+    n_prompts: int = 2
+    """Prompts sampled from the corpus per run (when no prompts_file is given)."""
+    prompts_file: str | None = None
+    """A .txt file (one prompt per line) or .json list of prompts; overrides corpus sampling."""
+    max_new_tokens: int = 50
+    """Tokens generated per continuation."""
+    do_sample: bool = False
+    """Greedy (false) or sampled (true) generation."""
+    temperature: float = 1.0
+    """Sampling temperature (do_sample only)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (do_sample only)."""
+    seed: int = 0
+    """Seed for prompt sampling and for `torch.manual_seed` before each generate chunk."""
+    max_batch: int = 64
+    """Most rows (prompt × strength, originals included) per `generate` call (memory budget)."""
+
+
+def parse_strengths(value: Any) -> list[float]:
+    """A preset name or a list of numbers → distinct floats in the given order; ValueError otherwise."""
+    if isinstance(value, str):
+        if value not in STRENGTH_PRESETS:
+            raise ValueError(
+                f"steering.strengths={value!r}: not a preset ({sorted(STRENGTH_PRESETS)}) or a list of numbers"
+            )
+        value = STRENGTH_PRESETS[value]
+    if value is None or isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"steering.strengths must be a list of numbers or a preset name, got {value!r}")
+    out: list[float] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Real) or not math.isfinite(float(item)):
+            raise ValueError(f"steering.strengths: {item!r} is not a finite number (got {list(value)!r})")
+        if float(item) not in out:
+            out.append(float(item))
+    if not out:
+        raise ValueError("steering.strengths is empty: give at least one strength")
+    return out
+
+
+def steering_config(cfg: Mapping[str, Any] | None = None) -> SteeringConfig:
+    """Build and validate a SteeringConfig from a plain mapping (missing keys take their defaults)."""
+    cfg = dict(cfg or {})
+    known = set(SteeringConfig.__dataclass_fields__)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"steering: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    out = SteeringConfig(
+        strengths=parse_strengths(cfg.get("strengths", DEFAULT_STRENGTHS)),
+        n_prompts=int(cfg.get("n_prompts", 2)),
+        prompts_file=cfg.get("prompts_file"),
+        max_new_tokens=int(cfg.get("max_new_tokens", 50)),
+        do_sample=bool(cfg.get("do_sample", False)),
+        temperature=float(cfg.get("temperature", 1.0)),
+        top_p=float(cfg.get("top_p", 1.0)),
+        seed=int(cfg.get("seed", 0)),
+        max_batch=int(cfg.get("max_batch", 64)),
+    )
+    if out.n_prompts <= 0:
+        raise ValueError(f"steering.n_prompts must be positive, got {out.n_prompts}")
+    if out.max_new_tokens <= 0:
+        raise ValueError(f"steering.max_new_tokens must be positive, got {out.max_new_tokens}")
+    if out.max_batch <= 0:
+        raise ValueError(f"steering.max_batch must be positive, got {out.max_batch}")
+    if out.temperature <= 0:
+        raise ValueError(f"steering.temperature must be > 0, got {out.temperature}")
+    if not 0 < out.top_p <= 1:
+        raise ValueError(f"steering.top_p must be in (0, 1], got {out.top_p}")
+    return out
+
+
+# ---- prompts ---------------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s")
+
+
+def _prefix(text: str, min_chars: int, max_chars: int) -> str | None:
+    """A sentence-ish prefix of the first paragraph with at least `min_chars` characters."""
+    for paragraph in text.splitlines() or [text]:
+        paragraph = " ".join(paragraph.split())
+        if len(paragraph) < min_chars:
+            continue
+        if len(paragraph) <= max_chars:
+            return paragraph
+        window = paragraph[: max_chars + 1]
+        ends = [m.end() for m in _SENTENCE_END.finditer(window) if min_chars <= m.end() - 1 <= max_chars]
+        if ends:
+            return window[: ends[-1]].strip()
+        cut = window.rfind(" ", min_chars, max_chars + 1)
+        return window[: cut if cut > 0 else max_chars].strip()
+    return None
+
+
+def sample_prompts(
+    corpus_ds: Any, column: str, n: int, seed: int, min_chars: int = 40, max_chars: int = 200
+) -> list[str]:
+    """n prompts stratified across the corpus documents, seeded.
+
+    The documents are cut into n equal consecutive strata; one document is drawn at random from
+    each (walking on within the stratum past documents without a paragraph of `min_chars`), and
+    its first paragraph of at least `min_chars` characters is cut to a sentence boundary (or a
+    word boundary) at most `max_chars` long. Duplicates are dropped, so fewer than n may return.
+    """
+    if n <= 0:
+        raise ValueError(f"steering.n_prompts must be positive, got {n}")
+    if min_chars <= 0 or max_chars < min_chars:
+        raise ValueError(f"need 0 < min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}")
+    n_docs = len(corpus_ds)
+    if n_docs == 0:
+        raise ValueError("corpus is empty: no documents to sample steering prompts from")
+    if column not in corpus_ds.column_names:
+        raise ValueError(f"corpus.column={column!r} not in the corpus columns {corpus_ds.column_names}")
+    rng = random.Random(seed)
+    bounds = [round(i * n_docs / n) for i in range(n + 1)]
+    prompts: list[str] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            continue
+        start = rng.randrange(lo, hi)
+        for offset in range(hi - lo):
+            text = corpus_ds[lo + (start - lo + offset) % (hi - lo)][column]
+            prompt = _prefix(str(text or ""), min_chars, max_chars)
+            if prompt is not None:
+                if prompt not in prompts:
+                    prompts.append(prompt)
+                break
+    if not prompts:
+        raise ValueError(f"no corpus document has a paragraph of at least min_chars={min_chars} characters")
+    if len(prompts) < n:
+        log.warning("sampled %d steering prompts of the %d asked (corpus has %d documents)", len(prompts), n, n_docs)
+    return prompts
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .json list of strings or a text file (one per line, blank lines skipped)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise FileNotFoundError(f"steering.prompts_file={str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise ValueError(f"steering.prompts_file={str(path)!r}: expected a JSON list of strings")
+        prompts = [p for p in data if p.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"steering.prompts_file={str(path)!r} contains no prompts")
+    return prompts
+
+
+def resolve_prompts(cfg: SteeringConfig, corpus_ds: Any = None, column: str = "text") -> list[str]:
+    """The run's prompts: `prompts_file` when set, else `n_prompts` sampled from the corpus."""
+    if cfg.prompts_file:
+        return load_prompts(cfg.prompts_file)
+    if corpus_ds is None:
+        raise ValueError("steering needs prompts: set steering.prompts_file or give a corpus to sample from")
+    return sample_prompts(corpus_ds, column, cfg.n_prompts, cfg.seed)
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (a list of strings)")
+    out: list[str] = []
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts: {p!r} is not a non-empty string")
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _check_feature(sae: Any, feature: Any) -> int:
+    d_sae = int(sae.W_dec.shape[0])
+    if isinstance(feature, Tensor) and feature.numel() == 1:
+        feature = feature.item()
+    if isinstance(feature, bool) or not isinstance(feature, numbers.Integral):
+        raise ValueError(f"feature must be an integer index, got {feature!r}")
+    feature = int(feature)
+    if not 0 <= feature < d_sae:
+        raise ValueError(f"feature={feature} is outside [0, d_sae={d_sae})")
+    return feature
+
+
+def _check_a_max(a_max: Any, feature: int) -> float:
+    if isinstance(a_max, bool) or not isinstance(a_max, numbers.Real) or not math.isfinite(float(a_max)):
+        raise ValueError(f"a_max of feature {feature} must be a finite number, got {a_max!r}")
+    return float(a_max)
+
+
+def _check_sae_fits(lm: Any, sae: Any, hookpoint: str) -> str:
+    name = resolve_hookpoint(lm.model, hookpoint).name
+    d_in = int(sae.W_dec.shape[1])
+    if d_in != lm.d_model:
+        raise ValueError(
+            f"SAE d_in={d_in} does not match the residual width d_model={lm.d_model} of {lm.name} at {name}"
+        )
+    return name
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+class SteeredGeneration(NamedTuple):
+    """What `generate_steered` returns; rows are prompt-major: (prompt, "original"), (prompt, s1), ..."""
+
+    texts: dict[str, dict[str, str]]
+    """{prompt: {"original": text, "<float(s)>": text, ...}} — continuations only."""
+    row_prompts: list[str]
+    """Prompt of each row."""
+    row_keys: list[str]
+    """"original" or str(float(s)) of each row."""
+    continuations: list[Tensor]
+    """Generated token ids of each row (long, 1-D), cut after the first EOS (kept)."""
+    vectors: Tensor
+    """Residual offset of each row [R, d_model] (zero for "original")."""
+    seconds: float
+    """Wall time of the generate calls."""
+
+
+def steering_vector(sae: Any, feature: int, a_max: float) -> Tensor:
+    """A_max × d_f with d_f = W_dec[f] as stored (detached, on the SAE's device)."""
+    return float(a_max) * sae.W_dec[feature].detach()
+
+
+@contextmanager
+def _left_padding(tokenizer: Any) -> Iterator[None]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch.manual_seed(seed) inside, the caller's RNG state restored after."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _generation_config(model: Any, gen: SteeringConfig, pad_id: int) -> Any:
+    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    config.max_new_tokens = gen.max_new_tokens
+    config.max_length = None
+    config.min_new_tokens = None
+    config.do_sample = gen.do_sample
+    config.num_beams = 1
+    config.pad_token_id = pad_id
+    if gen.do_sample:
+        config.temperature, config.top_p, config.top_k = gen.temperature, gen.top_p, 0
+    else:
+        config.temperature = config.top_p = config.top_k = None
+    return config
+
+
+def _trim(ids: Tensor, eos_ids: set[int]) -> Tensor:
+    """Continuation ids up to and including the first EOS (the rest is padding)."""
+    for i, tok in enumerate(ids.tolist()):
+        if tok in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    return eos
+
+
+def generate_steered(
+    lm: Any,
+    sae: Any,
+    hookpoint: str,
+    feature: int,
+    a_max: float,
+    prompts: Sequence[str],
+    strengths: Any,
+    gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
+) -> SteeredGeneration:
+    """Batched steered generation for one feature, with the token ids (see `steer_feature`)."""
+    gen = gen_cfg if isinstance(gen_cfg, SteeringConfig) else steering_config({**(gen_cfg or {}), "strengths": [1.0]})
+    prompts = _check_prompts(prompts)
+    strengths = parse_strengths(strengths)
+    feature = _check_feature(sae, feature)
+    a_max = _check_a_max(a_max, feature)
+    hookpoint = _check_sae_fits(lm, sae, hookpoint)
+    model, tok = lm.model, lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    direction = steering_vector(sae, feature, a_max).to(device=lm.device, dtype=torch.float32)
+    keys = [ORIGINAL] + [str(s) for s in strengths]
+    scales = [0.0] + strengths
+    row_prompts = [p for p in prompts for _ in keys]
+    row_keys = [k for _ in prompts for k in keys]
+    vectors = torch.stack([s * direction for _ in prompts for s in scales])
+    config = _generation_config(model, gen, pad_id)
+    eos_ids = _eos_ids(model, tok)
+    continuations: list[Tensor] = []
+    start = time.perf_counter()
+    for lo in range(0, len(row_prompts), gen.max_batch):
+        chunk = row_prompts[lo : lo + gen.max_batch]
+        with _left_padding(tok):
+            enc = tok(chunk, return_tensors="pt", padding=True).to(lm.device)
+        steer = add_to_residual(model, hookpoint, vectors[lo : lo + len(chunk)])
+        with torch.inference_mode(), steer, _seeded(gen.seed, lm.device):
+            out = model.generate(**enc, generation_config=config)
+        new = out[:, enc["input_ids"].shape[1] :].cpu()
+        continuations += [_trim(row, eos_ids) for row in new]
+    seconds = time.perf_counter() - start
+    texts: dict[str, dict[str, str]] = {p: {} for p in prompts}
+    decoded = tok.batch_decode([c.tolist() for c in continuations], skip_special_tokens=True)
+    for prompt, key, text in zip(row_prompts, row_keys, decoded):
+        texts[prompt][key] = text
+    return SteeredGeneration(texts, row_prompts, row_keys, continuations, vectors.cpu(), seconds)
+
+
+def steer_feature(
+    lm: Any,
+    sae: Any,
+    hookpoint: str,
+    feature: int,
+    a_max: float,
+    prompts: Sequence[str],
+    strengths: Any,
+    gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Steered continuations {prompt: {"original": ..., str(float(s)): ...}} for one feature.
+
+    Adds `s × a_max × W_dec[feature]` to the residual output of the SAE's hookpoint at every
+    position. All prompts × (original + strengths) rows go through one batched, left-padded
+    `generate` call per `max_batch` rows; the "original" rows carry a zero vector. Greedy unless
+    `do_sample`; sampling uses `temperature`, `top_p` (no top-k) and `torch.manual_seed(seed)`
+    before each chunk's generate, so sampled outputs are reproducible for the same batch
+    composition (same prompts, strengths and max_batch) — not across different batchings.
+    Only the continuation is returned, decoded with special tokens skipped.
+
+    Raises ValueError for a feature outside [0, d_sae), an SAE whose d_in is not the model's
+    d_model, empty prompts, or non-numeric strengths.
+    """
+    return generate_steered(lm, sae, hookpoint, feature, a_max, prompts, strengths, gen_cfg).texts
+
+
+# ---- measures --------------------------------------------------------------------------------
+
+
+def _flatten_texts(texts: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for value in texts.values():
+        if isinstance(value, Mapping):
+            out += _flatten_texts(value)
+        elif isinstance(value, str) and value:
+            out.append(value)
+    return out
+
+
+def steering_effect(texts: Mapping[str, Any]) -> float:
+    """Text-only steering effect in [0, 1]: 0.6 × token diversity + 0.4 × text uniqueness.
+
+    The definition of tatsath/autointerp (`autointerp_steer`, `calculate_steering_effect_score`,
+    after Kuznetsov et al., Findings of ACL 2025). Over the list T of non-empty texts — the
+    original and every steered text; `texts` is one prompt's {key: text} or a feature's
+    {prompt: {key: text}}:
+
+        tokens     = concatenation over t ∈ T of t.split()[:50]     (whitespace, case kept)
+        diversity  = |set(tokens)| / |tokens|
+        uniqueness = |set(T)| / |T|
+        effect     = clip(0.6 · diversity + 0.4 · uniqueness, 0, 1);   0 when |T| < 2 or no tokens
+
+    (The reference iterates a fixed key list in which -2.0, -1.0, 1.0 and 2.0 appear twice, so it
+    counts those texts twice; here every text counts once.) Note uniqueness is 1/|T|, not 0, when
+    all texts are identical, so the score's floor is above 0.
+    """
+    all_texts = _flatten_texts(texts)
+    if len(all_texts) < 2:
+        return 0.0
+    tokens = [w for t in all_texts for w in t.split()[:EFFECT_MAX_WORDS]]
+    if not tokens:
+        return 0.0
+    diversity = len(set(tokens)) / len(tokens)
+    uniqueness = len(set(all_texts)) / len(all_texts)
+    return min(1.0, max(0.0, 0.6 * diversity + 0.4 * uniqueness))
+
+
+def steering_kl(
+    lm: Any,
+    hookpoint: str,
+    prompts: Sequence[str],
+    generated: Sequence[Tensor],
+    vectors: Tensor,
+    max_batch: int = 64,
+) -> float:
+    """Mean KL(steered ‖ unsteered) of the next-token distribution over the generated tokens.
+
+    Row r is prompt `prompts[r]` followed by its generated ids `generated[r]` (what steered
+    generation produced) and carries the residual offset `vectors[r]`. Each (left-padded) batch
+    of rows is run teacher-forced twice — with the offset added at `hookpoint` (the steered model
+    P) and without (the plain model Q) — and at every position whose next token is a generated
+    one, KL(P‖Q) = Σ_v P(v)·(log P(v) − log Q(v)) is taken. The result is the mean over all
+    generated tokens of all rows (token-weighted), in nats; 0 for a zero vector. For greedy
+    generation P is exactly the distribution the steered text was decoded from.
+    """
+    if len(prompts) != len(generated) or len(prompts) != vectors.shape[0]:
+        raise ValueError(
+            f"steering_kl: prompts ({len(prompts)}), generated ({len(generated)}) and vectors "
+            f"({vectors.shape[0]}) differ in length"
+        )
+    model, tok = lm.model, lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    total, count = 0.0, 0
+    for lo in range(0, len(prompts), max_batch):
+        rows, n_prompt = [], []
+        for prompt, gen in zip(prompts[lo : lo + max_batch], generated[lo : lo + max_batch]):
+            ids = tok(prompt).input_ids
+            rows.append(list(ids) + gen.tolist())
+            n_prompt.append(len(ids))
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        target = torch.zeros((len(rows), width), dtype=torch.bool)  # position predicts a generated token
+        for i, (row, n_p) in enumerate(zip(rows, n_prompt)):
+            pad = width - len(row)
+            input_ids[i, pad:] = torch.tensor(row)
+            mask[i, pad:] = 1
+            target[i, pad + n_p - 1 : width - 1] = True
+        if not bool(target.any()):
+            continue
+        inputs = {"input_ids": input_ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+        vec = vectors[lo : lo + len(rows)].to(lm.device)
+        with torch.inference_mode():
+            with add_to_residual(model, hookpoint, vec):
+                steered = model(**inputs, use_cache=False).logits
+            plain = model(**inputs, use_cache=False).logits
+        target = target.to(lm.device)
+        log_p = torch.log_softmax(steered[target].float(), dim=-1)
+        log_q = torch.log_softmax(plain[target].float(), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
+        total += float(kl.sum())
+        count += int(kl.numel())
+    return total / count if count else 0.0
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def steering_file(out_dir: Path, layer: int, feature: int, prompt_index: int) -> Path:
+    """Path of one (feature, prompt) output file."""
+    return Path(out_dir) / "steering" / f"generated_texts_layer_{layer}_feature_{feature}_prompt_{prompt_index}.json"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_feature_texts(files: list[Path], layer: int, feature: int) -> dict[str, dict[str, str]]:
+    texts: dict[str, dict[str, str]] = {}
+    for path in files:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        texts.update(data[str(layer)][str(feature)])
+    return texts
+
+
+def _a_max_of(a_max: Mapping[Any, Any], feature: int) -> float:
+    for key in (feature, str(feature)):
+        if key in a_max:
+            value = a_max[key]
+            value = value.get("a_max") if isinstance(value, Mapping) else value
+            return _check_a_max(value, feature)
+    raise ValueError(f"a_max has no entry for feature {feature} (run the max-activation pass for it first)")
+
+
+def run_steering(
+    lm: Any,
+    sae: Any,
+    hookpoint: str,
+    features: Sequence[int],
+    a_max: Mapping[Any, Any],
+    prompts: Sequence[str] | None,
+    cfg: SteeringConfig | Mapping[str, Any] | None,
+    out_dir: str | Path,
+) -> dict[int, dict[str, float | None]]:
+    """Steer each feature, write its files, and return {feature: {"steering_effect", "steering_kl"}}.
+
+    `prompts` None → `cfg.prompts_file`. `a_max` maps a feature (int or str key) to its A_max
+    (a number, or maxact.json's per-feature dict with "a_max"). A feature whose files already all
+    exist is skipped (resume): its effect is recomputed from the files and its KL read back from
+    `effects.json` (None if absent). `effects.json` is rewritten after every feature.
+    """
+    cfg = cfg if isinstance(cfg, SteeringConfig) else steering_config(cfg)
+    if prompts is None:
+        if not cfg.prompts_file:
+            raise ValueError("run_steering needs prompts: pass them or set steering.prompts_file")
+        prompts = load_prompts(cfg.prompts_file)
+    prompts = _check_prompts(prompts)
+    hookpoint = _check_sae_fits(lm, sae, hookpoint)
+    layer = hookpoint_layer(hookpoint)
+    features = [_check_feature(sae, f) for f in features]
+    amax = {f: _a_max_of(a_max, f) for f in features}
+    out_dir = Path(out_dir)
+    effects_path = out_dir / "steering" / "effects.json"
+    effects: dict[str, Any] = json.loads(effects_path.read_text(encoding="utf-8")) if effects_path.is_file() else {}
+    results: dict[int, dict[str, float | None]] = {}
+    n_tokens, seconds = 0, 0.0
+    bar = tqdm(features, desc=f"steering {hookpoint}", unit="feature")
+    for feature in bar:
+        files = [steering_file(out_dir, layer, feature, p) for p in range(len(prompts))]
+        if all(f.is_file() for f in files):
+            previous = effects.get(str(feature), {})
+            texts = _read_feature_texts(files, layer, feature)
+            results[feature] = {"steering_effect": steering_effect(texts), "steering_kl": previous.get("steering_kl")}
+        else:
+            run = generate_steered(lm, sae, hookpoint, feature, amax[feature], prompts, cfg.strengths, cfg)
+            for index, prompt in enumerate(prompts):
+                _write_json(files[index], {str(layer): {str(feature): {prompt: run.texts[prompt]}}})
+            steered = [i for i, key in enumerate(run.row_keys) if key != ORIGINAL and float(key) != 0.0]
+            kl = steering_kl(
+                lm, hookpoint, [run.row_prompts[i] for i in steered], [run.continuations[i] for i in steered],
+                run.vectors[steered], max_batch=cfg.max_batch,
+            ) if steered else 0.0
+            results[feature] = {"steering_effect": steering_effect(run.texts), "steering_kl": kl}
+            n_tokens += sum(len(c) for c in run.continuations)
+            seconds += run.seconds
+            bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")
+        effects[str(feature)] = results[feature]
+        _write_json(effects_path, effects)
+    if seconds:
+        log.info("steering %s: %d features, %d generated tokens in %.1f s (%.0f tokens/s)",
+                 hookpoint, len(features), n_tokens, seconds, n_tokens / seconds)
+    return results

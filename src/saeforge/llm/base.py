@@ -1,0 +1,94 @@
+"""The explainer-client interface: chat requests in, text (and optional logprobs) out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system"|"user"|"assistant", "content": ...}``."""
+
+
+class TokenLogprob(TypedDict):
+    """Log-probability of one generated token and of its top alternatives."""
+
+    token: str
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    """Sampling settings of one request (immutable, hashable, part of the cache key)."""
+
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus-sampling mass; ignored when greedy."""
+    max_tokens: int = 256
+    """Most tokens to generate."""
+    logprobs: bool = False
+    """Return the log-probability of every generated token."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: how many alternatives per position to return (None or 0: none)."""
+    seed: int | None = 0
+    """Sampling seed (ignored when greedy; best effort on remote servers)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.top_logprobs is not None and self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """What one request produced. Clients return errors here instead of raising."""
+
+    text: str
+    """The generated text ("" on error)."""
+    logprobs: list[TokenLogprob] | None = None
+    """Per generated token, when ``ChatParams.logprobs`` was asked for and available."""
+    status: Literal["ok", "error"] = "ok"
+    error: str | None = None
+    """Why the request failed (after retries), when ``status == "error"``."""
+    cached: bool = False
+    """True when the result came from the on-disk cache, with no request made."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+ChatRequest = tuple[list[Message], ChatParams]
+
+
+@runtime_checkable
+class ExplainerClient(Protocol):
+    """A chat model that explains features. Implementations never raise for a failed request."""
+
+    async def chat(self, messages: list[Message], params: ChatParams) -> ChatResult:
+        """Answer one chat request."""
+        ...
+
+    async def chat_many(
+        self, requests: list[ChatRequest], progress: bool = True
+    ) -> list[ChatResult]:
+        """Answer many requests (concurrently or batched); results in the order of ``requests``."""
+        ...
+
+
+def log_throughput(logger: logging.Logger, results: list[ChatResult], seconds: float) -> None:
+    """One INFO line: how many requests, cached, failed, and the rate of those actually sent."""
+    n_cached = sum(r.cached for r in results)
+    n_err = sum(not r.ok for r in results)
+    sent = len(results) - n_cached
+    logger.info(
+        "%d requests in %.1f s (%d cached, %d errors, %.2f req/s sent)",
+        len(results), seconds, n_cached, n_err, sent / seconds if seconds > 0 else 0.0,
+    )

@@ -1,0 +1,228 @@
+"""Explainer client for any OpenAI-compatible chat-completions server (vLLM, OpenRouter, OpenAI)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import openai
+from tqdm.auto import tqdm
+
+from saeforge.llm.base import (
+    ChatParams,
+    ChatRequest,
+    ChatResult,
+    Message,
+    TokenLogprob,
+    log_throughput,
+)
+from saeforge.llm.cache import ResponseCache, request_key
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+"""HTTP statuses worth retrying; any other 4xx fails at once."""
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date)."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _parse_logprobs(choice: Any) -> list[TokenLogprob] | None:
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if content is None:
+        return None
+    return [
+        TokenLogprob(
+            token=item.token,
+            logprob=float(item.logprob),
+            top={alt.token: float(alt.logprob) for alt in (item.top_logprobs or [])},
+        )
+        for item in content
+    ]
+
+
+class OpenAICompatClient:
+    """Bounded-concurrency chat client with retries, backoff and an on-disk cache.
+
+    The API key is read from the environment variable *named* by ``api_key_env`` (``"EMPTY"``
+    when it is None) and is kept only inside the ``openai.AsyncOpenAI`` object, never in this
+    object's repr or config. The openai client's own retries are off: ours are the one policy
+    (exponential backoff with jitter, honouring ``Retry-After`` on 429/5xx, timeouts and
+    connection errors). A request that still fails returns ``ChatResult(status="error")``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        max_in_flight: int = 32,
+        max_retries: int = 5,
+        timeout_s: float = 120.0,
+        cache_dir: Path | str | None = None,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        max_retry_after_s: float = 300.0,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.base_url = base_url
+        self.model = model
+        self.api_key_env = api_key_env
+        self.max_in_flight = max_in_flight
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
+        self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
+        if api_key_env is not None and not os.environ.get(api_key_env):
+            raise ValueError(f"environment variable {api_key_env} (the explainer API key) is not set")
+        # Per event loop: the httpx pool and the semaphore belong to the loop that made them.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: openai.AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAICompatClient(base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r}, max_in_flight={self.max_in_flight}, "
+            f"max_retries={self.max_retries}, timeout_s={self.timeout_s}, cache={self.cache!r})"
+        )
+
+    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._client is None or self._semaphore is None:
+            api_key = os.environ.get(self.api_key_env, "") if self.api_key_env else "EMPTY"
+            # Our own httpx client: openai's default one schedules its close on whatever loop
+            # runs when it is garbage-collected, which fails once its own loop has closed.
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=api_key or "EMPTY",
+                timeout=self.timeout_s,
+                max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(),
+            )
+            self._semaphore = asyncio.Semaphore(self.max_in_flight)
+            self._loop = loop
+        return self._client, self._semaphore
+
+    async def aclose(self) -> None:
+        """Close the connection pool of the current event loop (optional; GC also frees it)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.close()
+        self._client = self._semaphore = self._loop = None
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: uniform in [½, 1] × min(max, base·2^attempt)."""
+        return min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _request_kwargs(self, messages: list[Message], params: ChatParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        if params.logprobs:
+            kwargs["logprobs"] = True
+            if params.top_logprobs:
+                kwargs["top_logprobs"] = params.top_logprobs
+        return kwargs
+
+    async def _request(self, messages: list[Message], params: ChatParams) -> ChatResult:
+        client, semaphore = self._session()
+        kwargs = self._request_kwargs(messages, params)
+        reason = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            retry_after: float | None = None
+            try:
+                async with semaphore:
+                    response = await client.chat.completions.create(**kwargs)
+                if not response.choices:
+                    return ChatResult(text="", status="error", error="response has no choices")
+                choice = response.choices[0]
+                return ChatResult(text=choice.message.content or "", logprobs=_parse_logprobs(choice))
+            except openai.APIStatusError as err:
+                reason = f"HTTP {err.status_code}: {err.message}"
+                if err.status_code not in RETRYABLE_STATUS:
+                    return ChatResult(text="", status="error", error=reason)
+                retry_after = parse_retry_after(err.response.headers)
+            except openai.APITimeoutError:
+                reason = f"timed out after {self.timeout_s} s"
+            except openai.APIConnectionError as err:
+                cause = err.__cause__
+                reason = f"connection error: {cause or err}"
+            except openai.OpenAIError as err:  # malformed responses and the like: do not retry
+                return ChatResult(text="", status="error", error=f"{type(err).__name__}: {err}")
+            if attempt == self.max_retries:
+                break
+            if retry_after is not None:
+                delay = min(retry_after, self.max_retry_after_s) + random.uniform(0, 0.1)
+            else:
+                delay = self._backoff(attempt)
+            log.debug("retry %d/%d in %.2f s: %s", attempt + 1, self.max_retries, delay, reason)
+            await asyncio.sleep(delay)
+        log.warning("request failed after %d attempts: %s", self.max_retries + 1, reason)
+        return ChatResult(text="", status="error", error=reason)
+
+    async def chat(self, messages: list[Message], params: ChatParams) -> ChatResult:
+        """One request: from the cache when present, else from the server (with retries)."""
+        key = request_key(self.model, messages, params) if self.cache else None
+        if self.cache is not None and key is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        result = await self._request(messages, params)
+        if self.cache is not None and key is not None:
+            self.cache.put(key, result)
+        return result
+
+    async def chat_many(
+        self, requests: list[ChatRequest], progress: bool = True
+    ) -> list[ChatResult]:
+        """All requests concurrently (at most ``max_in_flight`` on the wire); input order kept."""
+        start = time.perf_counter()
+        with tqdm(total=len(requests), desc=f"explain ({self.model})", disable=not progress) as bar:
+
+            async def one(messages: list[Message], params: ChatParams) -> ChatResult:
+                result = await self.chat(messages, params)
+                bar.update(1)
+                return result
+
+            results = await asyncio.gather(*(one(m, p) for m, p in requests))
+        log_throughput(log, results, time.perf_counter() - start)
+        return list(results)
+

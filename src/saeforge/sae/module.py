@@ -1,0 +1,214 @@
+"""SAEModule: the LightningModule that trains a `SparseAutoencoder` on raw activation rows.
+
+Each step: normalise x → x_n = (x − μ)·s, forward, loss = mse + auxk, backward, drop the
+W_dec gradient parallel to each decoder row, Adam step, renormalise the decoder rows.
+
+DDP: each rank runs batch-TopK over its LOCAL batch (k·B_local latents per rank, so the
+per-token budget is the same as single-process; no activation all-gather). The state that is not
+a parameter is kept identical on every rank by all-reducing, every step, the "fired" mask
+(MAX → `tokens_since_fired`) and the batch threshold statistic min_kept (mean → EMA threshold).
+All of it lives in buffers (`input_scale`, `input_mean`, `tokens_since_fired`, `sae.threshold`),
+so checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from saeforge.evaluate import metrics
+from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
+
+DEFAULTS: dict[str, Any] = {
+    "d_sae": None,  # number of latents; None → expansion_factor · d_in
+    "expansion_factor": 8,  # used when d_sae is None
+    "k": 32,  # active latents per token (mean over the batch for batchtopk)
+    "architecture": "batchtopk",  # batchtopk | topk
+    "lr": None,  # Adam learning rate; None → 2e-4 / sqrt(d_sae / 2**14)
+    "warmup_steps": 100,  # linear LR warm-up steps
+    "decay_start": 0.8,  # fraction of training after which the LR decays linearly to 0
+    "b_dec_init": "geometric_median",  # geometric_median | mean
+    "normalize_input": True,  # rescale inputs so that E‖x‖ = sqrt(d_in)
+    "mean_center": False,  # subtract the sample mean before scaling
+    "dead_tokens": 10_000_000,  # a latent is dead after this many tokens without firing
+    "k_aux": None,  # dead latents per row in the AuxK loss; None → d_in // 2
+    "auxk_coef": 1 / 32,  # AuxK loss weight
+    "threshold_momentum": 0.01,  # EMA rate of the training threshold towards min_kept
+}
+
+
+def resolve_sae_config(cfg: Mapping[str, Any] | None, d_in: int) -> dict[str, Any]:
+    """Fill defaults, reject unknown keys, derive d_sae and lr. Raises ValueError on bad values."""
+    given = dict(cfg or {})
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sae config keys {unknown}; allowed: {sorted(DEFAULTS)}")
+    c = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None or k in ("d_sae", "lr", "k_aux")}}
+    if c["d_sae"] is None:
+        c["d_sae"] = int(round(float(c["expansion_factor"]) * d_in))
+    c["d_sae"] = int(c["d_sae"])
+    if c["lr"] is None:
+        c["lr"] = 2e-4 / math.sqrt(c["d_sae"] / 2**14)
+    if not 0.0 <= float(c["decay_start"]) <= 1.0:
+        raise ValueError(f"decay_start must be a fraction in [0, 1], got {c['decay_start']}")
+    if int(c["warmup_steps"]) < 0 or int(c["dead_tokens"]) <= 0 or float(c["lr"]) <= 0:
+        raise ValueError("warmup_steps must be >= 0, dead_tokens > 0 and lr > 0")
+    return c
+
+
+def _all_reduce_(t: Tensor, op: Any) -> Tensor:
+    """In-place all-reduce when running distributed; a no-op otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+class SAEModule(L.LightningModule):
+    """Trains a batch-TopK / TopK SAE. See the module docstring for the DDP semantics."""
+
+    def __init__(self, cfg: Mapping[str, Any] | None, d_in: int) -> None:
+        super().__init__()
+        self.c = resolve_sae_config(cfg, d_in)
+        self.save_hyperparameters({"sae": self.c, "d_in": d_in})
+        self.sae = SparseAutoencoder(SAEConfig(
+            d_in=d_in, d_sae=self.c["d_sae"], k=float(self.c["k"]), architecture=self.c["architecture"],
+            k_aux=self.c["k_aux"], auxk_coef=float(self.c["auxk_coef"]),
+        ))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("input_mean", torch.zeros(d_in))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.c["d_sae"], dtype=torch.long))
+        self._last_step_time: float | None = None
+
+    # ---- setup -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, sample: Tensor) -> None:
+        """Estimate μ, s from `sample` [N, d_in] (raw) and init the SAE on the normalised sample.
+
+        s makes E‖(x − μ)·s‖ = sqrt(d_in); μ is the sample mean if mean_center else 0. Call with the
+        same sample (and seed) on every rank.
+        """
+        sample = sample.float()
+        mean = sample.mean(0) if self.c["mean_center"] else torch.zeros_like(sample[0])
+        scale = 1.0
+        if self.c["normalize_input"]:
+            scale = math.sqrt(sample.shape[1]) / float((sample - mean).norm(dim=1).mean().clamp_min(1e-12))
+        self.input_mean.copy_(mean)
+        self.input_scale.fill_(scale)
+        self.sae.init_from_sample(self.normalize(sample), self.c["b_dec_init"])
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw rows → the SAE's input space: (x − μ)·s."""
+        return (x.to(self.input_mean.dtype) - self.input_mean) * self.input_scale
+
+    def dead_tokens(self, tokens_per_step: int) -> int:
+        """Dead-latent horizon: min(dead_tokens, total_tokens // 4), so short runs still get AuxK.
+
+        total_tokens = estimated optimizer steps × global batch size (when a trainer is attached).
+        """
+        horizon = int(self.c["dead_tokens"])
+        trainer = self._trainer
+        if trainer is not None:
+            steps = trainer.estimated_stepping_batches
+            if math.isfinite(steps):
+                horizon = min(horizon, max(1, int(steps) * tokens_per_step // 4))
+        return horizon
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int = 0) -> Tensor:
+        x = self.normalize(batch)
+        n_tokens = _all_reduce_(torch.tensor(x.shape[0], device=x.device), dist.ReduceOp.SUM)
+        horizon = self.dead_tokens(int(n_tokens))
+        dead_mask = self.tokens_since_fired >= horizon
+        out = self.sae(x, dead_mask=dead_mask)
+        loss = out.mse + out.auxk_loss
+        self._update_state(out.latent_indices, out.min_kept, int(n_tokens))
+        self._log_train(out, loss, dead_mask, int(n_tokens))
+        return loss
+
+    @torch.no_grad()
+    def _update_state(self, latent_indices: Tensor, min_kept: Tensor, n_tokens: int) -> None:
+        """tokens_since_fired and the EMA threshold, identical on all ranks."""
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.int32)
+        fired[latent_indices] = 1
+        _all_reduce_(fired, dist.ReduceOp.MAX)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired.bool()] = 0
+        if self.c["architecture"] == "batchtopk":
+            m = _all_reduce_(min_kept.detach().double().reshape(1).clone(), dist.ReduceOp.SUM)
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            rate = float(self.c["threshold_momentum"])
+            t = self.sae.threshold
+            t.copy_((1 - rate) * t + rate * (m[0] / world).to(t.dtype))
+
+    def _log_train(self, out: Any, loss: Tensor, dead_mask: Tensor, n_tokens: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("train/tokens_per_s", n_tokens / max(now - self._last_step_time, 1e-9), prog_bar=True)
+        self._last_step_time = now
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/mse", out.mse.detach())
+        self.log("train/fvu", out.fvu.detach(), prog_bar=True)
+        self.log("train/l0", out.l0)
+        self.log("train/l0_inference", out.l0_inference)
+        self.log("train/dead_frac", dead_mask.float().mean(), prog_bar=True)
+        self.log("train/auxk_loss", out.auxk_loss.detach())
+        self.log("train/threshold", self.sae.threshold.float().mean())
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.sae.remove_parallel_grads_()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.normalize_decoder_()
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.sae.parameters(), lr=float(self.c["lr"]))
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, int(self.c["warmup_steps"]), float(self.c["decay_start"]), total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- validation / export -----------------------------------------------------------------
+    @torch.no_grad()
+    def validation_step(self, batch: Tensor, batch_idx: int = 0) -> None:
+        """Inference-mode (JumpReLU at the current threshold / top-k) metrics on normalised rows."""
+        x = self.normalize(batch)
+        acts = self.sae.encode_inference(x)
+        x_hat = self.sae.decode(acts)
+        self.log("val/mse", metrics.mse(x, x_hat), sync_dist=True)
+        self.log("val/fvu", metrics.fvu(x, x_hat), prog_bar=True, sync_dist=True)
+        self.log("val/l0_inference", metrics.l0(acts), sync_dist=True)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Tensor]) -> float | None:
+        """Set the JumpReLU threshold so inference L0 ≈ k on held-out RAW `batches` (batchtopk only)."""
+        if self.c["architecture"] != "batchtopk":
+            return None
+        return calibrate_threshold(self.sae, (self.normalize(b.to(self.input_mean.device)) for b in batches))
+
+    @torch.no_grad()
+    def export_sae(self) -> SparseAutoencoder:
+        """A CPU copy of the SAE that works on RAW activations (input normalisation folded in)."""
+        mean = self.input_mean if self.c["mean_center"] else None
+        return self.sae.fold_input_normalization(float(self.input_scale), mean).cpu().eval()
+
+
+def lr_factor(step: int, warmup_steps: int, decay_start: float, total_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, constant, then linear decay to 0 from decay_start·total."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if total_steps > 0:
+        start = int(decay_start * total_steps)
+        if step >= start and total_steps > start:
+            factor *= max(0.0, (total_steps - step) / (total_steps - start))
+    return factor
