@@ -148,21 +148,8 @@ def check_ranks_identical(module: SAEModule) -> None:
 def heldout_metrics(module: SAEModule, dm: ActivationDataModule) -> dict[str, Any]:
     """Inference-mode metrics on raw held-out rows with the exported SAE (what users will load)."""
     sae = module.export_sae()
-    xs, x_hats, fired, l0s = [], [], torch.zeros(sae.cfg.d_sae), []
+    totals = metrics.ReconstructionTotals(sae.cfg.d_sae)
     for batch in dm.heldout_batches():
         acts = sae.encode_inference(batch)
-        xs.append(batch)
-        x_hats.append(sae.decode(acts))
-        fired += (acts > 0).sum(0).float()
-        l0s.append(metrics.l0(acts) * batch.shape[0])
-    x, x_hat = torch.cat(xs), torch.cat(x_hats)
-    rows = x.shape[0]
-    return {
-        "fvu": float(metrics.fvu(x, x_hat)),
-        "mse": float(metrics.mse(x, x_hat)),
-        "cosine": float(metrics.cosine_similarity(x, x_hat).mean()),
-        "l0": float(sum(l0s) / rows),
-        "dead_frac": float((fired == 0).float().mean()),
-        "rows": rows,
-        "_frequency": fired / rows,
-    }
+        totals.update(batch, sae.decode(acts), acts)
+    return {**totals.summary(), "_frequency": totals.fire_counts.double() / totals.rows}

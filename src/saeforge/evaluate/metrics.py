@@ -64,3 +64,47 @@ def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -
 def log10_feature_sparsity(fire_counts: Tensor, n_tokens: int, eps: float = 1e-10) -> Tensor:
     """Per-latent log10(firing frequency + eps), the vector SAELens stores as `sparsity`."""
     return torch.log10(fire_counts.double() / max(n_tokens, 1) + eps).float()
+
+
+class ReconstructionTotals:
+    """Streaming version of the metrics above over many batches (float64 sums, exact, O(d) memory).
+
+    FVU uses the mean over ALL rows seen: Σ‖x − x̂‖² / (Σ‖x‖² − ‖Σx‖²/N), the same formula as `fvu`
+    applied to the concatenation of the batches.
+    """
+
+    def __init__(self, d_sae: int) -> None:
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.sum_x: Tensor | None = None
+        self.rows = 0
+        self.dims = 0
+        self.cos_sum = 0.0
+        self.l0_sum = 0.0
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
+
+    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor) -> None:
+        """Add a batch: inputs, reconstructions [B, d] and dense latent activations [B, d_sae]."""
+        x64 = x.double()
+        self.sse += float(squared_error(x64, x_hat.double()))
+        self.sum_sq += float(x64.pow(2).sum())
+        batch_sum = x64.sum(0).cpu()
+        self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum
+        self.rows += x.shape[0]
+        self.dims = x.shape[1]
+        self.cos_sum += float(cosine_similarity(x, x_hat)) * x.shape[0]
+        self.l0_sum += float(l0(acts)) * x.shape[0]
+        self.fire_counts += (acts != 0).sum(0).cpu()
+
+    def summary(self) -> dict[str, float]:
+        assert self.sum_x is not None, "no batches were added"
+        total_var = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.rows
+        return {
+            "mse": self.sse / (self.rows * self.dims),
+            "fvu": self.sse / max(total_var, 1e-300),
+            "cosine": self.cos_sum / self.rows,
+            "l0": self.l0_sum / self.rows,
+            "dead_frac": float(dead_fraction(self.fire_counts)),
+            "dense_frac": float(dense_fraction(self.fire_counts, self.rows)),
+            "rows": self.rows,
+        }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,19 +72,28 @@ def run_until_captured(model: nn.Module, **inputs: torch.Tensor) -> None:
 
 
 @contextmanager
-def add_to_residual(model: nn.Module, hookpoint: str, vectors: torch.Tensor) -> Iterator[None]:
-    """Add `vectors` ([d] or [B, d], one per batch row) to the residual output of a block at every position."""
+def patch_residual(model: nn.Module, hookpoint: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the residual output h [B, T, d] of a block with fn(h) during forwards (steering, splicing)."""
     hook = resolve_hookpoint(model, hookpoint)
 
-    def fn(_module: nn.Module, _inputs: object, output: object) -> object:
-        hidden = _hidden(output)
-        delta = vectors.to(hidden.dtype)
-        delta = delta[:, None, :] if delta.dim() == 2 else delta
-        steered = hidden + delta
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered  # type: ignore[index]
+    def replace(_module: nn.Module, _inputs: object, output: object) -> object:
+        patched = fn(_hidden(output))
+        return (patched, *output[1:]) if isinstance(output, tuple) else patched  # type: ignore[index]
 
-    handle = hook.module.register_forward_hook(fn)
+    handle = hook.module.register_forward_hook(replace)
     try:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def add_to_residual(model: nn.Module, hookpoint: str, vectors: torch.Tensor) -> Iterator[None]:
+    """Add `vectors` ([d] or [B, d], one per batch row) to the residual output of a block at every position."""
+
+    def add(hidden: torch.Tensor) -> torch.Tensor:
+        delta = vectors.to(hidden.dtype)
+        return hidden + (delta[:, None, :] if delta.dim() == 2 else delta)
+
+    with patch_residual(model, hookpoint, add):
+        yield

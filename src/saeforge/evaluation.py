@@ -1,0 +1,130 @@
+"""`python evaluate.py`: spliced-LM evaluation of one SAE, or a comparison table/plot of several runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from saeforge.data.corpus import iter_texts, load_corpus
+from saeforge.data.windows import pack_windows
+from saeforge.evaluate.spliced import evaluate_spliced
+from saeforge.lm.loading import LoadedLM, load_lm
+from saeforge.runconfig import make_wandb_logger
+from saeforge.sae.source import SAESource, resolve_sae
+
+log = logging.getLogger(__name__)
+RESULT = "evaluation.json"
+
+
+def heldout_windows(corpus_cfg: Any, data_cfg: Any | None, lm: LoadedLM, ctx_len: int, n_tokens: int, cache_dir: Path) -> torch.Tensor:
+    """Windows from the corpus after the ones training used (same packing), so evaluation is held out."""
+    skip = int(data_cfg.n_tokens) if data_cfg is not None else 0
+    skip_seq = -(-skip // ctx_len)
+    prepend_bos = bool(data_cfg.get("prepend_bos", True)) if data_cfg is not None else True
+    corpus = load_corpus(corpus_cfg, cache_dir)
+    windows = pack_windows(iter_texts(corpus, corpus_cfg.get("column", "text")), lm.tokenizer, ctx_len,
+                           skip_seq * ctx_len + n_tokens, prepend_bos)
+    if windows.shape[0] <= skip_seq:
+        raise ValueError(f"the corpus has no text left after the {skip} training tokens for held-out evaluation")
+    return windows[skip_seq:]
+
+
+def source_configs(cfg: DictConfig, source: SAESource) -> tuple[Any, Any, Any]:
+    """(model, corpus, data) configs: the training run's when the SAE came from one, else the command line's."""
+    if source.run_cfg is not None:
+        return source.run_cfg.model, source.run_cfg.corpus, source.run_cfg.data
+    return cfg.model, cfg.corpus, None
+
+
+def output_dir(cfg: DictConfig, source: SAESource) -> Path:
+    if cfg.run.get("dir"):
+        return Path(str(cfg.run.dir))
+    if source.run_dir is not None:
+        return source.run_dir / "eval"
+    return Path("runs") / f"eval-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt`; writes <out>/evaluation.json and a W&B summary; returns the metrics."""
+    if cfg.get("compare"):
+        return compare_runs([str(p) for p in cfg.compare], Path(str(cfg.run.get("dir") or "runs/compare")))
+    if not cfg.get("ckpt"):
+        raise ValueError("give ckpt=<run dir | .ckpt | SAE dir> or compare=[run_a,run_b]")
+    source = resolve_sae(cfg.ckpt, cfg.get("hookpoint"))
+    model_cfg, corpus_cfg, data_cfg = source_configs(cfg, source)
+    lm = lm or load_lm(model_cfg)
+    ctx_len = int(cfg.evaluate.ctx_len or (data_cfg.ctx_len if data_cfg is not None else 128))
+    cache_dir = Path(str(data_cfg.cache_dir)) if data_cfg is not None else Path(".cache/saeforge")
+    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_dir)
+    result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, int(cfg.evaluate.batch_size), bool(cfg.evaluate.exclude_bos))
+    result.update({"ckpt": str(cfg.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
+                   "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})
+    out = output_dir(cfg, source)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RESULT}.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out / RESULT)
+    logger = make_wandb_logger(cfg, out, "evaluate")
+    if logger is not None:
+        logger.experiment.summary.update({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        logger.experiment.finish()
+    print(format_table([result]))
+    print(f"written {out / RESULT}")
+    return result
+
+
+COLUMNS = [("run", "{}"), ("l0", "{:.1f}"), ("fvu", "{:.4f}"), ("mse", "{:.3g}"), ("cosine", "{:.3f}"),
+           ("dead_frac", "{:.3f}"), ("ce_clean", "{:.3f}"), ("ce_sae", "{:.3f}"), ("ce_loss_recovered", "{:.3f}"),
+           ("kl_div", "{:.4f}")]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of the headline metrics."""
+    header = [name for name, _ in COLUMNS]
+    body = [[(fmt.format(r[name]) if r.get(name) is not None else "-") if name != "run" else str(r.get("run", r.get("ckpt", "")))
+             for name, fmt in COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def load_result(path: str) -> dict[str, Any]:
+    """A run's evaluation.json (the run dir, its eval/ dir, or the file itself)."""
+    p = Path(path)
+    for candidate in (p, p / RESULT, p / "eval" / RESULT):
+        if candidate.is_file():
+            return {"run": path, **json.loads(candidate.read_text())}
+    raise FileNotFoundError(f"compare: no {RESULT} under {path} (run `python evaluate.py ckpt={path}` first)")
+
+
+def compare_runs(paths: list[str], out: Path) -> dict[str, Any]:
+    """Print a table and write a PNG (FVU and CE recovered against L0) for several evaluated runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((load_result(p) for p in paths), key=lambda r: r["l0"])
+    print(format_table(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "fvu", "FVU (lower is better)"), (axes[1], "ce_loss_recovered", "CE loss recovered")):
+        ax.plot([r["l0"] for r in rows], [r[key] for r in rows], "o-")
+        for r in rows:
+            ax.annotate(Path(str(r["run"])).name, (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("SAE sparsity / fidelity trade-off")
+    fig.tight_layout()
+    png = out / "compare.png"
+    fig.savefig(png, dpi=120)
+    (out / "compare.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    print(f"written {png}")
+    return {"rows": rows, "plot": str(png)}

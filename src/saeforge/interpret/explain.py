@@ -1,0 +1,484 @@
+"""Label every feature with an explainer LLM, from its max-activating examples and/or steering outputs.
+
+- **maxact**: the explainer sees the *shown* part of the feature's examples (`split_examples`: a
+  seeded subset of top + quantile examples), each rendered delphi-style — the tokens at ≥
+  `highlight_threshold` × the example's max activation marked `<<like this>>`, then their
+  activations on a 0–10 scale (relative to the feature's A_max). It answers `LABEL:` (< 20 words)
+  and `DESCRIPTION:`.
+- **steering**: the explainer sees, for up to `n_steering_prompts` prompts, the unsteered text and
+  the text at each strength (each truncated to `max_chars` characters), and answers `SUMMARY:` and
+  `DETAILED ANALYSIS:`; the summary is the label.
+
+A reply that cannot be parsed gets one repair turn (the reply, then a message asking for the
+format); if that fails too the entry is `status: parse_error` (raw reply kept, no label). A failed
+request is `status: error` with the client's reason. Only `status: ok` entries carry a label, and
+only they are scored. Requests go through the client in one `chat_many` per round (first round: all
+features; second round: all repairs) — concurrency and retries are the client's job.
+
+The train/test split of the examples is defined here only (`split_examples`) and recorded in each
+entry (`split.shown`: the (seq, start) windows shown), so the scorer holds out exactly those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from saeforge.interpret.prompts import PromptTemplate
+from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("maxact", "steering", "both")
+MAX_LABEL_WORDS = 19
+"""Labels are cut to this many words (the prompt asks for fewer than 20)."""
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Settings of the explain stage (`interpret.explain.*`, minus the sampling `params`)."""
+
+    source: str = "maxact"
+    """What the explainer sees: maxact | steering | both (both: maxact is the scored entry, the
+    steering explanation is stored under the entry's `steering` key)."""
+    n_shown: int = 20
+    """Activating windows held out for the explainer (train split); the rest are for scoring."""
+    shown_top_fraction: float = 0.5
+    """Fraction of the shown windows drawn from the top examples (the rest from quantile examples)."""
+    max_examples_in_prompt: int = 20
+    """At most this many of the shown windows (highest activation first) go into the prompt."""
+    highlight_threshold: float = 0.3
+    """Tokens at ≥ this × the example's max activation are marked <<…>> (and listed with their activation)."""
+    n_steering_prompts: int = 2
+    """Steering prompts shown per feature."""
+    max_chars: int = 200
+    """Steering snippets (prompt and each continuation) are cut to this many characters."""
+    repair: bool = True
+    """Give an unparseable reply one follow-up turn asking for the format."""
+    seed: int = 0
+    """Seed of the train/test split."""
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ExplainConfig:
+        """From a mapping / DictConfig; `params` (sampling) is ignored here, unknown keys raise."""
+        cfg = {k: v for k, v in dict(cfg or {}).items() if k != "params"}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown interpret.explain keys {unknown}; valid keys are {sorted(known | {'params'})}")
+        return cls(**cfg)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"interpret.explain.source must be one of {SOURCES}, got {self.source!r}")
+        for name in ("n_shown", "max_examples_in_prompt", "n_steering_prompts", "max_chars"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"interpret.explain.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.shown_top_fraction <= 1.0:
+            raise ValueError(f"interpret.explain.shown_top_fraction must lie in [0, 1], got {self.shown_top_fraction}")
+        if not 0.0 <= self.highlight_threshold <= 1.0:
+            raise ValueError(f"interpret.explain.highlight_threshold must lie in [0, 1], got {self.highlight_threshold}")
+
+
+# ------------------------------------------------------------------------------ the split
+Key = tuple[int, int]
+
+
+def example_key(example: Mapping[str, Any]) -> Key:
+    """The identity of a window: (seq, start)."""
+    return int(example["seq"]), int(example["start"])
+
+
+@dataclass
+class ExampleSplit:
+    """The examples of one feature: shown to the explainer vs held out for scoring."""
+
+    shown: list[dict[str, Any]]
+    """Activating windows the explainer sees (train)."""
+    test: list[dict[str, Any]]
+    """Activating windows never shown (top + quantile examples not in `shown`), deduplicated."""
+    non_activating: list[dict[str, Any]]
+    """Windows where the feature never fires (scoring negatives)."""
+    shown_keys: list[Key] = field(default_factory=list)
+
+    def record(self, seed: int) -> dict[str, Any]:
+        """What explanations.json stores so the scorer can rebuild this split."""
+        return {"seed": seed, "shown": [list(k) for k in self.shown_keys]}
+
+
+def _activating_pool(entry: Mapping[str, Any]) -> tuple[dict[int, list[dict]], dict[int, list[dict]]]:
+    """Top and quantile examples grouped by sequence, deduplicated by (seq, start).
+
+    Grouping by sequence keeps every window of one sequence on the same side of the split, so
+    overlapping windows of a sequence cannot leak between shown and scored examples.
+    """
+    seen: set[Key] = set()
+    top: dict[int, list[dict]] = {}
+    quant: dict[int, list[dict]] = {}
+    for kind, examples in (("top", entry.get("top") or []), ("quantile", entry.get("quantile_examples") or [])):
+        for ex in examples:
+            key = example_key(ex)
+            if key in seen:
+                continue
+            seen.add(key)
+            target = top if kind == "top" or key[0] in top else quant
+            target.setdefault(key[0], []).append({**ex, "kind": kind})
+    # a sequence present in both lists belongs to the top group only
+    for seq in list(quant):
+        if seq in top:
+            top[seq].extend(quant.pop(seq))
+    return top, quant
+
+
+def split_examples(
+    entry: Mapping[str, Any],
+    feature: int,
+    n_shown: int = 20,
+    seed: int = 0,
+    shown_top_fraction: float = 0.5,
+    shown: Iterable[Sequence[int]] | None = None,
+) -> ExampleSplit:
+    """Split one feature's maxact entry into shown (train) and scoring (test) examples.
+
+    With `shown` (the recorded `split.shown` of an explanation) the shown windows are exactly
+    those; otherwise `n_shown` sequences are drawn under `seed` (per feature), a
+    `shown_top_fraction` of them from the top examples and the rest from the quantile examples
+    (topping up from the other group when one runs short). Everything activating that is not
+    shown is test; `non_activating` windows are all negatives (they come from sequences where the
+    feature never fires, so they share no window with either side).
+    """
+    top, quant = _activating_pool(entry)
+    groups = {**quant, **top}
+    if shown is not None:
+        shown_keys = {(int(s), int(t)) for s, t in shown}
+        shown_seqs = {seq for seq, ex in groups.items() if any(example_key(e) in shown_keys for e in ex)}
+    else:
+        rng = random.Random(f"split:{seed}:{feature}")
+        top_seqs, quant_seqs = sorted(top), sorted(quant)
+        rng.shuffle(top_seqs)
+        rng.shuffle(quant_seqs)
+        n_top = min(len(top_seqs), round(n_shown * shown_top_fraction))
+        n_quant = min(len(quant_seqs), n_shown - n_top)
+        n_top = min(len(top_seqs), n_shown - n_quant)  # top up from top when quantiles run short
+        shown_seqs = set(top_seqs[:n_top]) | set(quant_seqs[:n_quant])
+    shown_ex = [ex for seq in sorted(shown_seqs) for ex in groups[seq]]
+    test_ex = [ex for seq in sorted(groups) if seq not in shown_seqs for ex in groups[seq]]
+    non = [dict(ex) for ex in entry.get("non_activating") or []]
+    shown_ex.sort(key=lambda e: -float(e.get("activation", 0.0)))
+    return ExampleSplit(shown=shown_ex, test=test_ex, non_activating=non,
+                        shown_keys=sorted(example_key(e) for e in shown_ex))
+
+
+# ------------------------------------------------------------------------------ rendering
+def _tok(token: str) -> str:
+    """A token for one-line display (newlines and tabs escaped)."""
+    return token.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def highlight(tokens: Sequence[str], marked: Sequence[bool]) -> str:
+    """The tokens joined, each run of marked tokens wrapped in << >>."""
+    out: list[str] = []
+    inside = False
+    for token, m in zip(tokens, marked):
+        if m and not inside:
+            out.append("<<")
+        elif not m and inside:
+            out.append(">>")
+        inside = bool(m)
+        out.append(_tok(token))
+    if inside:
+        out.append(">>")
+    return "".join(out)
+
+
+def marked_positions(acts: Sequence[float], threshold: float) -> list[bool]:
+    """Tokens at ≥ threshold × the example's max activation (and > 0)."""
+    peak = max(acts, default=0.0)
+    return [a > 0 and a >= threshold * peak for a in acts] if peak > 0 else [False] * len(acts)
+
+
+def plain_text(example: Mapping[str, Any]) -> str:
+    """The window as one line of text, without marks."""
+    return "".join(_tok(t) for t in example["tokens"])
+
+
+def format_maxact_examples(examples: Sequence[Mapping[str, Any]], a_max: float, threshold: float) -> str:
+    """delphi-style: `Example i: text with <<marks>>` then `Activations: ("tok", 0-10), …`."""
+    lines = []
+    scale = a_max if a_max > 0 else max((max(e["acts"], default=0.0) for e in examples), default=1.0) or 1.0
+    for i, ex in enumerate(examples, 1):
+        acts = [float(a) for a in ex["acts"]]
+        marks = marked_positions(acts, threshold)
+        lines.append(f"Example {i}: {highlight(ex['tokens'], marks)}")
+        listed = [
+            f'("{_tok(t)}", {max(0, min(10, round(10 * a / scale)))})'
+            for t, a, m in zip(ex["tokens"], acts, marks) if m
+        ]
+        lines.append("Activations: " + ", ".join(listed))
+    return "\n".join(lines)
+
+
+def _cut(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
+def _strength_order(key: str) -> tuple[int, float]:
+    if key == "original":
+        return (0, 0.0)
+    try:
+        return (1, float(key))
+    except ValueError:
+        return (2, 0.0)
+
+
+def steering_files(steering_dir: Path, layer: int | None, feature: int) -> list[Path]:
+    """This feature's steering files, by prompt index."""
+    pattern = f"generated_texts_layer_{layer}_feature_{feature}_prompt_*.json"
+
+    def index(p: Path) -> int:
+        m = re.search(r"_prompt_(\d+)\.json$", p.name)
+        return int(m.group(1)) if m else 10**9
+
+    return sorted(Path(steering_dir).glob(pattern), key=index)
+
+
+def read_steering_texts(steering_dir: Path, layer: int | None, feature: int) -> dict[str, dict[str, str]]:
+    """`{prompt: {"original": text, "<strength>": text}}` merged over the feature's steering files."""
+    texts: dict[str, dict[str, str]] = {}
+    for path in steering_files(steering_dir, layer, feature):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for by_feature in data.values():  # {layer: {feature: {prompt: {strength: text}}}}
+            for prompt, by_strength in (by_feature.get(str(feature)) or {}).items():
+                texts.setdefault(prompt, {}).update({str(k): str(v) for k, v in by_strength.items()})
+    return texts
+
+
+def format_steering(texts: Mapping[str, Mapping[str, str]], n_prompts: int, max_chars: int) -> str:
+    """Each prompt, then the original and each strength's continuation (strengths in order)."""
+    blocks = []
+    for p, (prompt, by_strength) in enumerate(list(texts.items())[:n_prompts], 1):
+        lines = [f'Prompt {p}: "{_cut(prompt, max_chars)}"']
+        for key in sorted(by_strength, key=_strength_order):
+            name = "original (unsteered)" if key == "original" else f"strength {key}"
+            lines.append(f"  {name}: {_cut(by_strength[key], max_chars)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ------------------------------------------------------------------------------ parsing
+_FIELD_END = r"(?=^\s*[*#_ ]*(?:LABEL|DESCRIPTION|SUMMARY|DETAILED ANALYSIS|EXPLANATION)\b|\Z)"
+_PLACEHOLDERS = {"", "...", "…", "<label>", "[label]", "label", "<summary>", "n/a", "none", "todo", "tbd",
+                 "<a short label, fewer than 20 words>"}
+
+
+def _field(text: str, name: str) -> str | None:
+    """The text after `NAME:` (markdown decorations allowed) up to the next field or the end."""
+    pattern = rf"^\s*[*#_ \[]*{name}[\]*_ ]*\s*[:\-–]\s*[*_ ]*(.*?){_FIELD_END}"
+    m = re.search(pattern, text, flags=re.IGNORECASE | re.MULTILINE | re.DOTALL)
+    if not m:
+        return None
+    value = " ".join(m.group(1).replace("**", "").split()).strip(" \"'*_")
+    return None if value.lower() in _PLACEHOLDERS else value
+
+
+def _short_label(text: str) -> str:
+    words = text.split()
+    return " ".join(words[:MAX_LABEL_WORDS]).rstrip(",;:")
+
+
+def parse_reply(text: str, source: str) -> dict[str, str] | None:
+    """`{"label", "interpretation"}` from a reply, or None when it has no usable label.
+
+    maxact: `LABEL:` (falling back to delphi's `[EXPLANATION]:`) and `DESCRIPTION:` (falling back
+    to the label). steering: `SUMMARY:` and `DETAILED ANALYSIS:` (interpretation = the analysis, or
+    the summary when absent).
+    """
+    if not text or not text.strip():
+        return None
+    if source == "steering":
+        label = _field(text, "SUMMARY")
+        detail = _field(text, "DETAILED ANALYSIS")
+    else:
+        label = _field(text, "LABEL") or _field(text, "EXPLANATION")
+        detail = _field(text, "DESCRIPTION")
+    if not label:
+        return None
+    return {"label": _short_label(label), "interpretation": detail or label}
+
+
+# ------------------------------------------------------------------------------ the stage
+@dataclass
+class _Job:
+    feature: int
+    source: str  # maxact | steering
+    messages: list[Message]
+    extra: dict[str, Any]
+
+
+def _explanation_txt(out_dir: Path, hookpoint: str, feature: int) -> Path:
+    safe = hookpoint.replace("/", "_")
+    return out_dir / "explanations" / f"{safe}_latent_{feature}.txt"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_maxact(maxact: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """The maxact document (a dict, or read from a path)."""
+    if isinstance(maxact, Mapping):
+        return dict(maxact)
+    return json.loads(Path(maxact).read_text(encoding="utf-8"))
+
+
+def _run_chat(client: ExplainerClient, requests: list[ChatRequest]) -> list[ChatResult]:
+    if not requests:
+        return []
+    return asyncio.run(client.chat_many(requests))
+
+
+def _build_job(
+    feature: int, source: str, entry: Mapping[str, Any] | None, steering_dir: Path | None,
+    layer: int | None, prompts: Mapping[str, PromptTemplate], conf: ExplainConfig,
+) -> _Job | dict[str, Any]:
+    """The request of one feature, or a finished (not ok) entry when there is nothing to show."""
+    if source == "maxact":
+        if entry is None:
+            return {"status": "error", "error": f"feature {feature} is not in maxact.json"}
+        split = split_examples(entry, feature, conf.n_shown, conf.seed, conf.shown_top_fraction)
+        if not split.shown:
+            return {"status": "skipped", "error": "feature has no activating examples", "split": split.record(conf.seed)}
+        text = format_maxact_examples(split.shown[: conf.max_examples_in_prompt],
+                                      float(entry.get("a_max") or 0.0), conf.highlight_threshold)
+        return _Job(feature, source, prompts["explain_maxact"].messages(text),
+                    {"split": split.record(conf.seed), "n_examples_in_prompt": min(len(split.shown), conf.max_examples_in_prompt)})
+    if steering_dir is None:
+        return {"status": "error", "error": "no steering directory given"}
+    texts = read_steering_texts(steering_dir, layer, feature)
+    if not texts:
+        return {"status": "error", "error": f"no steering outputs for layer {layer} feature {feature} in {steering_dir}"}
+    text = format_steering(texts, conf.n_steering_prompts, conf.max_chars)
+    return _Job(feature, source, prompts["explain_steering"].messages(text), {})
+
+
+def run_explain(
+    client: ExplainerClient,
+    maxact: Mapping[str, Any] | str | Path,
+    steering_dir: str | Path | None,
+    features: Sequence[int] | None,
+    prompts: Mapping[str, PromptTemplate],
+    params: ChatParams,
+    out_dir: str | Path,
+    hookpoint: str,
+    layer: int | None,
+    cfg: ExplainConfig | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Explain `features` (None: every feature in maxact) and write `explanations.json` + txt files.
+
+    Resumable: features whose entry in an existing `explanations.json` is `ok` (for the same
+    source) are not asked again. Returns the whole explanations document
+    `{"<layer>": {"<feature>": {feature_number, layer, interpretation, label, status, source, …}}}`.
+    """
+    conf = cfg if isinstance(cfg, ExplainConfig) else ExplainConfig.from_mapping(cfg)
+    out_dir = Path(out_dir)
+    doc = load_maxact(maxact)
+    entries = doc.get("features") or {}
+    feats = [int(f) for f in (features if features is not None else sorted(entries, key=int))]
+    steer = Path(steering_dir) if steering_dir is not None else None
+    sources = ["maxact", "steering"] if conf.source == "both" else [conf.source]
+    path = out_dir / "explanations.json"
+    explanations: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    by_feature: dict[str, Any] = explanations.setdefault(str(layer), {})
+
+    def done(feature: int, source: str) -> bool:
+        old = by_feature.get(str(feature)) or {}
+        if source == sources[0]:
+            return old.get("status") == "ok" and old.get("source") == source
+        return (old.get("steering") or {}).get("status") == "ok"
+
+    finished: dict[tuple[int, str], dict[str, Any]] = {}
+    jobs: list[_Job] = []
+    for feature in feats:
+        for source in sources:
+            if done(feature, source):
+                continue
+            job = _build_job(feature, source, entries.get(str(feature)), steer, layer, prompts, conf)
+            if isinstance(job, _Job):
+                jobs.append(job)
+            else:
+                finished[(feature, source)] = job
+    log.info("explaining %d requests (%d features, %d already done)", len(jobs), len(feats),
+             sum(done(f, s) for f in feats for s in sources))
+
+    results = _run_chat(client, [(job.messages, params) for job in jobs])
+    repairs: list[tuple[_Job, list[Message]]] = []
+    for job, result in zip(jobs, results):
+        if not result.ok:
+            finished[(job.feature, job.source)] = {"status": "error", "error": result.error or "request failed", **job.extra}
+            continue
+        parsed = parse_reply(result.text, job.source)
+        if parsed is not None:
+            finished[(job.feature, job.source)] = {"status": "ok", **parsed, "raw": result.text, **job.extra}
+        elif conf.repair:
+            follow = prompts[f"explain_{job.source}_repair"].messages(result.text)
+            msgs = job.messages + [{"role": "assistant", "content": result.text}] + [m for m in follow if m["role"] == "user"]
+            repairs.append((job, msgs))
+        else:
+            finished[(job.feature, job.source)] = {"status": "parse_error", "error": "reply not in the asked format",
+                                                   "raw": result.text, **job.extra}
+    first_text = {(job.feature, job.source): r.text for job, r in zip(jobs, results)}
+    repaired = _run_chat(client, [(msgs, params) for _, msgs in repairs])
+    for (job, _), result in zip(repairs, repaired):
+        key = (job.feature, job.source)
+        if not result.ok:
+            finished[key] = {"status": "error", "error": f"repair request failed: {result.error}",
+                             "raw": first_text[key], **job.extra}
+            continue
+        parsed = parse_reply(result.text, job.source)
+        if parsed is not None:
+            finished[key] = {"status": "ok", **parsed, "raw": result.text, "repaired": True, **job.extra}
+        else:
+            finished[key] = {"status": "parse_error", "error": "reply not in the asked format after one repair",
+                             "raw": first_text[key], "raw_repair": result.text, **job.extra}
+
+    for (feature, source), result in finished.items():
+        record = {"feature_number": feature, "layer": layer, "interpretation": result.pop("interpretation", ""),
+                  "label": result.pop("label", ""), "status": result.pop("status"), "source": source, **result}
+        if source == sources[0]:
+            keep = (by_feature.get(str(feature)) or {}).get("steering")
+            by_feature[str(feature)] = record if keep is None else {**record, "steering": keep}
+        else:
+            by_feature.setdefault(str(feature), {"feature_number": feature, "layer": layer, "interpretation": "",
+                                                 "label": "", "status": "missing", "source": sources[0]})
+            by_feature[str(feature)]["steering"] = record
+    explanations[str(layer)] = {k: by_feature[k] for k in sorted(by_feature, key=int)}
+    _write_json(path, explanations)
+    for feature in feats:
+        record = by_feature.get(str(feature)) or {}
+        txt = _explanation_txt(out_dir, hookpoint, feature)
+        if record.get("status") == "ok":
+            txt.parent.mkdir(parents=True, exist_ok=True)
+            txt.write_text(json.dumps(record["label"], ensure_ascii=False), encoding="utf-8")
+        elif txt.exists():
+            txt.unlink()  # a stale label of an earlier run must not survive a failed re-explanation
+    n_ok = sum((by_feature.get(str(f)) or {}).get("status") == "ok" for f in feats)
+    log.info("explanations: %d/%d ok → %s", n_ok, len(feats), path)
+    return explanations
+
+
+__all__ = [
+    "ExampleSplit", "ExplainConfig", "example_key", "format_maxact_examples", "format_steering", "highlight",
+    "load_maxact", "marked_positions", "parse_reply", "plain_text", "read_steering_texts", "run_explain",
+    "split_examples",
+]

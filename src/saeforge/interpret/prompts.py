@@ -1,0 +1,112 @@
+"""The explainer and scorer prompts: `configs/prompts/default.yaml`, merged with `prompts.override`.
+
+Prompts live only in YAML. A prompt is a `system` and a `user` template; `{prompt}` (the examples)
+and, for scorers, `{explanation}` are the only placeholders substituted — other braces in the text
+stay as they are, so templates may show JSON such as `[1, 0]` or `{"a": 1}` without escaping.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from saeforge.llm.base import Message
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_PROMPTS = REPO_ROOT / "configs" / "prompts" / "default.yaml"
+"""The default prompt file, the base every override merges into."""
+
+PROMPT_KEYS = ("system", "user")
+PLACEHOLDERS = ("prompt", "explanation")
+REQUIRED = {
+    "explain_maxact": ("prompt",),
+    "explain_steering": ("prompt",),
+    "detection": ("prompt", "explanation"),
+    "fuzz": ("prompt", "explanation"),
+}
+"""Prompts the stages use, with the placeholders their user template must contain."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One prompt: a system message (may be empty) and a user-message template."""
+
+    name: str
+    system: str
+    user: str
+
+    def messages(self, prompt: str, **fields: str) -> list[Message]:
+        """The chat messages with `{prompt}` (and e.g. `{explanation}`) filled in."""
+        out: list[Message] = []
+        if self.system.strip():
+            out.append({"role": "system", "content": fill(self.system, prompt=prompt, **fields)})
+        out.append({"role": "user", "content": fill(self.user, prompt=prompt, **fields)})
+        return out
+
+
+def fill(template: str, **fields: str) -> str:
+    """Substitute `{name}` for the known placeholders only (single pass, so filled text is not rescanned)."""
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return str(fields[name]) if name in fields else match.group(0)
+
+    return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", sub, template)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"prompt file {path} must be a mapping of prompt name → {{system, user}}")
+    return dict(data)
+
+
+def _entry(name: str, value: Any, path: Path) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{path}: prompt {name!r} must be a mapping with keys {list(PROMPT_KEYS)}")
+    unknown = sorted(set(value) - set(PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: prompt {name!r} has unknown keys {unknown}; valid keys are {list(PROMPT_KEYS)}")
+    for key, text in value.items():
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: {name}.{key} must be a string, got {type(text).__name__}")
+    return dict(value)
+
+
+def load_prompts(override_path: str | Path | None = None) -> dict[str, PromptTemplate]:
+    """The default prompts, with the prompts named in `override_path` replaced.
+
+    The override file names some prompts of the default file; for each, the keys it gives
+    (`system` and/or `user`) replace the default text and the others are kept. An unknown prompt
+    name or key is an error (a typo must not silently leave the default in place).
+    """
+    base_raw = _read(DEFAULT_PROMPTS)
+    merged = {name: _entry(name, value, DEFAULT_PROMPTS) for name, value in base_raw.items()}
+    if override_path not in (None, ""):
+        path = Path(str(override_path)).expanduser()
+        for name, value in _read(path).items():
+            if name not in merged:
+                raise ValueError(
+                    f"prompts.override {path}: unknown prompt {name!r}; known prompts are {sorted(merged)}"
+                )
+            merged[name] = {**merged[name], **_entry(name, value, path)}
+    prompts = {
+        name: PromptTemplate(name=name, system=entry.get("system", ""), user=entry.get("user", ""))
+        for name, entry in merged.items()
+    }
+    for name, needed in REQUIRED.items():
+        if name not in prompts:
+            raise ValueError(f"prompt {name!r} is missing from {DEFAULT_PROMPTS}")
+        for placeholder in needed:
+            text = prompts[name].system + prompts[name].user
+            if "{" + placeholder + "}" not in text:
+                raise ValueError(f"prompt {name!r} must contain the placeholder {{{placeholder}}}")
+    return prompts
+
+
+__all__ = ["DEFAULT_PROMPTS", "PromptTemplate", "fill", "load_prompts"]
