@@ -165,14 +165,15 @@ class _State:
         self.G, self.K = cfg.n_quantiles * cfg.bucket_resolution, cfg.examples_per_quantile
         self.H, self.M = cfg.hist_bins * cfg.hist_resolution, cfg.n_non_activating
         self.offsets = torch.arange(L, device=device) - cfg.context_left
-        self.n_fired = torch.zeros(F, dtype=torch.int64, device=device)
         self.a_max = torch.zeros(F, device=device)
         self.exp = torch.full((F,), _UNSET_EXP, dtype=torch.int64, device=device)
         self.hist = torch.zeros(F, self.H, dtype=torch.int64, device=device)
         self.top_val = torch.full((F, N), -torch.inf, device=device)
         self.top_loc = torch.full((F, N), -1, dtype=torch.int64, device=device)
         self.top_ctx = torch.zeros(F, N, L, device=device)
+        self.top_min = torch.full((F,), -torch.inf, device=device)
         self.res_key = torch.full((F * self.G, self.K), torch.inf, device=device)
+        self.res_kmax = torch.full((F * self.G,), torch.inf, device=device)  # largest key (inf: a free slot)
         self.res_val = torch.zeros(F * self.G, self.K, device=device)
         self.res_loc = torch.full((F * self.G, self.K), -1, dtype=torch.int64, device=device)
         self.res_ctx = torch.zeros(F * self.G, self.K, L, dtype=torch.float16, device=device)
@@ -190,7 +191,9 @@ class _State:
         """The feature's acts over the display context of (window b, position pos) → [n, L], 0 off the window."""
         p = pos[:, None] + self.offsets
         valid = (p >= 0) & (p < self.T)
-        return acts3[b[:, None], p.clamp(0, self.T - 1), f[:, None]] * valid
+        F = acts3.shape[2]
+        flat = ((b[:, None] * self.T + p.clamp(0, self.T - 1)) * F + f[:, None]).flatten()
+        return acts3.reshape(-1).take(flat).view_as(p) * valid
 
     # ---- one batch ---------------------------------------------------------------------------
     def update(self, acts: Tensor, seq0: int, counted: int) -> None:
@@ -199,8 +202,6 @@ class _State:
         B = acts.shape[0] // T
         acts3 = acts.view(B, T, -1)
         self.n_tokens += counted
-        fired = acts > 0
-        self.n_fired += fired.sum(0)
         win_max, win_arg = acts3.max(1)  # [B, F]
         batch_max = win_max.max(0).values
         self.a_max = torch.maximum(self.a_max, batch_max)
@@ -208,7 +209,7 @@ class _State:
         grow = (new_exp > self.exp).nonzero().squeeze(1)
         if grow.numel():
             self._rescale(grow, new_exp[grow])
-        self._histogram(acts, fired)
+        self._histogram(acts)
         self._top(acts3, win_max, win_arg, seq0)
         keys = torch.rand(2, B, acts.shape[1], generator=self.rng).to(acts.device)
         self._quantile_reservoir(acts3, win_max, win_arg, seq0, keys[0])
@@ -220,25 +221,29 @@ class _State:
         self.exp[f] = new_exp
         bins = torch.arange(self.H, device=f.device)[None, :] >> d[:, None]
         self.hist[f] = torch.zeros_like(self.hist[f]).scatter_add_(1, bins, self.hist[f])
-        seg = (f[:, None] * self.G + torch.arange(self.G, device=f.device)).flatten()  # [n·G]
-        keys = self.res_key[seg]
-        slot = keys.isfinite().nonzero(as_tuple=True)
-        old_seg = seg[slot[0]]
-        entries = (keys[slot], self.res_val[seg][slot], self.res_loc[seg][slot], self.res_ctx[seg][slot])
-        self.res_key[seg], self.res_loc[seg] = torch.inf, -1
+        seg = (f[:, None] * self.G + torch.arange(self.G, device=f.device)).flatten()  # [n·G], ascending
+        slot = self.res_key[seg].isfinite().nonzero(as_tuple=True)
+        if slot[0].numel() == 0:
+            return
+        old_seg, old_slot = seg[slot[0]], slot[1]
+        key, val = self.res_key[old_seg, old_slot], self.res_val[old_seg, old_slot]
+        loc, ctx = self.res_loc[old_seg, old_slot], self.res_ctx[old_seg, old_slot]
+        self.res_key[seg], self.res_kmax[seg] = torch.inf, torch.inf
         fi = old_seg // self.G
-        shift = d[torch.searchsorted(f, fi)]  # d of each entry's feature (f is ascending: nonzero order)
-        g_new = (old_seg % self.G) >> shift
-        if old_seg.numel():
-            self._insert(fi * self.G + g_new, *entries)
+        shift = d[torch.searchsorted(f, fi)]  # d of each entry's feature (f is ascending)
+        new_seg = fi * self.G + ((old_seg % self.G) >> shift)
+        j, ts, tk = self._admit(new_seg, key)
+        self.res_val[ts, tk], self.res_loc[ts, tk], self.res_ctx[ts, tk] = val[j], loc[j], ctx[j]
 
-    def _histogram(self, acts: Tensor, fired: Tensor) -> None:
-        rows, f = fired.nonzero(as_tuple=True)
-        v = acts[rows, f]
-        bins = (v / self.scale(f) * self.H).long().clamp_max(self.H - 1)
+    def _histogram(self, acts: Tensor) -> None:
+        flat = acts.reshape(-1)
+        idx = (flat > 0).nonzero().squeeze(1)
+        f = idx % acts.shape[1]
+        bins = (flat[idx] * (self.H / self.scale())[f]).long().clamp_max(self.H - 1)
         self.hist.view(-1).index_add_(0, f * self.H + bins, torch.ones_like(bins))
 
     def _top(self, acts3: Tensor, win_max: Tensor, win_arg: Tensor, seq0: int) -> None:
+        """Slots are unordered: each entering candidate takes the slot of an evicted entry."""
         B, T, F = acts3.shape
         N = self.cfg.n_examples
         if self.cfg.one_per_window:
@@ -251,55 +256,60 @@ class _State:
             cand, idx = cand.topk(N, dim=1)
             loc = loc.gather(1, idx)
         cand = torch.where(cand > 0, cand, -torch.inf)
-        rows = (cand.max(1).values > self.top_val[:, -1]).nonzero().squeeze(1)
+        rows = (cand.max(1).values > self.top_min).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
-        vals, sel = torch.cat([self.top_val[rows], cand[rows]], 1).topk(N, dim=1)
-        old = sel < N
-        locs = torch.where(old, self.top_loc[rows].gather(1, sel.clamp_max(N - 1)),
-                           loc[rows].gather(1, (sel - N).clamp_min(0)))
-        ctx = self.top_ctx[rows].gather(1, sel.clamp_max(N - 1)[..., None].expand(-1, -1, self.L))
-        r, n = (~old & vals.isfinite()).nonzero(as_tuple=True)
-        if r.numel():
-            new_loc = locs[r, n]
-            ctx[r, n] = self.contexts(acts3, new_loc // T - seq0, new_loc % T, rows[r])
-        self.top_val[rows], self.top_loc[rows], self.top_ctx[rows] = vals, locs, ctx
+        cand, loc = cand[rows], loc[rows]
+        all_val = torch.cat([self.top_val[rows], cand], 1)
+        keep = torch.zeros_like(all_val, dtype=torch.bool).scatter_(1, all_val.topk(N, dim=1).indices, True)
+        er, es = (~keep[:, :N]).nonzero(as_tuple=True)  # evicted slots, row-major
+        cr, cc = keep[:, N:].nonzero(as_tuple=True)     # entering candidates, row-major: same count per row
+        r = rows[er]
+        new_loc = loc[cr, cc]
+        self.top_val[r, es] = cand[cr, cc]
+        self.top_loc[r, es] = new_loc
+        self.top_ctx[r, es] = self.contexts(acts3, new_loc // T - seq0, new_loc % T, r)
+        self.top_min[rows] = self.top_val[rows].min(1).values
 
     def _quantile_reservoir(self, acts3: Tensor, win_max: Tensor, win_arg: Tensor, seq0: int, keys: Tensor) -> None:
-        B, T, _ = acts3.shape
+        T = acts3.shape[1]
         b, f = (win_max > 0).nonzero(as_tuple=True)
         v = win_max[b, f]
-        g = (v / self.scale(f) * self.G).long().clamp_max(self.G - 1)
-        seg = f * self.G + g
+        seg = f * self.G + (v / self.scale(f) * self.G).long().clamp_max(self.G - 1)
         key = keys[b, f]
-        ok = key < self.res_key[seg, -1]  # slots are key-sorted: the last one is the largest (inf if free)
-        b, f, v, seg, key = b[ok], f[ok], v[ok], seg[ok], key[ok]
-        if seg.numel() == 0:
+        ok = (key < self.res_kmax[seg]).nonzero().squeeze(1)
+        if ok.numel() == 0:
             return
-        pos = win_arg[b, f]
-        ctx = self.contexts(acts3, b, pos, f).to(torch.float16)
-        self._insert(seg, key, v, (seq0 + b) * T + pos, ctx)
+        j, ts, tk = self._admit(seg[ok], key[ok])
+        j = ok[j]
+        b, f, pos = b[j], f[j], win_arg[b[j], f[j]]
+        self.res_val[ts, tk] = v[j]
+        self.res_loc[ts, tk] = (seq0 + b) * T + pos
+        self.res_ctx[ts, tk] = self.contexts(acts3, b, pos, f).to(self.res_ctx.dtype)
 
-    def _insert(self, seg: Tensor, key: Tensor, val: Tensor, loc: Tensor, ctx: Tensor) -> None:
-        """Bottom-K keys per segment over (current slots ∪ new entries); rewrites the touched segments."""
+    def _admit(self, seg: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Bottom-K keys per segment over (current slots ∪ new (seg, key) entries).
+
+        Writes the keys; returns (index of each entering entry, its segment, its slot) so that the
+        caller writes the payload. Entering entries take the slots of evicted ones (or empty slots).
+        """
         K = self.K
-        useg = seg.unique()
-        all_seg = torch.cat([useg.repeat_interleave(K), seg])
+        useg, inv = seg.unique(return_inverse=True)
+        U = useg.numel()
         all_key = torch.cat([self.res_key[useg].flatten(), key])
-        all_val = torch.cat([self.res_val[useg].flatten(), val])
-        all_loc = torch.cat([self.res_loc[useg].flatten(), loc])
-        all_ctx = torch.cat([self.res_ctx[useg].flatten(0, 1), ctx.to(self.res_ctx.dtype)])
-        order = all_key.sort(stable=True).indices
-        order = order[all_seg[order].sort(stable=True).indices]
+        all_seg = torch.cat([torch.arange(U, device=seg.device).repeat_interleave(K), inv])
+        order = (all_seg.double() * 2 + all_key.double().clamp_max(1.5)).sort().indices  # keys ∈ [0, 1)
         s_sorted = all_seg[order]
-        first = torch.searchsorted(s_sorted, s_sorted, right=False)
-        rank = torch.arange(order.numel(), device=seg.device) - first
-        keep = rank < K
-        idx, s, r = order[keep], s_sorted[keep], rank[keep]
-        self.res_key[s, r] = all_key[idx]
-        self.res_val[s, r] = all_val[idx]
-        self.res_loc[s, r] = all_loc[idx]
-        self.res_ctx[s, r] = all_ctx[idx]
+        rank = torch.arange(order.numel(), device=seg.device) - torch.searchsorted(s_sorted, s_sorted)
+        kept = torch.zeros(order.numel(), dtype=torch.bool, device=seg.device)
+        kept[order[rank < K]] = True
+        eu, eslot = (~kept[: U * K].view(U, K)).nonzero(as_tuple=True)  # evicted, ordered by segment
+        j = kept[U * K :].nonzero().squeeze(1)
+        j = j[inv[j].sort(stable=True).indices]  # entering, ordered by segment: pairs with evicted
+        ts = useg[eu]
+        self.res_key[ts, eslot] = key[j]
+        self.res_kmax[useg] = self.res_key[useg].max(1).values
+        return j, ts, eslot
 
     def _non_activating(self, win_max: Tensor, seq0: int, keys: Tensor) -> None:
         if self.M == 0:
@@ -506,11 +516,14 @@ def _assemble(state: _State, conf: MaxActConfig, feat_ids: list[int], tokens: Te
     lo = 1 if T > L else 0  # skip window position 0 (BOS in packed windows) when there is room
     na_starts = torch.randint(lo, max(lo, T - L) + 1, tuple(state.na_seq.shape), generator=gen).tolist()
 
-    top_val, top_loc = state.top_val.tolist(), state.top_loc.tolist()
+    top_val, top_order = state.top_val.sort(dim=1, descending=True)
+    top_loc = state.top_loc.gather(1, top_order).tolist()
+    top_val, top_order = top_val.tolist(), top_order.tolist()
+    n_fired_all = state.hist.sum(1).tolist()
     na_key, na_seq = state.na_key.isfinite().tolist(), state.na_seq.tolist()
     out: dict[int, dict[str, Any]] = {}
     for i, f in enumerate(feat_ids):
-        n_fired = int(state.n_fired[i])
+        n_fired = int(n_fired_all[i])
         a_max = float(state.a_max[i])
         entry: dict[str, Any] = {
             "feature": f, "frequency": n_fired / n_tok, "a_max": _r(a_max), "n_fired": n_fired,
@@ -518,7 +531,7 @@ def _assemble(state: _State, conf: MaxActConfig, feat_ids: list[int], tokens: Te
             "histogram": _histogram_out(state.hist[i], float(scale[i]), conf.hist_bins),
         }
         top = []
-        for n, (v, loc) in enumerate(zip(top_val[i], top_loc[i])):
+        for n, v, loc in zip(top_order[i], top_val[i], top_loc[i]):
             if loc < 0 or not v > 0:
                 break
             top.append(example(loc, v, state.top_ctx[i, n].tolist()))

