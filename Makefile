@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo bench chromium vllm clean
+.PHONY: setup test test-fast demo bench chromium vllm serve-explainer clean
 
 setup: $(STAMP)
 
@@ -52,3 +52,7 @@ bench: setup
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
+
+# Serve the embedded SmolLM2 as an OpenAI-compatible explainer on 127.0.0.1:8000 (vLLM CPU build).
+serve-explainer: vllm
+	bash scripts/serve_explainer.sh smollm2 8000

@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--n-batches", type=int, default=4, help="distinct in-memory batches to cycle")
+    p.add_argument("--stream-rss", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure peak RSS while streaming files of 1x and 10x the shuffle buffer")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -98,6 +100,47 @@ def main() -> None:
     for name, v in tps.items():
         print(f"{name:>9}: {v:10.0f} tokens/s")
     print(f"    ratio: {tps['saeforge'] / tps['sae_lens']:.2f}x (saeforge / sae_lens)")
+    if args.stream_rss:
+        stream_rss(args.d_in)
+
+
+def _stream_peak_rss(path: str, buffer_rows: int) -> tuple[float, int]:
+    """Run in a fresh process: stream one epoch of `path` through the DataModule; peak RSS in MiB."""
+    import resource
+
+    from saeforge.data.datamodule import ActivationDataModule
+
+    dm = ActivationDataModule({"batch_size": 4096, "shuffle_buffer": buffer_rows, "read_rows": 16384, "val_fraction": 0.02},
+                              path, None, seed=0)
+    dm.setup()
+    batches = sum(1 for _ in dm.train_dataloader())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, batches
+
+
+def stream_rss(d_in: int, buffer_rows: int = 65536) -> None:
+    """Peak RSS while streaming HDF5 files of 1x and 10x the shuffle buffer (goal: flat)."""
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+
+    import h5py
+    import numpy as np
+
+    print(f"\nstreaming memory (shuffle buffer {buffer_rows} rows x d_in {d_in}, fp32 = {buffer_rows * d_in * 4 / 2**20:.0f} MiB):")
+    with tempfile.TemporaryDirectory() as tmp:
+        for factor in (1, 10):
+            rows = buffer_rows * factor
+            path = f"{tmp}/acts_{factor}x.h5"
+            with h5py.File(path, "w") as f:
+                ds = f.create_dataset("activations", shape=(rows, d_in), dtype="f4", chunks=(4096, d_in))
+                rng = np.random.default_rng(0)
+                for start in range(0, rows, 65536):
+                    stop = min(rows, start + 65536)
+                    ds[start:stop] = rng.standard_normal((stop - start, d_in), dtype=np.float32)
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                rss, batches = pool.submit(_stream_peak_rss, path, buffer_rows).result()
+            print(f"  file {factor:>2}x buffer ({rows * d_in * 4 / 2**20:6.0f} MiB on disk): peak RSS {rss:6.0f} MiB, {batches} batches")
 
 
 if __name__ == "__main__":

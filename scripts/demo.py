@@ -1,11 +1,13 @@
 """`make demo`: the whole loop on the embedded defaults (SmolLM2-135M GGUF, bundled Gutenberg corpus, CPU).
 
-Each step is the real entry script a user would type; the demo only chains them and prints where
-everything went. Set DEMO_TOKENS to change the number of extracted tokens.
+Each step is the real entry script a user would type (train → evaluate → interpret); the demo only
+chains them, then prints where everything is and a short table of the features. Environment knobs:
+DEMO_RUN_DIR (default runs/demo), DEMO_TOKENS (extracted tokens), DEMO_FEATURES (features interpreted).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -14,37 +16,64 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = Path(os.environ.get("DEMO_RUN_DIR", ROOT / "runs" / "demo"))
-TOKENS = int(os.environ.get("DEMO_TOKENS", "300000"))
+RUN = Path(os.environ.get("DEMO_RUN_DIR", ROOT / "runs" / "demo")).resolve()
+TOKENS = int(os.environ.get("DEMO_TOKENS", "250000"))
+FEATURES = int(os.environ.get("DEMO_FEATURES", "20"))
+HOOKPOINT = "layers.15"
 
 
-def step(title: str, *args: str) -> None:
+def step(title: str, *args: str) -> float:
     print(f"\n=== {title}: python {' '.join(args)}", flush=True)
     start = time.perf_counter()
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-    print(f"=== {title} done in {time.perf_counter() - start:.0f}s", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"=== {title} done in {elapsed:.0f}s", flush=True)
+    return elapsed
+
+
+def mean(values: list[str]) -> str:
+    numbers = [float(v) for v in values if v not in ("", None)]
+    return f"{sum(numbers) / len(numbers):.3f} (n={len(numbers)})" if numbers else "-"
 
 
 def main() -> None:
     start = time.perf_counter()
-    step(
-        "train",
-        "train.py",
-        f"run.dir={RUN}",
-        "data.hookpoint=layers.15",
-        f"data.n_tokens={TOKENS}",
-        "data.batch_size=4096",
-        "data.shuffle_buffer=65536",
-        "sae.expansion_factor=8",
-        "sae.k=32",
-        "sae.warmup_steps=20",
-        "checkpoint_every_n_steps=25",
+    times = {}
+    times["train"] = step(
+        "train", "train.py", f"run.dir={RUN}", f"data.hookpoint={HOOKPOINT}", f"data.n_tokens={TOKENS}",
+        "data.batch_size=2048", "data.shuffle_buffer=65536", "trainer.max_epochs=4", "sae.expansion_factor=8", "sae.k=32",
+        "sae.warmup_steps=20", "checkpoint_every_n_steps=100",
     )
-    metrics = json.loads((RUN / "metrics.json").read_text())
-    print(f"\nDemo finished in {time.perf_counter() - start:.0f}s. Run directory: {RUN}")
-    print(f"  SAE (SAELens format): {RUN / 'sae' / metrics['hookpoint']}")
-    print(f"  held-out FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, dead {100 * metrics['dead_frac']:.1f}%")
-    print(f"  W&B offline run: {RUN / 'wandb'} (upload later with `wandb sync`)")
+    times["evaluate"] = step("evaluate", "evaluate.py", f"ckpt={RUN}", "evaluate.n_tokens=8192")
+    times["interpret"] = step(
+        "interpret", "interpret.py", f"ckpt={RUN}", f"interpret.max_latents={FEATURES}", "interpret.select=random",
+        "interpret.n_tokens=65536", "interpret.score.n_test=10", "interpret.score.n_negatives=10",
+    )
+    train = json.loads((RUN / "metrics.json").read_text())
+    evaluation = json.loads((RUN / "eval" / "evaluation.json").read_text())
+    out = RUN / "interpret" / HOOKPOINT
+    rows = list(csv.DictReader((out / "summary.csv").open())) if (out / "summary.csv").is_file() else []
+
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f}s "
+          f"(train {times['train']:.0f}s, evaluate {times['evaluate']:.0f}s, interpret {times['interpret']:.0f}s)")
+    print(f"Run directory: {RUN}")
+    print(f"  SAE (SAELens format)  {RUN / 'sae' / HOOKPOINT}")
+    print(f"  checkpoints           {RUN / 'checkpoints'}")
+    print(f"  evaluation            {RUN / 'eval' / 'evaluation.json'}")
+    print(f"  interpretation        {out}")
+    print(f"  dashboard             {out / 'dashboard.html'}")
+    print(f"  W&B offline runs      {RUN}/**/wandb (upload with `wandb sync`)")
+    print(f"\nSAE: held-out FVU {train['fvu']:.3f}, L0 {train['l0']:.1f}, dead {100 * train['dead_frac']:.1f}%;"
+          f" in the LM: CE clean {evaluation['ce_clean']:.3f}, with SAE {evaluation['ce_sae']:.3f},"
+          f" CE loss recovered {evaluation['ce_loss_recovered']:.3f}, KL {evaluation['kl_div']:.3f}")
+    if rows:
+        print(f"\n{'feature':>7}  {'detection':>9}  {'fuzz':>6}  {'embed':>6}  {'steer':>6}  label")
+        for r in rows:
+            cells = [r.get(c) or "-" for c in ("detection", "fuzz", "embedding", "steering_effect")]
+            cells = [f"{float(c):.2f}" if c != "-" else c for c in cells]
+            print(f"{r['feature']:>7}  {cells[0]:>9}  {cells[1]:>6}  {cells[2]:>6}  {cells[3]:>6}  {(r.get('label') or '')[:70]}")
+        print(f"\nmean detection {mean([r.get('detection') for r in rows])}, fuzz {mean([r.get('fuzz') for r in rows])},"
+              f" embedding {mean([r.get('embedding') for r in rows])}")
 
 
 if __name__ == "__main__":

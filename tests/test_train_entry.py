@@ -76,3 +76,30 @@ def test_ddp_two_cpu_processes_train_identical_ranks(tmp_path):
 def test_bad_overrides_fail_before_training(tmp_path):
     out = run(train_cmd(tmp_path, "bad", "sae.k=300"))
     assert out.returncode != 0 and "must be positive and smaller than d_sae=256" in out.stderr
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_metrics_config_and_no_secrets(tmp_path):
+    from tests.wandb_records import read_run
+
+    cmd = [c for c in train_cmd(tmp_path, "wb") if c != "logger=none"] + ["logger=wandb", "trainer.log_every_n_steps=5"]
+    env_secret = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "OPENROUTER_API_KEY": "sk-SECRET-123"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env_secret})
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = read_run(tmp_path / "wb")
+    keys = set().union(*logged["history"])
+    assert {"train/loss", "train/fvu", "train/l0", "train/l0_inference", "train/dead_frac", "train/auxk_loss", "train/lr",
+            "train/tokens_per_s"} <= keys
+    assert logged["summary"]["final/l0"] == pytest.approx(8, rel=0.02)
+    assert logged["config"]["sae"]["value"]["k"] == 8
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "wb").rglob("*") if p.is_file())
+    assert b"sk-SECRET-123" not in raw
+
+
+def test_strip_secrets_redacts_secret_looking_keys():
+    from omegaconf import OmegaConf
+
+    from saeforge.runconfig import strip_secrets
+
+    cfg = OmegaConf.create({"explainer": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY", "auth_token": "t"}, "k": 3})
+    assert strip_secrets(cfg) == {"explainer": {"api_key": "<redacted>", "api_key_env": "OPENAI_API_KEY", "auth_token": "<redacted>"}, "k": 3}

@@ -104,8 +104,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
                                  every_n_train_steps=int(cfg.checkpoint_every_n_steps))
     logger = make_wandb_logger(cfg, directory, "train")
+    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
+    every = int(cfg.interpret_callback.every_n_steps)
+    if every > 0:
+        from hydra import compose
+
+        from saeforge.callbacks.interpret import InterpretCallback
+
+        interpret_cfg = compose(config_name="interpret", overrides=list(cfg.interpret_callback.overrides))
+        callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
-                        callbacks=[checkpoint, ExportSAECallback(write)])
+                        callbacks=callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)
 

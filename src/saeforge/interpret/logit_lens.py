@@ -88,7 +88,7 @@ def logit_lens(
     if W_U.shape[1] != d_in:
         raise ValueError(f"SAE d_in={d_in} does not match the unembedding width {W_U.shape[1]}")
     gamma = final_norm_scale(lm.model, d_in)
-    unembed = (W_U * gamma).t().contiguous()  # [d_in, vocab]
+    W_U_t = W_U.t()  # a view: (W_dec[f] ⊙ γ) · W_Uᵀ without copying the (possibly 262k-row) unembedding
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     decode = TokenDecoder(lm.tokenizer)
     n_top = min(top_n, W_U.shape[0])
@@ -99,7 +99,7 @@ def logit_lens(
     with torch.inference_mode():
         for s in range(0, len(feats), chunk):
             f = idx[s : s + chunk]
-            logits = W_dec[f] @ unembed
+            logits = (W_dec[f] * gamma) @ W_U_t
             top_v, top_i = logits.topk(n_top, dim=1)
             bot_v, bot_i = logits.topk(n_top, dim=1, largest=False)
             cos = unit[f] @ unit.t()

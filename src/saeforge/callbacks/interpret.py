@@ -1,0 +1,62 @@
+"""Run a few interpret stages on a few features every N training steps, so labels can be watched evolve.
+
+Rank zero only: under DDP the other ranks simply wait at their next collective for as long as the
+stages take. Outputs go to `<run.dir>/interpret_steps/step-<N>/<hookpoint>/`; a table of each
+feature's top logit-lens tokens, frequency and label (when explain runs) goes to the logger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class InterpretCallback(L.Callback):
+    """Every `every_n_steps` optimizer steps, run `cfg.interpret.stages` on `cfg.interpret.max_latents` features."""
+
+    def __init__(self, interpret_cfg: DictConfig, run_dir: Path, hookpoint: str, run_cfg: DictConfig, every_n_steps: int):
+        self.cfg, self.run_dir, self.hookpoint, self.run_cfg = interpret_cfg, run_dir, hookpoint, run_cfg
+        self.every_n_steps = every_n_steps
+        self.lm: Any = None
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
+            return
+        from saeforge.interpretation import RUNNERS, Context, select_features
+        from saeforge.sae.source import SAESource
+
+        source = SAESource(pl_module.export_sae(), self.hookpoint, self.run_dir, self.run_cfg, f"step {step}")
+        out = self.run_dir / "interpret_steps" / f"step-{step}" / self.hookpoint
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = Context(self.cfg, source, out, self.lm)
+        ctx.features = select_features(ctx, None)
+        for stage in self.cfg.interpret.stages:
+            RUNNERS[str(stage)](ctx)
+        self.lm = ctx._lm  # keep the LM loaded for the next time
+        self.log_table(trainer, out, step)
+
+    def log_table(self, trainer: L.Trainer, out: Path, step: int) -> None:
+        rows = []
+        maxact = json.loads((out / "maxact.json").read_text())["features"] if (out / "maxact.json").is_file() else {}
+        lens = json.loads((out / "logit_lens.json").read_text())["features"] if (out / "logit_lens.json").is_file() else {}
+        labels = {}
+        if (out / "explanations.json").is_file():
+            for per_layer in json.loads((out / "explanations.json").read_text()).values():
+                labels.update({f: e.get("label") for f, e in per_layer.items()})
+        for f in sorted(set(maxact) | set(lens), key=int):
+            top = " ".join(t for t, _ in lens.get(f, {}).get("top", [])[:5])
+            rows.append([step, int(f), maxact.get(f, {}).get("frequency"), top, labels.get(f, "")])
+        log.info("interpret callback at step %d: %d features → %s", step, len(rows), out)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "log_table"):
+            logger.log_table("interpret/features", columns=["step", "feature", "frequency", "logit_lens_top", "label"], data=rows, step=step)
