@@ -166,7 +166,13 @@ def sae_frequency(source: SAESource) -> torch.Tensor | None:
 def run_maxact(ctx: Context) -> None:
     from saeforge.interpret.maxact import collect_maxact, write_maxact
 
-    result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), ctx.cfg.interpret.maxact, ctx.features)
+    from saeforge.activations.readers import open_rows
+
+    root = ctx.store_root()
+    stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
+    if stored is not None:
+        log.info("maxact: reading stored activations from %s (no LM forward)", root)
+    result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), ctx.cfg.interpret.maxact, ctx.features, stored)
     write_maxact(result, ctx.out)
 
 

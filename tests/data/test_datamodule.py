@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from saeforge.activations.readers import read_chunk
 from saeforge.data import datamodule as dm_mod
 from saeforge.data.datamodule import ActivationDataModule
 
@@ -134,3 +135,19 @@ def test_peak_memory_is_bounded_by_buffer_not_file(tmp_path):
     for batch in dm.train_dataloader():
         largest = max(largest, batch.untyped_storage().nbytes())
     assert largest <= (512 + 100) * 64 * 4 * 2
+
+
+def test_store_bos_rows_are_dropped_by_default(make_cfg, tiny_lm):
+    from saeforge.activations.extract import build_store
+
+    cfg = make_cfg()
+    store = build_store(cfg.model, cfg.corpus, cfg.data, lm=tiny_lm)
+    dm = ActivationDataModule({**CFG, "batch_size": 32}, str(store.root), "layers.2", seed=0)
+    dm.setup()
+    bos_row = read_chunk(dm.source.chunks[0])[0]  # row 0 of the first shard: window 0, position 0
+    rows = torch.cat([*dm.train_dataloader(), *dm.heldout_batches()])
+    n_seq, ctx_len = 2048 // 32, 32
+    assert dm.source.bos_period == ctx_len
+    assert not (rows == bos_row).all(dim=1).any()
+    held = sum(b.shape[0] for b in dm.heldout_batches())
+    assert held + len(dm.train_dataloader()) * 32 <= n_seq * (ctx_len - 1) < held + (len(dm.train_dataloader()) + 2) * 32 + 32 * 8

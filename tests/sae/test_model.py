@@ -100,3 +100,18 @@ def test_calibrate_threshold_hits_k():
     assert float(sae.threshold) == t > 0
     l0 = torch.cat([(sae.encode_inference(b) > 0).sum(1) for b in batches]).float().mean()
     assert abs(float(l0) - 4.0) <= 0.02 * 4.0
+
+
+def test_batch_topk_sampled_path_equals_a_full_topk_on_heavy_tailed_rows():
+    from saeforge.sae.model import select_batch_topk
+
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.rand(512, 1, generator=gen).pow(4) * 50  # a few rows with huge activations
+    pre = torch.relu(torch.randn(512, 4096, generator=gen) * scale)
+    n_keep = 32 * 512
+    rows, cols, vals = select_batch_topk(pre, n_keep)
+    expected = pre.reshape(-1).topk(n_keep).values
+    assert torch.equal(vals.sort().values, expected.sort().values)
+    assert torch.equal(pre[rows, cols], vals)
+    flat = rows * 4096 + cols
+    assert torch.equal(flat, flat.sort().values)  # row-major
