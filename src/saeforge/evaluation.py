@@ -62,7 +62,7 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     ctx_len = int(cfg.evaluate.ctx_len or (data_cfg.ctx_len if data_cfg is not None else 128))
     cache_dir = Path(str(data_cfg.cache_dir)) if data_cfg is not None else Path(".cache/saeforge")
     tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_dir)
-    result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, int(cfg.evaluate.batch_size), bool(cfg.evaluate.exclude_bos))
+    result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, int(cfg.evaluate.batch_size), int(cfg.evaluate.exclude_first_tokens))
     result.update({"ckpt": str(cfg.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})
     out = output_dir(cfg, source)

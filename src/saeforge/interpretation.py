@@ -143,7 +143,7 @@ def firing_frequency(ctx: Context, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens[b : b + 8].long().to(ctx.lm.device)
         with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
             run_until_captured(ctx.lm.model, input_ids=ids)
-        x = cap[ctx.hookpoint][:, 1:].reshape(-1, sae.cfg.d_in).float()
+        x = cap[ctx.hookpoint][:, 2:].reshape(-1, sae.cfg.d_in).float()  # skip BOS + first token, as training does
         counts += (sae.encode_inference(x) > 0).sum(0).float().cpu()
         rows += x.shape[0]
     return counts / rows

@@ -137,7 +137,7 @@ def test_peak_memory_is_bounded_by_buffer_not_file(tmp_path):
     assert largest <= (512 + 100) * 64 * 4 * 2
 
 
-def test_store_bos_rows_are_dropped_by_default(make_cfg, tiny_lm):
+def test_store_bos_and_first_token_rows_are_dropped_by_default(make_cfg, tiny_lm):
     from saeforge.activations.extract import build_store
 
     cfg = make_cfg()
@@ -147,7 +147,9 @@ def test_store_bos_rows_are_dropped_by_default(make_cfg, tiny_lm):
     bos_row = read_chunk(dm.source.chunks[0])[0]  # row 0 of the first shard: window 0, position 0
     rows = torch.cat([*dm.train_dataloader(), *dm.heldout_batches()])
     n_seq, ctx_len = 2048 // 32, 32
-    assert dm.source.bos_period == ctx_len
+    assert dm.source.window_len == ctx_len
     assert not (rows == bos_row).all(dim=1).any()
+    first_token_row = read_chunk(dm.source.chunks[0])[1]
+    assert not (rows == first_token_row).all(dim=1).any()
     held = sum(b.shape[0] for b in dm.heldout_batches())
-    assert held + len(dm.train_dataloader()) * 32 <= n_seq * (ctx_len - 1) < held + (len(dm.train_dataloader()) + 2) * 32 + 32 * 8
+    assert held + len(dm.train_dataloader()) * 32 <= n_seq * (ctx_len - 2) < held + (len(dm.train_dataloader()) + 2) * 32 + 32 * 8

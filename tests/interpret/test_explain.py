@@ -52,7 +52,11 @@ def test_parse_reply_formats() -> None:
     assert parse_reply("no format at all", "maxact") is None
     assert parse_reply("LABEL: ...", "maxact") is None  # a placeholder is not a label
     long = "LABEL: " + " ".join(["word"] * 40)
-    assert len(parse_reply(long, "maxact")["label"].split()) < 20
+    assert parse_reply(long, "maxact") is None  # a rambling line is not cut into a label
+    assert parse_reply("LABEL: " + " ".join(["word"] * 19), "maxact") is not None
+    # the label is its line only; text after it (without a DESCRIPTION) does not join it
+    assert parse_reply('LABEL: "the word dog"\nIt fires on dogs.', "maxact")["label"] == "the word dog"
+    assert parse_reply("LABEL:\n  dogs\nDESCRIPTION: x", "maxact")["label"] == "dogs"
     s = parse_reply("SUMMARY: sea words\nDETAILED ANALYSIS: positive adds waves.", "steering")
     assert s == {"label": "sea words", "interpretation": "positive adds waves."}
 
@@ -137,3 +141,45 @@ def test_steering_source(tmp_path: Path) -> None:
     assert "Once upon a time" in seen[0] and "The weather today" in seen[0] and "Ignored third" not in seen[0]
     assert seen[0].index("strength -2.0") < seen[0].index("strength 4.0")
     assert max(len(line) for line in seen[0].splitlines()) < 240  # snippets cut to 200 chars
+
+
+def test_prefill_is_sent_and_parsed_with_the_reply(tmp_path: Path) -> None:
+    def continuation(body: dict) -> str:  # a server that continues the prefill "LABEL:"
+        return good(body).removeprefix("LABEL:")
+
+    maxact = make_maxact()
+    prompts = load_prompts()
+    assert prompts["explain_maxact"].prefill == "LABEL:" and prompts["detection"].prefill == "["
+    with ScriptedChat(continuation) as server:
+        out = run_explain(server.client(prefill=True), maxact, None, [0], prompts, PARAMS, tmp_path, "layers.2", 2,
+                          cfg={"n_shown": 4})
+    body = server.requests[0]
+    assert body["messages"][-1] == {"role": "assistant", "content": "LABEL:"}
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    entry = out["2"]["0"]
+    assert entry["status"] == "ok" and entry["label"] == "mentions of dogs"
+    assert entry["raw"].startswith("LABEL: mentions of dogs")  # raw is prefill + reply
+
+    with ScriptedChat(good) as server:  # hosted APIs: no prefill message, no vLLM extensions
+        run_explain(server.client(prefill=False), maxact, None, [0], prompts, PARAMS, tmp_path / "off", "layers.2", 2,
+                    cfg={"n_shown": 4})
+    body = server.requests[0]
+    assert body["messages"][-1]["role"] == "user" and "continue_final_message" not in body
+
+
+def test_prefill_repair_turn_carries_the_whole_first_reply(tmp_path: Path) -> None:
+    def script(body: dict) -> str:
+        if "could not be read" in last_user(body):
+            return " dogs\nDESCRIPTION: the word dog."
+        return " This feature is a feature called a feature of the language model that is called a feature x"
+
+    with ScriptedChat(script) as server:
+        out = run_explain(server.client(prefill=True), make_maxact(), None, [0], load_prompts(), PARAMS, tmp_path,
+                          "layers.2", 2, cfg={"n_shown": 4})
+    first, repair = server.requests
+    assert repair["messages"][-1] == {"role": "assistant", "content": "LABEL:"}
+    history = repair["messages"][-3]
+    assert history["role"] == "assistant" and history["content"].startswith("LABEL: This feature")
+    assert [m["role"] for m in repair["messages"]].count("assistant") == 2  # the first prefill is not repeated
+    entry = out["2"]["0"]
+    assert entry["status"] == "ok" and entry["repaired"] is True and entry["label"] == "dogs"

@@ -235,3 +235,19 @@ def test_label_and_detect_two_features_with_real_vllm(tmp_path: Path, vllm_serve
     assert scored and all(r["n"] + r["n_unparsed"] == 8 and r["n_errors"] == 0 for r in scored.values())  # 4 + 4
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "scores" / "detection.json").is_file()
     print({f: (entries[f]["status"], entries[f]["label"], entries[f].get("raw"), scored.get(f)) for f in entries})
+
+
+def test_prefill_bracket_is_sent_and_parsed(tmp_path: Path) -> None:
+    maxact = make_maxact({0: "dog", 1: "cat"})
+    expl = explained(tmp_path, maxact)
+
+    def continuation(body: dict) -> str:  # continues the prefill "[" of the scorer prompts
+        assert body["messages"][-1] == {"role": "assistant", "content": "["} and body["continue_final_message"]
+        return oracle(body).removeprefix("[")
+
+    with ScriptedChat(continuation) as server:
+        res = run_score(server.client(prefill=True), None, maxact, expl, ["detection", "fuzz"], None, load_prompts(),
+                        PARAMS, tmp_path, "layers.2", 2, seed=0, cfg={"n_test": 6, "n_negatives": 6})
+    for scorer in ("detection", "fuzz"):
+        r = res[scorer]["0"]
+        assert r["balanced_accuracy"] == 1.0 and r["n_unparsed"] == 0 and r["auc"] == 1.0

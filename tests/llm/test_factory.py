@@ -30,6 +30,16 @@ def test_remote_configs_build_openai_clients(name, monkeypatch, tmp_path) -> Non
     assert client.cache is not None and client.cache.root == tmp_path / "explainer"
     assert "secret" not in repr(client)
     assert make_chat_params(cfg) == ChatParams(max_tokens=128)
+    assert client.supports_prefill is (name == "vllm")  # hosted APIs do not continue assistant messages
+
+
+def test_chat_params_stop_and_penalty_from_config() -> None:
+    params = make_chat_params({"params": {"stop": ["\n\n", "END"], "repetition_penalty": 1.2}})
+    assert params.stop == ("\n\n", "END") and params.repetition_penalty == 1.2
+    assert make_chat_params({"params": {"stop": "\n"}}).stop == ("\n",)
+    hash(params)  # params group requests: they must stay hashable
+    with pytest.raises(ValueError, match="stop"):
+        ChatParams(stop=("",))
 
 
 def test_local_config_needs_the_loaded_lm(tmp_path, monkeypatch) -> None:
@@ -43,7 +53,7 @@ def test_local_config_needs_the_loaded_lm(tmp_path, monkeypatch) -> None:
                                          num_hidden_layers=1, num_attention_heads=2, eos_token_id=1))
     tokenizer = type("Tok", (), {"pad_token_id": None, "eos_token_id": 1})()
     client = make_client(cfg, lm=(model, tokenizer))
-    assert isinstance(client, LocalChatClient) and client.max_batch == 8
+    assert isinstance(client, LocalChatClient) and client.max_batch == 8 and client.supports_prefill
 
 
 def test_unknown_kind_is_rejected() -> None:

@@ -93,3 +93,32 @@ def test_sampling_is_seeded_and_cache_is_used(tiny_lm, tmp_path) -> None:
     cached = asyncio.run(client.chat_many(requests, progress=False))
     assert all(r.cached for r in cached)
     assert [r.text for r in cached] == [r.text for r in first]
+
+
+def test_final_assistant_message_is_continued(tiny_lm) -> None:
+    model, tokenizer = tiny_lm
+    client = LocalChatClient(model, tokenizer)
+    assert client.supports_prefill
+    messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "the feature fires"}]
+    ids = client._prompt_ids(messages)
+    text = tokenizer.decode(ids)
+    assert text.rstrip().endswith("assistant : the feature fires"), text  # no </s>, no new turn
+    plain = tokenizer.decode(LocalChatClient(model, tokenizer, prefill=False)._prompt_ids(messages))
+    assert plain.rstrip().endswith("</s> <s> assistant :"), plain
+    result = asyncio.run(client.chat(messages, ChatParams(max_tokens=4)))
+    assert result.ok
+
+
+def test_stop_strings_end_the_text(tiny_lm) -> None:
+    model, tokenizer = tiny_lm
+    client = LocalChatClient(model, tokenizer)
+    messages = [{"role": "user", "content": "explain what this feature detects"}]
+    full = asyncio.run(client.chat(messages, ChatParams(max_tokens=12))).text
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[1]
+    cut = asyncio.run(client.chat(messages, ChatParams(max_tokens=12, stop=(stop,), logprobs=True)))
+    assert cut.text == full[: full.find(stop)] and stop not in cut.text
+    assert len(cut.logprobs) < 12  # generation ended early, logprobs cut with the text
+    penalised = asyncio.run(client.chat(messages, ChatParams(max_tokens=12, repetition_penalty=1.5)))
+    assert penalised.ok

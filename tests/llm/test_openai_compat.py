@@ -201,6 +201,22 @@ def test_params_are_sent_per_request(fake_server) -> None:
     assert ra.logprobs == [{"token": "one", "logprob": -0.5, "top": {"one": -0.5}},
                            {"token": "two", "logprob": -0.5, "top": {"two": -0.5}}]
     assert rb.logprobs is None
+    assert "stop" not in bodies[0] and "repetition_penalty" not in bodies[0]  # defaults: nothing extra sent
+
+
+def test_prefill_stop_and_penalty_reach_the_server(fake_server) -> None:
+    server = fake_server()
+    prefilled = msgs("explain") + [{"role": "assistant", "content": "LABEL:"}]
+    params = ChatParams(max_tokens=4, stop=("\n\n",), repetition_penalty=1.2)
+    asyncio.run(OpenAICompatClient(server.base_url, "m", max_retries=0, prefill=True).chat(prefilled, params))
+    asyncio.run(OpenAICompatClient(server.base_url, "m", max_retries=0).chat(prefilled, ChatParams(max_tokens=5)))
+    asyncio.run(OpenAICompatClient(server.base_url, "m", max_retries=0, prefill=True).chat(msgs("x"), ChatParams(max_tokens=6)))
+    on, off, plain = sorted((s.body for s in server.seen), key=lambda body: body["max_tokens"])
+    assert on["messages"][-1] == {"role": "assistant", "content": "LABEL:"}
+    assert on["continue_final_message"] is True and on["add_generation_prompt"] is False
+    assert on["stop"] == ["\n\n"] and on["repetition_penalty"] == 1.2
+    assert "continue_final_message" not in off  # prefill off: the messages go as they are
+    assert "continue_final_message" not in plain  # nothing to continue
 
 
 def test_cache_hit_makes_no_request(fake_server, tmp_path) -> None:

@@ -42,9 +42,9 @@ class RowSource:
     chunks: list[RowChunk]
     d_in: int
     description: str
-    bos_period: int = 0
-    """When > 0, rows whose in-file index is a multiple of it are BOS positions (store windows of
-    that length that start with BOS); readers that exclude BOS drop them."""
+    window_len: int = 0
+    """For a store: its ctx_len, so row i of a file is position i % window_len of a window (each
+    file starts at a window boundary); 0 for user files (positions unknown)."""
 
     @property
     def n_rows(self) -> int:
@@ -98,14 +98,14 @@ def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activa
     if not path.exists():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist")
     files: list[Path]
-    bos_period = 0
+    window_len = 0
     manifest_path = path / MANIFEST if path.is_dir() else None
     if manifest_path is not None and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if not manifest.get("complete"):
             raise ValueError(f"{path}: the activation store is incomplete; rerun extraction to finish it")
         hookpoint = hookpoint or manifest["hookpoints"][0]
-        bos_period = int(manifest["ctx_len"]) if manifest.get("prepend_bos") else 0
+        window_len = int(manifest["ctx_len"])
         if hookpoint not in manifest["shards"]:
             raise ValueError(f"{path}: hookpoint {hookpoint!r} not in this store ({sorted(manifest['shards'])})")
         files = sorted({path / s["path"] for s in manifest["shards"][hookpoint]})
@@ -130,4 +130,4 @@ def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activa
         d_in = d
         chunks += _split(file, key, n, read_rows)
     assert d_in is not None
-    return RowSource(chunks, d_in, f"{path} [{key}]", bos_period)
+    return RowSource(chunks, d_in, f"{path} [{key}]", window_len)

@@ -7,8 +7,9 @@
   it is permuted and its first half is emitted as batches.
 - Exact resume: the stream is a pure function of (seed, epoch, rank); after a restart the first
   `global_step - epoch * batches_per_epoch` batches of the epoch are regenerated and skipped.
-BOS positions of a store's windows (huge-norm attention sinks in most LMs) are dropped with
-`exclude_bos` (default), so they skew neither the input scale nor the SAE. Non-finite rows are found in a scan before training: an error names the file and row, or with
+The first `exclude_first_tokens` positions of each stored window (default 2: BOS and the first
+text token — attention sinks with ~100x the typical norm in many LMs, SmolLM2 included) are
+dropped, so they skew neither the input scale nor the SAE. Non-finite rows are found in a scan before training: an error names the file and row, or with
 `skip_nonfinite` they are dropped and counted.
 """
 
@@ -41,8 +42,8 @@ class StreamSpec:
     """True for training: permute chunks per epoch, take this rank's share, shuffle rows in a buffer.
     False (held-out): read the given chunks in order (the caller picked this rank's chunks)."""
     bad_rows: dict[RowChunk, list[int]] = field(default_factory=dict)
-    bos_period: int = 0
-    """Drop rows at in-file indices that are multiples of this (BOS positions of store windows); 0 keeps all."""
+    skip: "PositionSkip" = field(default_factory=lambda: PositionSkip(0, 0))
+    """Window positions dropped from every chunk (see `PositionSkip`)."""
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -51,33 +52,45 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def bos_rows(chunk: RowChunk, period: int) -> int:
-    """How many BOS rows (in-file index a multiple of `period`) lie in the chunk."""
-    return -(-chunk.stop // period) - (-(-chunk.start // period)) if period else 0
+@dataclass(frozen=True)
+class PositionSkip:
+    """Drop the first `first` positions of every window of length `window` (rows i with i % window < first)."""
+
+    window: int
+    first: int
+
+    def mask(self, chunk: RowChunk) -> torch.Tensor | None:
+        if not (self.window and self.first):
+            return None
+        return (torch.arange(chunk.start, chunk.stop) % self.window) < self.first
+
+    def count(self, chunk: RowChunk) -> int:
+        mask = self.mask(chunk)
+        return int(mask.sum()) if mask is not None else 0
 
 
-def load_rows(chunk: RowChunk, bad_rows: Mapping[RowChunk, list[int]], bos_period: int = 0) -> torch.Tensor:
-    """A chunk's rows without its non-finite rows and (with bos_period) its BOS rows."""
+def load_rows(chunk: RowChunk, bad_rows: Mapping[RowChunk, list[int]], skip: PositionSkip = PositionSkip(0, 0)) -> torch.Tensor:
+    """A chunk's rows without its non-finite rows and the skipped window positions."""
     rows = read_chunk(chunk)
     bad = bad_rows.get(chunk)
-    if bad or bos_period:
-        keep = torch.ones(rows.shape[0], dtype=torch.bool)
+    dropped = skip.mask(chunk)
+    if bad or dropped is not None:
+        keep = torch.ones(rows.shape[0], dtype=torch.bool) if dropped is None else ~dropped
         if bad:
             keep[bad] = False
-        if bos_period:
-            keep[(torch.arange(chunk.start, chunk.stop) % bos_period) == 0] = False
         rows = rows[keep]
     return rows
 
 
-def guaranteed_rows(chunks: list[RowChunk], world: int, bad_rows: Mapping[RowChunk, list[int]], bos_period: int = 0) -> int:
+def guaranteed_rows(chunks: list[RowChunk], world: int, bad_rows: Mapping[RowChunk, list[int]],
+                    skip: PositionSkip = PositionSkip(0, 0)) -> int:
     """Rows every rank is sure to read whatever the chunk permutation: the sum of the N//W smallest chunks."""
-    sizes = sorted(c.rows - len(bad_rows.get(c, ())) - bos_rows(c, bos_period) for c in chunks)
+    sizes = sorted(c.rows - len(bad_rows.get(c, ())) - skip.count(c) for c in chunks)
     return sum(sizes[: len(chunks) // world])
 
 
 def batches_per_epoch(spec: StreamSpec, world: int) -> int:
-    return guaranteed_rows(spec.chunks, world, spec.bad_rows, spec.bos_period) // spec.batch_size
+    return guaranteed_rows(spec.chunks, world, spec.bad_rows, spec.skip) // spec.batch_size
 
 
 class ActivationStream(IterableDataset):
@@ -90,7 +103,7 @@ class ActivationStream(IterableDataset):
         """Batches per epoch for this rank (so Lightning knows the schedule length)."""
         if self.spec.shuffle:
             return batches_per_epoch(self.spec, rank_and_world()[1])
-        return guaranteed_rows(self.spec.chunks, 1, self.spec.bad_rows, self.spec.bos_period) // self.spec.batch_size
+        return guaranteed_rows(self.spec.chunks, 1, self.spec.bad_rows, self.spec.skip) // self.spec.batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         spec = self.spec
@@ -106,7 +119,7 @@ class ActivationStream(IterableDataset):
         emitted = 0
         buffer = torch.empty(0)
         for chunk in mine:
-            rows = load_rows(chunk, spec.bad_rows, spec.bos_period)
+            rows = load_rows(chunk, spec.bad_rows, spec.skip)
             buffer = torch.cat([buffer.reshape(-1, rows.shape[1]), rows])
             if not spec.shuffle:
                 while buffer.shape[0] >= spec.batch_size:
@@ -161,7 +174,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.train_chunks: list[RowChunk] = []
         self.val_chunks: list[RowChunk] = []
         self.bad_rows: dict[RowChunk, list[int]] = {}
-        self.bos_period = 0
+        self.skip = PositionSkip(0, 0)
 
     @property
     def d_in(self) -> int:
@@ -176,7 +189,7 @@ class ActivationDataModule(L.LightningDataModule):
         cfg = self.cfg
         self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")), int(cfg.get("read_rows", 16384)))
         self.bad_rows = scan_nonfinite(self.source, bool(cfg.get("skip_nonfinite", False)))
-        self.bos_period = self.source.bos_period if cfg.get("exclude_bos", True) else 0
+        self.skip = PositionSkip(self.source.window_len, int(cfg.get("exclude_first_tokens", 2)))
         chunks = self.source.chunks
         n_val = math.ceil(len(chunks) * float(cfg.get("val_fraction", 0.02))) if len(chunks) > 1 else 0
         self.train_chunks, self.val_chunks = chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :]
@@ -197,7 +210,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _spec(self, chunks: list[RowChunk], shuffle: bool) -> StreamSpec:
         return StreamSpec(chunks, int(self.cfg["batch_size"]), int(self.cfg.get("shuffle_buffer", 262144)), self.seed, shuffle,
-                          self.bad_rows, self.bos_period)
+                          self.bad_rows, self.skip)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ActivationStream(self._spec(self.train_chunks, True), self.position), batch_size=None,
@@ -213,7 +226,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.prepare()
         seen = 0
         for chunk in self.val_chunks or self.train_chunks[-1:]:
-            rows = load_rows(chunk, self.bad_rows, self.bos_period)
+            rows = load_rows(chunk, self.bad_rows, self.skip)
             yield rows
             seen += rows.shape[0]
             if max_rows is not None and seen >= max_rows:
@@ -226,7 +239,7 @@ class ActivationDataModule(L.LightningDataModule):
         order = torch.randperm(len(self.train_chunks), generator=gen).tolist()
         picked, total = [], 0
         for i in order:
-            rows = load_rows(self.train_chunks[i], self.bad_rows, self.bos_period)
+            rows = load_rows(self.train_chunks[i], self.bad_rows, self.skip)
             picked.append(rows)
             total += rows.shape[0]
             if total >= n:

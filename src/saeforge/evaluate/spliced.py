@@ -5,8 +5,9 @@ For each batch of held-out windows:
 - spliced: the hookpoint output replaced by the SAE reconstruction x̂ → CE_sae, KL(clean ‖ spliced);
 - zero-ablated: replaced by 0 → CE_zero; mean-ablated: replaced by the eval set's mean activation → CE_mean.
 CE recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean) (1 = as good as clean, 0 = as bad as
-zero-ablation); also reported against mean-ablation. With `exclude_bos`, the BOS position is never
-replaced and its row is left out of the reconstruction metrics (its norm is an outlier in most LMs).
+zero-ablation); also reported against mean-ablation. The first `exclude_first` positions of each
+window (BOS and the first token: attention sinks with outlier norms in most LMs) are never
+replaced and are left out of the reconstruction metrics, as in training.
 CE is the mean next-token cross-entropy over all predicted positions; KL is the mean over positions
 of Σ p_clean (log p_clean − log p_spliced).
 """
@@ -25,10 +26,10 @@ from saeforge.lm.loading import LoadedLM
 from saeforge.sae.model import SparseAutoencoder
 
 
-def _keep_bos(original: torch.Tensor, replaced: torch.Tensor, exclude_bos: bool) -> torch.Tensor:
-    if exclude_bos:
+def _keep_first(original: torch.Tensor, replaced: torch.Tensor, exclude_first: int) -> torch.Tensor:
+    if exclude_first:
         replaced = replaced.clone()
-        replaced[:, 0] = original[:, 0]
+        replaced[:, :exclude_first] = original[:, :exclude_first]
     return replaced
 
 
@@ -44,14 +45,14 @@ def recovered(clean: float, spliced: float, ablated: float) -> float | None:
 
 
 @torch.no_grad()
-def mean_activation(lm: LoadedLM, hookpoint: str, tokens: torch.Tensor, batch_size: int, exclude_bos: bool) -> torch.Tensor:
+def mean_activation(lm: LoadedLM, hookpoint: str, tokens: torch.Tensor, batch_size: int, exclude_first: int) -> torch.Tensor:
     """Mean hookpoint activation over the windows (forward stops at the hookpoint)."""
     total, count = torch.zeros(lm.d_model, dtype=torch.float64), 0
     for b in range(0, tokens.shape[0], batch_size):
         ids = tokens[b : b + batch_size].long().to(lm.device)
         with capture_residual(lm.model, [hookpoint]) as cap:
             run_until_captured(lm.model, input_ids=ids)
-        x = cap[hookpoint][:, 1:] if exclude_bos else cap[hookpoint]
+        x = cap[hookpoint][:, exclude_first:]
         total += x.reshape(-1, lm.d_model).double().sum(0).cpu()
         count += x.shape[0] * x.shape[1]
     return (total / count).float()
@@ -59,14 +60,14 @@ def mean_activation(lm: LoadedLM, hookpoint: str, tokens: torch.Tensor, batch_si
 
 @torch.no_grad()
 def evaluate_spliced(
-    lm: LoadedLM, sae: SparseAutoencoder, hookpoint: str, tokens: torch.Tensor, batch_size: int = 8, exclude_bos: bool = True
+    lm: LoadedLM, sae: SparseAutoencoder, hookpoint: str, tokens: torch.Tensor, batch_size: int = 8, exclude_first: int = 2
 ) -> dict[str, Any]:
     """All metrics of the module docstring on `tokens` [n_seq, ctx_len]; a progress bar over batches."""
     if sae.cfg.d_in != lm.d_model:
         raise ValueError(f"the SAE has d_in={sae.cfg.d_in} but {hookpoint} of {lm.name} has d_model={lm.d_model}")
     device = lm.device
     sae = sae.to(device)
-    mean = mean_activation(lm, hookpoint, tokens, batch_size, exclude_bos).to(device)
+    mean = mean_activation(lm, hookpoint, tokens, batch_size, exclude_first).to(device)
     totals = ReconstructionTotals(sae.cfg.d_sae)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     kl_sum, n_batches = 0.0, 0
@@ -77,13 +78,13 @@ def evaluate_spliced(
         x = cap[hookpoint]
         acts = sae.encode_inference(x.reshape(-1, x.shape[-1]).float())
         x_hat = sae.decode(acts).reshape(x.shape).to(x.dtype)
-        rows = slice(1, None) if exclude_bos else slice(None)
+        rows = slice(exclude_first, None)
         totals.update(x[:, rows].reshape(-1, x.shape[-1]).float(), x_hat[:, rows].reshape(-1, x.shape[-1]).float(),
                       acts.reshape(x.shape[0], x.shape[1], -1)[:, rows].reshape(-1, acts.shape[-1]))
         variants = {
-            "sae": lambda h: _keep_bos(h, x_hat, exclude_bos),
-            "zero": lambda h: _keep_bos(h, torch.zeros_like(h), exclude_bos),
-            "mean": lambda h: _keep_bos(h, mean.to(h.dtype).expand_as(h), exclude_bos),
+            "sae": lambda h: _keep_first(h, x_hat, exclude_first),
+            "zero": lambda h: _keep_first(h, torch.zeros_like(h), exclude_first),
+            "mean": lambda h: _keep_first(h, mean.to(h.dtype).expand_as(h), exclude_first),
         }
         ce["clean"] += float(next_token_ce(clean_logits, ids))
         for name, fn in variants.items():

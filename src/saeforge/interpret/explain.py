@@ -9,6 +9,10 @@
   the text at each strength (each truncated to `max_chars` characters), and answers `SUMMARY:` and
   `DETAILED ANALYSIS:`; the summary is the label.
 
+Prompts may carry a `prefill` (e.g. `LABEL:`): for clients that continue a final assistant message
+(`client.supports_prefill`) it is sent as the start of the reply, and the parser reads
+`prefill + reply` (what is stored as `raw`). Small models keep to the format far better that way.
+
 A reply that cannot be parsed gets one repair turn (the reply, then a message asking for the
 format); if that fails too the entry is `status: parse_error` (raw reply kept, no label). A failed
 request is `status: error` with the client's reason. Only `status: ok` entries carry a label, and
@@ -31,13 +35,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message
+from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("maxact", "steering", "both")
 MAX_LABEL_WORDS = 19
-"""Labels are cut to this many words (the prompt asks for fewer than 20)."""
+"""Longest label accepted (the prompt asks for fewer than 20 words); a longer one is a parse error."""
 
 
 # ------------------------------------------------------------------------------ config
@@ -289,9 +293,21 @@ def _field(text: str, name: str) -> str | None:
     return None if value.lower() in _PLACEHOLDERS else value
 
 
-def _short_label(text: str) -> str:
-    words = text.split()
-    return " ".join(words[:MAX_LABEL_WORDS]).rstrip(",;:")
+def _clean(text: str) -> str:
+    return " ".join(text.replace("**", "").split()).strip(" \"'*_").rstrip(",;:")
+
+
+def _label_line(text: str, name: str) -> str | None:
+    """The first non-empty line after `NAME:` (a label is one line), or None."""
+    pattern = rf"^\s*[*#_ \[]*{name}[\]*_ ]*\s*[:\-–]\s*[*_ ]*(.*?){_FIELD_END}"
+    m = re.search(pattern, text, flags=re.IGNORECASE | re.MULTILINE | re.DOTALL)
+    if not m:
+        return None
+    line = next((ln for ln in m.group(1).splitlines() if _clean(ln)), "")
+    value = _clean(line)
+    if value.lower() in _PLACEHOLDERS or len(value.split()) > MAX_LABEL_WORDS:
+        return None
+    return value
 
 
 def parse_reply(text: str, source: str) -> dict[str, str] | None:
@@ -299,19 +315,21 @@ def parse_reply(text: str, source: str) -> dict[str, str] | None:
 
     maxact: `LABEL:` (falling back to delphi's `[EXPLANATION]:`) and `DESCRIPTION:` (falling back
     to the label). steering: `SUMMARY:` and `DETAILED ANALYSIS:` (interpretation = the analysis, or
-    the summary when absent).
+    the summary when absent). The label is the first line after its field name; a label that is
+    empty, a placeholder or longer than `MAX_LABEL_WORDS` words makes the reply unusable (never
+    cut down: a rambling line is not a label).
     """
     if not text or not text.strip():
         return None
     if source == "steering":
-        label = _field(text, "SUMMARY")
+        label = _label_line(text, "SUMMARY")
         detail = _field(text, "DETAILED ANALYSIS")
     else:
-        label = _field(text, "LABEL") or _field(text, "EXPLANATION")
+        label = _label_line(text, "LABEL") or _label_line(text, "EXPLANATION")
         detail = _field(text, "DESCRIPTION")
     if not label:
         return None
-    return {"label": _short_label(label), "interpretation": detail or label}
+    return {"label": label, "interpretation": detail or label}
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -350,7 +368,7 @@ def _run_chat(client: ExplainerClient, requests: list[ChatRequest]) -> list[Chat
 
 def _build_job(
     feature: int, source: str, entry: Mapping[str, Any] | None, steering_dir: Path | None,
-    layer: int | None, prompts: Mapping[str, PromptTemplate], conf: ExplainConfig,
+    layer: int | None, prompts: Mapping[str, PromptTemplate], conf: ExplainConfig, prefill: bool,
 ) -> _Job | dict[str, Any]:
     """The request of one feature, or a finished (not ok) entry when there is nothing to show."""
     if source == "maxact":
@@ -361,7 +379,7 @@ def _build_job(
             return {"status": "skipped", "error": "feature has no activating examples", "split": split.record(conf.seed)}
         text = format_maxact_examples(split.shown[: conf.max_examples_in_prompt],
                                       float(entry.get("a_max") or 0.0), conf.highlight_threshold)
-        return _Job(feature, source, prompts["explain_maxact"].messages(text),
+        return _Job(feature, source, prompts["explain_maxact"].messages(text, prefill=prefill),
                     {"split": split.record(conf.seed), "n_examples_in_prompt": min(len(split.shown), conf.max_examples_in_prompt)})
     if steering_dir is None:
         return {"status": "error", "error": "no steering directory given"}
@@ -369,7 +387,7 @@ def _build_job(
     if not texts:
         return {"status": "error", "error": f"no steering outputs for layer {layer} feature {feature} in {steering_dir}"}
     text = format_steering(texts, conf.n_steering_prompts, conf.max_chars)
-    return _Job(feature, source, prompts["explain_steering"].messages(text), {})
+    return _Job(feature, source, prompts["explain_steering"].messages(text, prefill=prefill), {})
 
 
 def run_explain(
@@ -400,6 +418,7 @@ def run_explain(
     path = out_dir / "explanations.json"
     explanations: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     by_feature: dict[str, Any] = explanations.setdefault(str(layer), {})
+    prefill = bool(getattr(client, "supports_prefill", False))
 
     def done(feature: int, source: str) -> bool:
         old = by_feature.get(str(feature)) or {}
@@ -413,7 +432,7 @@ def run_explain(
         for source in sources:
             if done(feature, source):
                 continue
-            job = _build_job(feature, source, entries.get(str(feature)), steer, layer, prompts, conf)
+            job = _build_job(feature, source, entries.get(str(feature)), steer, layer, prompts, conf, prefill)
             if isinstance(job, _Job):
                 jobs.append(job)
             else:
@@ -423,34 +442,38 @@ def run_explain(
 
     results = _run_chat(client, [(job.messages, params) for job in jobs])
     repairs: list[tuple[_Job, list[Message]]] = []
+    first_text: dict[tuple[int, str], str] = {}
     for job, result in zip(jobs, results):
         if not result.ok:
             finished[(job.feature, job.source)] = {"status": "error", "error": result.error or "request failed", **job.extra}
             continue
-        parsed = parse_reply(result.text, job.source)
+        reply = assistant_prefill(job.messages) + result.text
+        first_text[(job.feature, job.source)] = reply
+        parsed = parse_reply(reply, job.source)
         if parsed is not None:
-            finished[(job.feature, job.source)] = {"status": "ok", **parsed, "raw": result.text, **job.extra}
+            finished[(job.feature, job.source)] = {"status": "ok", **parsed, "raw": reply, **job.extra}
         elif conf.repair:
-            follow = prompts[f"explain_{job.source}_repair"].messages(result.text)
-            msgs = job.messages + [{"role": "assistant", "content": result.text}] + [m for m in follow if m["role"] == "user"]
+            follow = prompts[f"explain_{job.source}_repair"].messages(reply, prefill=prefill)
+            asked = job.messages[:-1] if assistant_prefill(job.messages) else job.messages
+            msgs = asked + [{"role": "assistant", "content": reply}] + [m for m in follow if m["role"] != "system"]
             repairs.append((job, msgs))
         else:
             finished[(job.feature, job.source)] = {"status": "parse_error", "error": "reply not in the asked format",
-                                                   "raw": result.text, **job.extra}
-    first_text = {(job.feature, job.source): r.text for job, r in zip(jobs, results)}
+                                                   "raw": reply, **job.extra}
     repaired = _run_chat(client, [(msgs, params) for _, msgs in repairs])
-    for (job, _), result in zip(repairs, repaired):
+    for (job, msgs), result in zip(repairs, repaired):
         key = (job.feature, job.source)
         if not result.ok:
             finished[key] = {"status": "error", "error": f"repair request failed: {result.error}",
                              "raw": first_text[key], **job.extra}
             continue
-        parsed = parse_reply(result.text, job.source)
+        reply = assistant_prefill(msgs) + result.text
+        parsed = parse_reply(reply, job.source)
         if parsed is not None:
-            finished[key] = {"status": "ok", **parsed, "raw": result.text, "repaired": True, **job.extra}
+            finished[key] = {"status": "ok", **parsed, "raw": reply, "repaired": True, **job.extra}
         else:
             finished[key] = {"status": "parse_error", "error": "reply not in the asked format after one repair",
-                             "raw": first_text[key], "raw_repair": result.text, **job.extra}
+                             "raw": first_text[key], "raw_repair": reply, **job.extra}
 
     for (feature, source), result in finished.items():
         record = {"feature_number": feature, "layer": layer, "interpretation": result.pop("interpretation", ""),

@@ -1,6 +1,8 @@
 """The explainer and scorer prompts: `configs/prompts/default.yaml`, merged with `prompts.override`.
 
-Prompts live only in YAML. A prompt is a `system` and a `user` template; `{prompt}` (the examples)
+Prompts live only in YAML. A prompt is a `system` and a `user` template, and optionally a `prefill`:
+the start of the reply, sent as a final assistant message for the model to continue (only to
+clients whose `supports_prefill` is true; the reply to parse is then `prefill + reply`). `{prompt}` (the examples)
 and, for scorers, `{explanation}` are the only placeholders substituted — other braces in the text
 stay as they are, so templates may show JSON such as `[1, 0]` or `{"a": 1}` without escaping.
 """
@@ -20,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_PROMPTS = REPO_ROOT / "configs" / "prompts" / "default.yaml"
 """The default prompt file, the base every override merges into."""
 
-PROMPT_KEYS = ("system", "user")
+PROMPT_KEYS = ("system", "user", "prefill")
 PLACEHOLDERS = ("prompt", "explanation")
 REQUIRED = {
     "explain_maxact": ("prompt",),
@@ -33,18 +35,26 @@ REQUIRED = {
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """One prompt: a system message (may be empty) and a user-message template."""
+    """One prompt: a system message (may be empty), a user-message template and a reply prefill."""
 
     name: str
     system: str
     user: str
+    prefill: str = ""
+    """The start of the assistant's reply (e.g. "LABEL:"), continued by the model; "" → none."""
 
-    def messages(self, prompt: str, **fields: str) -> list[Message]:
-        """The chat messages with `{prompt}` (and e.g. `{explanation}`) filled in."""
+    def messages(self, prompt: str, prefill: bool = False, **fields: str) -> list[Message]:
+        """The chat messages with `{prompt}` (and e.g. `{explanation}`) filled in.
+
+        With `prefill` (pass the client's `supports_prefill`) and a non-empty `self.prefill`, a
+        final assistant message holding the prefill is appended.
+        """
         out: list[Message] = []
         if self.system.strip():
             out.append({"role": "system", "content": fill(self.system, prompt=prompt, **fields)})
         out.append({"role": "user", "content": fill(self.user, prompt=prompt, **fields)})
+        if prefill and self.prefill:
+            out.append({"role": "assistant", "content": self.prefill})
         return out
 
 
@@ -62,7 +72,7 @@ def _read(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"prompt file {path} must be a mapping of prompt name → {{system, user}}")
+        raise ValueError(f"prompt file {path} must be a mapping of prompt name → {{system, user, prefill}}")
     return dict(data)
 
 
@@ -96,14 +106,15 @@ def load_prompts(override_path: str | Path | None = None) -> dict[str, PromptTem
                 )
             merged[name] = {**merged[name], **_entry(name, value, path)}
     prompts = {
-        name: PromptTemplate(name=name, system=entry.get("system", ""), user=entry.get("user", ""))
+        name: PromptTemplate(name=name, system=entry.get("system", ""), user=entry.get("user", ""),
+                             prefill=entry.get("prefill", ""))
         for name, entry in merged.items()
     }
     for name, needed in REQUIRED.items():
         if name not in prompts:
             raise ValueError(f"prompt {name!r} is missing from {DEFAULT_PROMPTS}")
         for placeholder in needed:
-            text = prompts[name].system + prompts[name].user
+            text = prompts[name].system + prompts[name].user  # never the prefill: it is not filled
             if "{" + placeholder + "}" not in text:
                 raise ValueError(f"prompt {name!r} must contain the placeholder {{{placeholder}}}")
     return prompts

@@ -47,7 +47,7 @@ from saeforge.interpret.explain import (
     split_examples,
 )
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob
+from saeforge.llm.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob, assistant_prefill
 
 log = logging.getLogger(__name__)
 
@@ -379,12 +379,15 @@ def _score_classifier(
                 continue
             for b, batch in enumerate(batches):
                 text = "\n".join(f"Example {i}: {s.text}" for i, s in enumerate(batch, 1))
-                requests.append((prompt.messages(text, explanation=explanation[source]), params))
+                messages = prompt.messages(text, prefill=bool(getattr(client, "supports_prefill", False)),
+                                           explanation=explanation[source])
+                requests.append((messages, params))
                 index.append((feature, which, b, batch))
     results: list[ChatResult] = asyncio.run(client.chat_many(requests)) if requests else []
     per: dict[int, dict[str, list[Any]]] = {}
-    for (feature, which, _b, batch), result in zip(index, results):
-        preds = parse_predictions(result.text, len(batch)) if result.ok else None
+    for (feature, which, _b, batch), (messages, _), result in zip(index, requests, results):
+        reply = assistant_prefill(messages) + result.text  # the parser sees prefill + continuation
+        preds = parse_predictions(reply, len(batch)) if result.ok else None
         probs = parse_probabilities(result.logprobs, len(batch)) if result.ok and preds is not None else None
         slot = per.setdefault(feature, {}).setdefault(which, [])
         for k, sample in enumerate(batch):

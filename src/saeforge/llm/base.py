@@ -34,8 +34,20 @@ class ChatParams:
     """With ``logprobs``: how many alternatives per position to return (None or 0: none)."""
     seed: int | None = 0
     """Sampling seed (ignored when greedy; best effort on remote servers)."""
+    repetition_penalty: float = 1.0
+    """Penalty (> 1) on tokens already in the prompt or the reply; 1.0 means off (local: generate's
+    ``repetition_penalty``; OpenAI-compatible: sent through ``extra_body``, which vLLM understands)."""
+    stop: tuple[str, ...] = ()
+    """Generation ends at the first of these strings, which is not part of the returned text."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str) or not isinstance(self.stop, tuple):
+            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+            object.__setattr__(self, "stop", tuple(str(s) for s in stop))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -68,9 +80,24 @@ class ChatResult:
 ChatRequest = tuple[list[Message], ChatParams]
 
 
+def assistant_prefill(messages: list[Message]) -> str:
+    """The start of the reply written for the model (a final assistant message), or "".
+
+    A client that continues that message returns only the continuation, so the whole reply is
+    ``assistant_prefill(messages) + result.text``.
+    """
+    if messages and messages[-1].get("role") == "assistant":
+        return messages[-1].get("content", "")
+    return ""
+
+
 @runtime_checkable
 class ExplainerClient(Protocol):
     """A chat model that explains features. Implementations never raise for a failed request."""
+
+    supports_prefill: bool
+    """True when a final assistant message is continued (prefill) rather than answered; prompts
+    add their prefill message only for such clients."""
 
     async def chat(self, messages: list[Message], params: ChatParams) -> ChatResult:
         """Answer one chat request."""

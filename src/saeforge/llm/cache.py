@@ -15,9 +15,16 @@ from saeforge.llm.base import ChatParams, ChatResult, Message
 log = logging.getLogger(__name__)
 
 
+_LATER_FIELDS = {"repetition_penalty": 1.0, "stop": ()}
+"""ChatParams fields added after the key format was set: left out of the key at these defaults,
+so entries cached before they existed still hit."""
+
+
 def request_key(model: str, messages: list[Message], params: ChatParams) -> str:
     """sha256 over (model, messages, params), canonical JSON."""
-    payload = {"model": model, "messages": messages, "params": dataclasses.asdict(params)}
+    fields = {k: v for k, v in dataclasses.asdict(params).items()
+              if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    payload = {"model": model, "messages": messages, "params": fields}
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

@@ -43,6 +43,7 @@ def make_client(cfg: Any, lm: tuple[Any, Any] | None = None) -> ExplainerClient:
             max_retries=int(_get(cfg, "max_retries", 5)),
             timeout_s=float(_get(cfg, "timeout_s", 120.0)),
             cache_dir=_cache_dir(cfg),
+            prefill=bool(_get(cfg, "prefill", False)),
         )
     if kind == "local":
         from saeforge.llm.local import LocalChatClient
@@ -56,6 +57,7 @@ def make_client(cfg: Any, lm: tuple[Any, Any] | None = None) -> ExplainerClient:
             max_batch=int(_get(cfg, "max_batch", 8)),
             cache_dir=_cache_dir(cfg),
             name=_get(cfg, "model"),
+            prefill=bool(_get(cfg, "prefill", True)),
         )
     raise ValueError(f"explainer.kind must be one of {KINDS}, got {kind!r}")
 
@@ -63,5 +65,8 @@ def make_client(cfg: Any, lm: tuple[Any, Any] | None = None) -> ExplainerClient:
 def make_chat_params(cfg: Any) -> ChatParams:
     """``ChatParams`` from the explainer node's ``params`` sub-node (defaults where absent)."""
     node = _get(cfg, "params") or {}
-    fields = ("temperature", "top_p", "max_tokens", "logprobs", "top_logprobs", "seed")
-    return ChatParams(**{k: _get(node, k) for k in fields if _get(node, k) is not None})
+    fields = ("temperature", "top_p", "max_tokens", "logprobs", "top_logprobs", "seed", "repetition_penalty", "stop")
+    values = {k: _get(node, k) for k in fields if _get(node, k) is not None}
+    if "stop" in values:
+        values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(str(s) for s in values["stop"])
+    return ChatParams(**values)

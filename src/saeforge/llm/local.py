@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from saeforge.llm.base import (
     ChatParams,
@@ -26,6 +26,21 @@ from saeforge.llm.cache import ResponseCache, request_key
 log = logging.getLogger(__name__)
 
 
+class _StopStrings(StoppingCriteria):
+    """Ends a row once its generated text (after ``start``) contains one of ``stop``.
+
+    Decodes the generated tokens each step instead of transformers' ``stop_strings``, whose
+    vocabulary preprocessing assumes a BPE-like tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], start: int) -> None:
+        self.tokenizer, self.stop, self.start = tokenizer, stop, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
 class LocalChatClient:
     """Chat with a loaded ``(model, tokenizer)`` through its chat template.
 
@@ -33,6 +48,10 @@ class LocalChatClient:
     most ``max_batch``; greedy when ``temperature == 0``, else sampled under ``params.seed``
     (a sampled result depends on which requests share its batch). Successful results go to the
     same on-disk cache as :class:`~saeforge.llm.openai_compat.OpenAICompatClient`.
+
+    With ``prefill`` (the default) a request whose last message is from the assistant is rendered
+    with ``continue_final_message=True``: the model continues that text and the result holds only
+    the continuation.
     """
 
     def __init__(
@@ -42,12 +61,14 @@ class LocalChatClient:
         max_batch: int = 8,
         cache_dir: Path | str | None = None,
         name: str | None = None,
+        prefill: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.supports_prefill = bool(prefill)
         self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
         eos = model.generation_config.eos_token_id
@@ -58,7 +79,8 @@ class LocalChatClient:
         self.pad_id: int = pad if pad is not None else min(self.eos_ids, default=0)
 
     def __repr__(self) -> str:
-        return f"LocalChatClient(name={self.name!r}, max_batch={self.max_batch}, cache={self.cache!r})"
+        return (f"LocalChatClient(name={self.name!r}, max_batch={self.max_batch}, "
+                f"prefill={self.supports_prefill}, cache={self.cache!r})")
 
     async def chat(self, messages: list[Message], params: ChatParams) -> ChatResult:
         """One request (a batch of one)."""
@@ -102,7 +124,11 @@ class LocalChatClient:
         return final
 
     def _prompt_ids(self, messages: list[Message]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if self.supports_prefill and messages and messages[-1]["role"] == "assistant":
+            template = {"continue_final_message": True, "add_generation_prompt": False}
+        else:
+            template = {"add_generation_prompt": True}
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **template)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -121,6 +147,7 @@ class LocalChatClient:
             temperature=params.temperature if sample else None,
             top_p=params.top_p if sample else None,
             top_k=None,
+            repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
             return_dict_in_generate=True,
@@ -133,6 +160,8 @@ class LocalChatClient:
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, params.stop, width)])
+                if params.stop else None,
             )
         new_tokens = out.sequences[:, width:].cpu()
         logprobs = None
@@ -143,12 +172,24 @@ class LocalChatClient:
             ids = new_tokens[row].tolist()
             n = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_ids), len(ids))
             ids = ids[:n]
-            text = self.tokenizer.decode(
-                [t for t in ids if t not in self.eos_ids], skip_special_tokens=True
-            )
+            text = self._decode(ids)
+            if params.stop:
+                text, ids = self._cut_at_stop(text, ids, params.stop)
             token_logprobs = self._token_logprobs(ids, logprobs[row], params) if logprobs is not None else None
             results.append(ChatResult(text=text, logprobs=token_logprobs))
         return results
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+
+    def _cut_at_stop(self, text: str, ids: list[int], stop: tuple[str, ...]) -> tuple[str, list[int]]:
+        """The text before the first stop string (as OpenAI servers return it), and the tokens
+        generated before the token that completed it."""
+        cut = min((p for p in (text.find(s) for s in stop) if p >= 0), default=-1)
+        if cut < 0:
+            return text, ids
+        k = next((k for k in range(1, len(ids) + 1) if any(s in self._decode(ids[:k]) for s in stop)), len(ids))
+        return text[:cut], ids[: k - 1]
 
     def _token_logprobs(
         self, ids: list[int], logprobs: torch.Tensor, params: ChatParams

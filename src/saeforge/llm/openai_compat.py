@@ -76,6 +76,13 @@ class OpenAICompatClient:
     object's repr or config. The openai client's own retries are off: ours are the one policy
     (exponential backoff with jitter, honouring ``Retry-After`` on 429/5xx, timeouts and
     connection errors). A request that still fails returns ``ChatResult(status="error")``.
+
+    With ``prefill`` (for vLLM servers) a request whose last message is from the assistant is sent
+    with ``extra_body={"continue_final_message": True, "add_generation_prompt": False}``, so the
+    server continues that text; the result holds only the continuation. Hosted APIs (OpenAI,
+    OpenRouter) do not continue assistant messages: leave ``prefill`` off there, and prompts then
+    send no prefill message. ``repetition_penalty`` other than 1 also goes through ``extra_body``
+    (vLLM's sampling extension).
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class OpenAICompatClient:
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         max_retry_after_s: float = 300.0,
+        prefill: bool = False,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -104,6 +112,7 @@ class OpenAICompatClient:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.max_retry_after_s = max_retry_after_s
+        self.supports_prefill = bool(prefill)
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
         if api_key_env is not None and not os.environ.get(api_key_env):
             raise ValueError(f"environment variable {api_key_env} (the explainer API key) is not set")
@@ -116,7 +125,8 @@ class OpenAICompatClient:
         return (
             f"OpenAICompatClient(base_url={self.base_url!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, max_in_flight={self.max_in_flight}, "
-            f"max_retries={self.max_retries}, timeout_s={self.timeout_s}, cache={self.cache!r})"
+            f"max_retries={self.max_retries}, timeout_s={self.timeout_s}, prefill={self.supports_prefill}, "
+            f"cache={self.cache!r})"
         )
 
     def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
@@ -160,6 +170,15 @@ class OpenAICompatClient:
             kwargs["logprobs"] = True
             if params.top_logprobs:
                 kwargs["top_logprobs"] = params.top_logprobs
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        extra: dict[str, Any] = {}
+        if params.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = params.repetition_penalty
+        if self.supports_prefill and messages and messages[-1]["role"] == "assistant":
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+        if extra:
+            kwargs["extra_body"] = extra
         return kwargs
 
     async def _request(self, messages: list[Message], params: ChatParams) -> ChatResult:
