@@ -15,19 +15,19 @@ from saeforge.data.corpus import iter_texts, load_corpus
 from saeforge.data.windows import pack_windows
 from saeforge.evaluate.spliced import evaluate_spliced
 from saeforge.lm.loading import LoadedLM, load_lm
-from saeforge.runconfig import make_wandb_logger
+from saeforge.runconfig import cache_dir, make_wandb_logger
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
 RESULT = "evaluation.json"
 
 
-def heldout_windows(corpus_cfg: Any, data_cfg: Any | None, lm: LoadedLM, ctx_len: int, n_tokens: int, cache_dir: Path) -> torch.Tensor:
+def heldout_windows(corpus_cfg: Any, data_cfg: Any | None, lm: LoadedLM, ctx_len: int, n_tokens: int, cache: Path) -> torch.Tensor:
     """Windows from the corpus after the ones training used (same packing), so evaluation is held out."""
     skip = int(data_cfg.n_tokens) if data_cfg is not None else 0
     skip_seq = -(-skip // ctx_len)
     prepend_bos = bool(data_cfg.get("prepend_bos", True)) if data_cfg is not None else True
-    corpus = load_corpus(corpus_cfg, cache_dir)
+    corpus = load_corpus(corpus_cfg, cache)
     windows = pack_windows(iter_texts(corpus, corpus_cfg.get("column", "text")), lm.tokenizer, ctx_len,
                            skip_seq * ctx_len + n_tokens, prepend_bos)
     if windows.shape[0] <= skip_seq:
@@ -60,8 +60,7 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     model_cfg, corpus_cfg, data_cfg = source_configs(cfg, source)
     lm = lm or load_lm(model_cfg)
     ctx_len = int(cfg.evaluate.ctx_len or (data_cfg.ctx_len if data_cfg is not None else 128))
-    cache_dir = Path(str(data_cfg.cache_dir)) if data_cfg is not None else Path(".cache/saeforge")
-    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_dir)
+    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_dir(data_cfg))
     result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, int(cfg.evaluate.batch_size), int(cfg.evaluate.exclude_first_tokens))
     result.update({"ckpt": str(cfg.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})

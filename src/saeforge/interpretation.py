@@ -25,7 +25,7 @@ from saeforge.data.corpus import iter_texts, load_corpus
 from saeforge.data.windows import pack_windows
 from saeforge.lm.hookpoints import hookpoint_layer
 from saeforge.lm.loading import LoadedLM, load_lm
-from saeforge.runconfig import make_wandb_logger
+from saeforge.runconfig import cache_dir, make_wandb_logger
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Context:
         """The training run's activation store, when it exists and holds this hookpoint."""
         if self.data_cfg is None or self.data_cfg.get("path"):
             return None
-        root = Path(str(self.data_cfg.cache_dir)) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
+        root = cache_dir(self.data_cfg) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
         return root if is_complete(root) else None
 
     def windows(self) -> torch.Tensor:
@@ -71,7 +71,7 @@ class Context:
             tokens = read_tokens(root)
             return tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
         ctx_len = int(self.cfg.interpret.ctx_len)
-        corpus = load_corpus(self.corpus_cfg, Path(".cache/saeforge"))
+        corpus = load_corpus(self.corpus_cfg, cache_dir(self.data_cfg))
         return pack_windows(iter_texts(corpus, self.corpus_cfg.get("column", "text")), self.lm.tokenizer, ctx_len, n_tokens)
 
     def client(self) -> Any:
@@ -197,7 +197,7 @@ def run_steering_stage(ctx: Context) -> None:
     a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}
     features = [f for f in ctx.features if a_max.get(f, 0) > 0]
     scfg = steering_config(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
-    corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, Path(".cache/saeforge"))
+    corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_dir(ctx.data_cfg))
     prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
     run_steering(ctx.lm, ctx.source.sae, ctx.hookpoint, features, a_max, prompts, scfg, ctx.out)
 

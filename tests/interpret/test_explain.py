@@ -171,7 +171,8 @@ def test_prefill_repair_turn_carries_the_whole_first_reply(tmp_path: Path) -> No
     def script(body: dict) -> str:
         if "could not be read" in last_user(body):
             return " dogs\nDESCRIPTION: the word dog."
-        return " This feature is a feature called a feature of the language model that is called a feature x"
+        return (' This feature is a feature called "Firing of the hand" which is a feature of the language model.'
+                " It is a feature of the language model that is called")  # one 40-word line: no label
 
     with ScriptedChat(script) as server:
         out = run_explain(server.client(prefill=True), make_maxact(), None, [0], load_prompts(), PARAMS, tmp_path,

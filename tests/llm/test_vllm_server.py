@@ -62,6 +62,16 @@ def test_chat_returns_text_and_logprobs(vllm_server: VLLMServer) -> None:
     assert joined.strip().startswith(result.text.strip())
 
 
+def test_prefill_stop_and_penalty_are_accepted(vllm_server: VLLMServer) -> None:
+    client = OpenAICompatClient(vllm_server.base_url, "smollm2", max_retries=1, timeout_s=120, prefill=True)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer as CITY: <name>."},
+                {"role": "assistant", "content": "CITY:"}]
+    params = ChatParams(max_tokens=16, stop=("\n",), repetition_penalty=1.2)
+    result = asyncio.run(client.chat(messages, params))
+    assert result.ok, result.error
+    assert "Paris" in result.text and "\n" not in result.text and not result.text.lstrip().startswith("CITY")
+
+
 def test_eight_concurrent_requests(vllm_server: VLLMServer) -> None:
     client = OpenAICompatClient(vllm_server.base_url, "smollm2", max_in_flight=8, max_retries=1, timeout_s=120)
     requests = [(story(i), ChatParams(max_tokens=24)) for i in range(8)]

@@ -31,6 +31,7 @@ from saeforge.data.windows import pack_windows
 from saeforge.lm.capture import capture_residual, run_until_captured, stop_after_layer
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, check_hookpoint
 from saeforge.lm.loading import LoadedLM, load_lm
+from saeforge.runconfig import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def build_store(
     `on_shard(i)` is called after shard i is written (tests use it to simulate a kill).
     """
     spec = store_spec(model_cfg, corpus_cfg, data_cfg)
-    cache_dir = Path(str(data_cfg["cache_dir"])).expanduser()
-    root = cache_dir / "activations" / spec.cache_key()
+    cache = cache_dir(data_cfg)
+    root = cache / "activations" / spec.cache_key()
     if "cache" in overwrite and root.exists():
         log.info("overwrite=[cache]: removing %s", root)
         shutil.rmtree(root)
@@ -100,7 +101,7 @@ def build_store(
         log.info("reusing activation store %s (same cache key %s)", root, spec.cache_key())
         return Store(root, read_manifest(root) or {}, reused=True)
 
-    corpus = load_corpus(corpus_cfg, cache_dir)
+    corpus = load_corpus(corpus_cfg, cache)
     lm = lm or load_lm(model_cfg)
     hookpoints = [check_hookpoint(h, lm.n_layers) for h in spec.hookpoints]
     if lm.max_ctx is not None and spec.ctx_len > lm.max_ctx:
