@@ -47,7 +47,8 @@ def main() -> None:
     times["evaluate"] = step("evaluate", "evaluate.py", f"ckpt={RUN}", "evaluate.n_tokens=8192")
     times["interpret"] = step(
         "interpret", "interpret.py", f"ckpt={RUN}", f"interpret.max_latents={FEATURES}", "interpret.select=random",
-        "interpret.n_tokens=65536", "interpret.score.n_test=10", "interpret.score.n_negatives=10",
+        "interpret.n_tokens=65536", "interpret.explain.max_examples_in_prompt=10", "interpret.score.n_test=10",
+        "interpret.score.n_negatives=10",
     )
     train = json.loads((RUN / "metrics.json").read_text())
     evaluation = json.loads((RUN / "eval" / "evaluation.json").read_text())

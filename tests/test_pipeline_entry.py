@@ -17,18 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.interpret.chat_server import ScriptedChat, example_lines, last_user
+from tests.interpret.chat_server import ScriptedChat, example_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 HP = "layers.2"
 
 
 def answer(body: dict) -> str:
-    prompt = last_user(body)
-    if "LABEL" in prompt or "LABEL" in json.dumps(body["messages"]):
-        return "LABEL: words near the feature\nDESCRIPTION: fires on a few tokens in the tiny corpus."
-    lines = example_lines(body) or ["x"] * 5
-    return "[" + ", ".join("1" if "<<" in line else "0" for line in lines) + "]"
+    """Continue the assistant prefill the client sends (vllm explainer config: prefill on)."""
+    prefill = body["messages"][-1]["content"] if body["messages"][-1]["role"] == "assistant" else ""
+    if "LABEL" in json.dumps(body["messages"]):
+        reply = "LABEL: words near the feature\nDESCRIPTION: fires on a few tokens in the tiny corpus."
+    else:
+        lines = example_lines(body) or ["x"] * 5
+        reply = "[" + ", ".join("1" if "<<" in line else "0" for line in lines) + "]"
+    assert reply.startswith(prefill), (prefill, reply)
+    return reply[len(prefill):]
 
 
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -73,7 +77,7 @@ def test_train_interpret_evaluate_end_to_end(tmp_path):
     texts = next(iter(next(iter(shape["2"].values())).values()))
     assert set(texts) == {"original", "-2.0", "-1.0", "1.0", "2.0"}
     explanations = json.loads((out / "explanations.json").read_text())["2"]
-    assert all(e["status"] == "ok" and e["label"] for e in explanations.values())
+    assert all(e["status"] == "ok" and e["label"] == "words near the feature" for e in explanations.values())
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert {"layer", "feature", "label", "steering_effect", "detection", "fuzz"} <= set(rows[0])
     assert len(rows) == 6 and all(0 <= float(r["detection"]) <= 1 for r in rows)

@@ -114,8 +114,9 @@ def compare_runs(paths: list[str], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "fvu", "FVU (lower is better)"), (axes[1], "ce_loss_recovered", "CE loss recovered")):
-        ax.plot([r["l0"] for r in rows], [r[key] for r in rows], "o-")
-        for r in rows:
+        points = [r for r in rows if r.get(key) is not None]  # CE recovered is undefined when ablation does not hurt
+        ax.plot([r["l0"] for r in points], [r[key] for r in points], "o-")
+        for r in points:
             ax.annotate(Path(str(r["run"])).name, (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
