@@ -91,7 +91,7 @@ def test_wandb_offline_run_holds_metrics_config_and_no_secrets(tmp_path):
     assert {"train/loss", "train/fvu", "train/l0", "train/l0_inference", "train/dead_frac", "train/auxk_loss", "train/lr",
             "train/tokens_per_s"} <= keys
     assert logged["summary"]["final/l0"] == pytest.approx(8, rel=0.02)
-    assert logged["config"]["sae"]["value"]["k"] == 8
+    assert logged["config"]["sae"]["k"] == 8, logged["config"]["sae"]
     raw = b"".join(p.read_bytes() for p in (tmp_path / "wb").rglob("*") if p.is_file())
     assert b"sk-SECRET-123" not in raw
 

@@ -38,6 +38,13 @@ def payloads(path: Path) -> list[bytes]:
     return out
 
 
+def _unwrap(value: Any) -> Any:
+    """Some W&B versions store config entries as {"value": v, "desc": ...}; others store v itself."""
+    if isinstance(value, dict) and "value" in value and set(value) <= {"value", "desc"}:
+        return value["value"]
+    return value
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     """{'history': [ {key: value} ...], 'summary': {...}, 'config': {...}} of the newest offline run."""
     from wandb.proto import wandb_internal_pb2
@@ -54,5 +61,5 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         elif kind == "summary":
             summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update})
         elif kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+            config.update({item.key: _unwrap(json.loads(item.value_json)) for item in record.config.update})
     return {"history": history, "summary": summary, "config": config}
