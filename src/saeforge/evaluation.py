@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from saeforge.atomic import atomic_write_json
 from saeforge.data.corpus import iter_texts, load_corpus
 from saeforge.data.windows import pack_windows
 from saeforge.evaluate.spliced import evaluate_spliced
@@ -65,10 +66,7 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     result.update({"ckpt": str(cfg.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})
     out = output_dir(cfg, source)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RESULT}.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out / RESULT)
+    atomic_write_json(out / RESULT, result, default=str)
     logger = make_wandb_logger(cfg, out, "evaluate")
     if logger is not None:
         logger.experiment.summary.update({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import store_spec
 from saeforge.activations.store import is_complete, read_tokens
+from saeforge.atomic import atomic_write_json
 from saeforge.data.corpus import iter_texts, load_corpus
 from saeforge.data.windows import pack_windows
 from saeforge.lm.hookpoints import hookpoint_layer
@@ -164,9 +165,8 @@ def sae_frequency(source: SAESource) -> torch.Tensor | None:
 
 # ---- stages ----------------------------------------------------------------------------------
 def run_maxact(ctx: Context) -> None:
-    from saeforge.interpret.maxact import collect_maxact, write_maxact
-
     from saeforge.activations.readers import open_rows
+    from saeforge.interpret.maxact import collect_maxact, write_maxact
 
     root = ctx.store_root()
     stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
@@ -191,7 +191,11 @@ def read_maxact(ctx: Context) -> dict[str, Any]:
 
 
 def run_steering_stage(ctx: Context) -> None:
-    from saeforge.interpret.steering import resolve_prompts, run_steering, steering_config
+    from saeforge.interpret.steering import (
+        resolve_prompts,
+        run_steering,
+        steering_config,
+    )
 
     maxact = read_maxact(ctx)
     a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}
@@ -276,9 +280,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         log.info("stage %s: running", stage)
         RUNNERS[stage](ctx)
         record[stage] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(record_path)
+        atomic_write_json(record_path, record)
     log_to_wandb(cfg, out)
     return out
 

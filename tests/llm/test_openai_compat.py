@@ -179,13 +179,14 @@ def test_connection_refused_ends_in_error() -> None:
 
 
 def test_concurrency_is_bounded_and_order_kept(fake_server) -> None:
-    server = fake_server(lambda n, body: Reply(delay_s=0.05))
+    # Each reply takes 0.25 s, long enough that 4 requests overlap even on a loaded 2-core machine.
+    server = fake_server(lambda n, body: Reply(delay_s=0.25))
     client = OpenAICompatClient(server.base_url, "m", max_in_flight=4, max_retries=0)
-    requests = [(msgs(f"request {i}"), ChatParams(seed=i)) for i in range(40)]
+    requests = [(msgs(f"request {i}"), ChatParams(seed=i)) for i in range(24)]
     results = asyncio.run(client.chat_many(requests, progress=False))
-    assert [r.text for r in results] == [f"request {i}" for i in range(40)]
+    assert [r.text for r in results] == [f"request {i}" for i in range(24)]
     assert server.max_in_flight == 4, server.max_in_flight
-    assert len(server.seen) == 40
+    assert len(server.seen) == 24
 
 
 def test_params_are_sent_per_request(fake_server) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ import h5py
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from saeforge.atomic import atomic_path, atomic_write_json
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
@@ -93,14 +94,8 @@ class Manifest:
         }
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    atomic_write_bytes(root / MANIFEST, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+    atomic_write_json(root / MANIFEST, manifest.to_json())
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
@@ -117,10 +112,8 @@ def is_complete(root: Path) -> bool:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors written to a temp name in the same folder, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def write_tokens(root: Path, tokens: torch.Tensor) -> None:

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping
 
 import datasets
 
+from saeforge.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 PARAGRAPHS_PER_DOC = 40
@@ -50,10 +52,7 @@ def gutenberg_text_file(cache_dir: Path) -> Path:
         paragraphs = [" ".join(p.split()) for p in book.split("\n\n")]
         paragraphs = [p for p in paragraphs if p]
         documents += ["\n".join(paragraphs[i : i + PARAGRAPHS_PER_DOC]) for i in range(0, len(paragraphs), PARAGRAPHS_PER_DOC)]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "\n\n".join(documents) + "\n")
     return out
 
 

@@ -34,8 +34,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from saeforge.atomic import atomic_write_json
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
+from saeforge.llm.base import (
+    ChatParams,
+    ChatRequest,
+    ChatResult,
+    ExplainerClient,
+    Message,
+    assistant_prefill,
+)
 
 log = logging.getLogger(__name__)
 
@@ -346,13 +354,6 @@ def _explanation_txt(out_dir: Path, hookpoint: str, feature: int) -> Path:
     return out_dir / "explanations" / f"{safe}_latent_{feature}.txt"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-
-
 def load_maxact(maxact: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """The maxact document (a dict, or read from a path)."""
     if isinstance(maxact, Mapping):
@@ -486,7 +487,7 @@ def run_explain(
                                                  "label": "", "status": "missing", "source": sources[0]})
             by_feature[str(feature)]["steering"] = record
     explanations[str(layer)] = {k: by_feature[k] for k in sorted(by_feature, key=int)}
-    _write_json(path, explanations)
+    atomic_write_json(path, explanations)
     for feature in feats:
         record = by_feature.get(str(feature)) or {}
         txt = _explanation_txt(out_dir, hookpoint, feature)

@@ -11,14 +11,13 @@ suppresses, not calibrated logits. W_U = `model.get_output_embeddings().weight` 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from saeforge.atomic import atomic_write_json
 from saeforge.interpret.maxact import TokenDecoder
 
 _FINAL_NORM_PATHS = (
@@ -116,10 +115,6 @@ def logit_lens(
 
 def write_logit_lens(result: dict[str, Any], out_dir: str | Path) -> Path:
     """Write `out_dir/logit_lens.json` (temp file, then rename). Returns the path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "logit_lens.json"
-    tmp = out_dir / f".logit_lens.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, allow_nan=False, ensure_ascii=False))
-    tmp.replace(path)
+    path = Path(out_dir) / "logit_lens.json"
+    atomic_write_json(path, result, indent=None, allow_nan=False)
     return path

@@ -33,9 +33,7 @@ no maximum, frequency or histogram, and `n_tokens` counts only the other positio
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowSource, read_chunk
+from saeforge.atomic import atomic_write_json
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
 
@@ -553,10 +552,6 @@ def _assemble(state: _State, conf: MaxActConfig, feat_ids: list[int], tokens: Te
 
 def write_maxact(result: MaxActResult, out_dir: str | Path) -> Path:
     """Write `out_dir/maxact.json` (temp file, then rename). Returns the path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "maxact.json"
-    tmp = out_dir / f".maxact.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result.to_json(), allow_nan=False, ensure_ascii=False))
-    tmp.replace(path)
+    path = Path(out_dir) / "maxact.json"
+    atomic_write_json(path, result.to_json(), indent=None, allow_nan=False)
     return path

@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
+from saeforge.atomic import atomic_path, atomic_write_json
 from saeforge.interpret.explain import (
     ExampleSplit,
     highlight,
@@ -47,7 +48,13 @@ from saeforge.interpret.explain import (
     split_examples,
 )
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob, assistant_prefill
+from saeforge.llm.base import (
+    ChatParams,
+    ChatResult,
+    ExplainerClient,
+    TokenLogprob,
+    assistant_prefill,
+)
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +295,6 @@ def parse_probabilities(logprobs: Sequence[TokenLogprob] | None, n: int) -> list
 
 
 # ------------------------------------------------------------------------------ outputs
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -341,13 +341,11 @@ def write_summary(out_dir: Path, layer: int | None, features: Sequence[int], lab
             row[scorer] = _fmt(_headline(scorer, result))
             row[f"{scorer}_baseline"] = _fmt(_headline(scorer, (result or {}).get("baseline")))
     ordered = sorted(rows.values(), key=lambda r: (r.get("layer", ""), int(r["feature"]) if str(r.get("feature", "")).isdigit() else 0))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in ordered:
             writer.writerow({c: row.get(c, "") for c in columns})
-    tmp.replace(path)
     return path
 
 
@@ -508,7 +506,7 @@ def run_score(
                 txt.write_text(json.dumps(examples, ensure_ascii=False), encoding="utf-8")
             elif txt.exists():
                 txt.unlink()
-        _write_json(path, {k: merged[k] for k in sorted(merged, key=int)})
+        atomic_write_json(path, {k: merged[k] for k in sorted(merged, key=int)})
         results[scorer] = {str(f): per[f] for f in feats if f in per}
         log.info("%s: scored %d features → %s", scorer, len(per), path)
     labels = {f: explanation[f] for f in ok}

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saeforge.atomic import atomic_write_json
 from saeforge.lm.capture import add_to_residual
 from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
 
@@ -519,13 +520,6 @@ def steering_file(out_dir: Path, layer: int, feature: int, prompt_index: int) ->
     return Path(out_dir) / "steering" / f"generated_texts_layer_{layer}_feature_{feature}_prompt_{prompt_index}.json"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _read_feature_texts(files: list[Path], layer: int, feature: int) -> dict[str, dict[str, str]]:
     texts: dict[str, dict[str, str]] = {}
     for path in files:
@@ -585,7 +579,7 @@ def run_steering(
         else:
             run = generate_steered(lm, sae, hookpoint, feature, amax[feature], prompts, cfg.strengths, cfg)
             for index, prompt in enumerate(prompts):
-                _write_json(files[index], {str(layer): {str(feature): {prompt: run.texts[prompt]}}})
+                atomic_write_json(files[index], {str(layer): {str(feature): {prompt: run.texts[prompt]}}})
             steered = [i for i, key in enumerate(run.row_keys) if key != ORIGINAL and float(key) != 0.0]
             kl = steering_kl(
                 lm, hookpoint, [run.row_prompts[i] for i in steered], [run.continuations[i] for i in steered],
@@ -596,7 +590,7 @@ def run_steering(
             seconds += run.seconds
             bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")
         effects[str(feature)] = results[feature]
-        _write_json(effects_path, effects)
+        atomic_write_json(effects_path, effects)
     if seconds:
         log.info("steering %s: %d features, %d generated tokens in %.1f s (%.0f tokens/s)",
                  hookpoint, len(features), n_tokens, seconds, n_tokens / seconds)

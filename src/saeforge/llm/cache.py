@@ -6,10 +6,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from saeforge.atomic import atomic_write_json
 from saeforge.llm.base import ChatParams, ChatResult, Message
 
 log = logging.getLogger(__name__)
@@ -61,14 +60,4 @@ class ResponseCache:
         """Store a successful result; errors are ignored (never cached)."""
         if result.status != "ok":
             return
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"text": result.text, "logprobs": result.logprobs}
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(self.path(key), {"text": result.text, "logprobs": result.logprobs}, indent=None)

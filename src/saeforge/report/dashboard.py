@@ -20,12 +20,12 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from saeforge.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -404,16 +404,7 @@ def write_dashboard(interpret_dir: Path, out_path: Path | None = None, title: st
     out_path = Path(out_path) if out_path is not None else interpret_dir / "dashboard.html"
     data = build_dashboard_data(load_interpret_outputs(interpret_dir), title)
     html = render_dashboard(data)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out_path, html)
     log.info("dashboard: wrote %s (%d features, %.1f MB)", out_path,
              len(data["features"]), len(html.encode("utf-8")) / 1e6)
     return out_path
