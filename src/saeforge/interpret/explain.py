@@ -30,11 +30,12 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from saeforge.atomic import atomic_write_json
+from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.prompts import PromptTemplate
 from saeforge.llm.base import (
     ChatParams,
@@ -80,19 +81,12 @@ class ExplainConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ExplainConfig:
         """From a mapping / DictConfig; `params` (sampling) is ignored here, unknown keys raise."""
-        cfg = {k: v for k, v in dict(cfg or {}).items() if k != "params"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown interpret.explain keys {unknown}; valid keys are {sorted(known | {'params'})}")
-        return cls(**cfg)
+        return cls(**dataclass_kwargs(cls, cfg, "interpret.explain", ignore=("params",)))
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"interpret.explain.source must be one of {SOURCES}, got {self.source!r}")
-        for name in ("n_shown", "max_examples_in_prompt", "n_steering_prompts", "max_chars"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"interpret.explain.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, "interpret.explain", 1, ("n_shown", "max_examples_in_prompt", "n_steering_prompts", "max_chars"))
         if not 0.0 <= self.shown_top_fraction <= 1.0:
             raise ValueError(f"interpret.explain.shown_top_fraction must lie in [0, 1], got {self.shown_top_fraction}")
         if not 0.0 <= self.highlight_threshold <= 1.0:

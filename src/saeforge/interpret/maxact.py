@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowSource, read_chunk
 from saeforge.atomic import atomic_write_json
+from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
 
@@ -91,23 +92,15 @@ class MaxActConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MaxActConfig:
         """Build from a plain mapping / DictConfig; missing keys take the defaults, unknown keys raise."""
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown interpret.maxact keys {unknown}; valid keys are {sorted(known)}")
+        cfg = dataclass_kwargs(cls, cfg, "interpret.maxact")
         if "quantile_levels" in cfg:
             cfg["quantile_levels"] = tuple(float(q) for q in cfg["quantile_levels"])
         return cls(**cfg)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "n_examples", "n_quantiles", "examples_per_quantile",
-                     "bucket_resolution", "hist_bins", "hist_resolution"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"interpret.maxact.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("context_left", "context_right", "n_non_activating"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"interpret.maxact.{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, "interpret.maxact", 1, ("batch_size", "n_examples", "n_quantiles", "examples_per_quantile",
+                                                       "bucket_resolution", "hist_bins", "hist_resolution"))
+        require_at_least(self, "interpret.maxact", 0, ("context_left", "context_right", "n_non_activating"))
         if any(not 0.0 <= q <= 1.0 for q in self.quantile_levels):
             raise ValueError(f"interpret.maxact.quantile_levels must lie in [0, 1], got {self.quantile_levels}")
 

@@ -34,11 +34,12 @@ import logging
 import math
 import random
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.explain import (
     ExampleSplit,
     highlight,
@@ -89,11 +90,7 @@ class ScoreConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ScoreConfig:
-        cfg = {k: v for k, v in dict(cfg or {}).items() if k != "params"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown interpret.score keys {unknown}; valid keys are {sorted(known | {'params'})}")
+        cfg = dataclass_kwargs(cls, cfg, "interpret.score", ignore=("params",))
         if "scorers" in cfg:
             cfg["scorers"] = tuple(str(s) for s in cfg["scorers"])
         return cls(**cfg)
@@ -102,11 +99,8 @@ class ScoreConfig:
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad:
             raise ValueError(f"interpret.score.scorers: unknown {bad}; valid are {list(SCORERS)}")
-        for name in ("n_test", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"interpret.score.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_negatives < 0:
-            raise ValueError(f"interpret.score.n_negatives must be >= 0, got {self.n_negatives}")
+        require_at_least(self, "interpret.score", 1, ("n_test", "batch_size"))
+        require_at_least(self, "interpret.score", 0, ("n_negatives",))
 
 
 class Embedder(Protocol):

@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.atomic import atomic_write_json
+from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.lm.capture import add_to_residual
 from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
 
@@ -87,29 +88,25 @@ def parse_strengths(value: Any) -> list[float]:
     if isinstance(value, str):
         if value not in STRENGTH_PRESETS:
             raise ValueError(
-                f"steering.strengths={value!r}: not a preset ({sorted(STRENGTH_PRESETS)}) or a list of numbers"
+                f"interpret.steering.strengths={value!r}: not a preset ({sorted(STRENGTH_PRESETS)}) or a list of numbers"
             )
         value = STRENGTH_PRESETS[value]
     if value is None or isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"steering.strengths must be a list of numbers or a preset name, got {value!r}")
+        raise ValueError(f"interpret.steering.strengths must be a list of numbers or a preset name, got {value!r}")
     out: list[float] = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, numbers.Real) or not math.isfinite(float(item)):
-            raise ValueError(f"steering.strengths: {item!r} is not a finite number (got {list(value)!r})")
+            raise ValueError(f"interpret.steering.strengths: {item!r} is not a finite number (got {list(value)!r})")
         if float(item) not in out:
             out.append(float(item))
     if not out:
-        raise ValueError("steering.strengths is empty: give at least one strength")
+        raise ValueError("interpret.steering.strengths is empty: give at least one strength")
     return out
 
 
 def steering_config(cfg: Mapping[str, Any] | None = None) -> SteeringConfig:
     """Build and validate a SteeringConfig from a plain mapping (missing keys take their defaults)."""
-    cfg = dict(cfg or {})
-    known = set(SteeringConfig.__dataclass_fields__)
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"steering: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    cfg = dataclass_kwargs(SteeringConfig, cfg, "interpret.steering")
     out = SteeringConfig(
         strengths=parse_strengths(cfg.get("strengths", DEFAULT_STRENGTHS)),
         n_prompts=int(cfg.get("n_prompts", 2)),
@@ -121,16 +118,11 @@ def steering_config(cfg: Mapping[str, Any] | None = None) -> SteeringConfig:
         seed=int(cfg.get("seed", 0)),
         max_batch=int(cfg.get("max_batch", 64)),
     )
-    if out.n_prompts <= 0:
-        raise ValueError(f"steering.n_prompts must be positive, got {out.n_prompts}")
-    if out.max_new_tokens <= 0:
-        raise ValueError(f"steering.max_new_tokens must be positive, got {out.max_new_tokens}")
-    if out.max_batch <= 0:
-        raise ValueError(f"steering.max_batch must be positive, got {out.max_batch}")
+    require_at_least(out, "interpret.steering", 1, ("n_prompts", "max_new_tokens", "max_batch"))
     if out.temperature <= 0:
-        raise ValueError(f"steering.temperature must be > 0, got {out.temperature}")
+        raise ValueError(f"interpret.steering.temperature must be > 0, got {out.temperature}")
     if not 0 < out.top_p <= 1:
-        raise ValueError(f"steering.top_p must be in (0, 1], got {out.top_p}")
+        raise ValueError(f"interpret.steering.top_p must be in (0, 1], got {out.top_p}")
     return out
 
 
@@ -167,7 +159,7 @@ def sample_prompts(
     word boundary) at most `max_chars` long. Duplicates are dropped, so fewer than n may return.
     """
     if n <= 0:
-        raise ValueError(f"steering.n_prompts must be positive, got {n}")
+        raise ValueError(f"interpret.steering.n_prompts must be positive, got {n}")
     if min_chars <= 0 or max_chars < min_chars:
         raise ValueError(f"need 0 < min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}")
     n_docs = len(corpus_ds)
@@ -200,17 +192,17 @@ def load_prompts(path: str | Path) -> list[str]:
     """Prompts from a .json list of strings or a text file (one per line, blank lines skipped)."""
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
-        raise FileNotFoundError(f"steering.prompts_file={str(path)!r} does not exist")
+        raise FileNotFoundError(f"interpret.steering.prompts_file={str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         data = json.loads(text)
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise ValueError(f"steering.prompts_file={str(path)!r}: expected a JSON list of strings")
+            raise ValueError(f"interpret.steering.prompts_file={str(path)!r}: expected a JSON list of strings")
         prompts = [p for p in data if p.strip()]
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"steering.prompts_file={str(path)!r} contains no prompts")
+        raise ValueError(f"interpret.steering.prompts_file={str(path)!r} contains no prompts")
     return prompts
 
 
