@@ -46,9 +46,13 @@ test-fast: setup
 demo: setup
 	$(PY) scripts/demo.py
 
-bench: setup
+# Every benchmark prints its ratio measured side by side in one run (see each script's docstring).
+bench: setup vllm
 	$(PY) bench/extract.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/maxact.py
+	$(PY) bench/steering.py
+	$(PY) bench/explain.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
