@@ -85,7 +85,8 @@ def write_interpret_dir(root: Path, n_features: int = N_FEATURES, n_examples: in
                   "interpretation": "no maxact for this one"}
     (d / "explanations.json").write_text(json.dumps({str(LAYER): expl}))
     for scorer, field in (("detection", "balanced_accuracy"), ("fuzz", "balanced_accuracy"), ("embedding", "auc")):
-        scores = {str(f): {field: 0.5 + (f % 10) / 20, "f1": 0.6, "precision": 0.7, "n": 40}
+        scores = {str(f): {field: 0.5 + (f % 10) / 20, "f1": 0.6, "precision": 0.7, "n": 40,
+                           "baseline": {field: 0.25, "n": 40, "feature": (f + 1) % n_features}}
                   for f in range(n_features)}
         (d / "scores" / f"{scorer}.json").write_text(json.dumps(scores))
     prompt = f"Tell me about {SCRIPT_ATTACK if hostile else 'cats'}"
@@ -186,6 +187,10 @@ def test_feature_renders_with_examples(chromium, dashboard):
     for heading in ("Top activations", "Examples across quantiles", "Logit lens", "Scores",
                     "Nearest features", "Activation histogram"):
         assert heading.lower() in text.lower(), heading
+    # each scorer's deranged-explanation baseline is a row of numbers, not a JSON blob
+    rows = page.evaluate("[...document.querySelectorAll('#detail table tr')].map(r => r.innerText)")
+    baseline = [r for r in rows if r.startswith("detection baseline (#4's label)")]
+    assert len(baseline) == 1 and "0.250" in baseline[0] and "{" not in "".join(rows), rows
     n_bars = page.evaluate("document.querySelectorAll('#detail svg.hist rect.b').length")
     assert n_bars == 10
     # heat shading with the value on hover
