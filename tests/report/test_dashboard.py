@@ -93,6 +93,7 @@ def write_interpret_dir(root: Path, n_features: int = N_FEATURES, n_examples: in
     steering = {str(LAYER): {"12": {prompt: {"original": "Cats are pets.", "-2.0": "Dogs bark loudly.",
                                              "1.0": f"Cats cats cats {IMG_ATTACK if hostile else ''}"}}}}
     (d / "steering" / f"generated_texts_layer_{LAYER}_feature_12_prompt_0.json").write_text(json.dumps(steering))
+    (d / "steering" / "effects.json").write_text(json.dumps({"12": {"steering_effect": 0.42, "steering_kl": 1.5}}))
     (d / "summary.csv").write_text(
         "layer,feature,label,steering_effect,detection\n"
         + "".join(f"{LAYER},{f},,{f / 10},0.7\n" for f in range(n_features)))
@@ -143,6 +144,8 @@ def test_build_data_headlines_and_union_of_features(interpret_dir):
     assert f3["headline"]["detection"][0] == "balanced_accuracy"
     assert f3["headline"]["embedding"][0] == "auc"
     assert f3["steering_effect"] == pytest.approx(0.3)
+    # the steering stage's effects.json wins over summary.csv's copy (1.2 there)
+    assert (by_id[12]["steering_effect"], by_id[12]["steering_kl"]) == (pytest.approx(0.42), pytest.approx(1.5))
     assert by_id[12]["steering"][0]["outputs"][0][0] == "original"
     assert [o[0] for o in by_id[12]["steering"][0]["outputs"]] == ["original", "-2.0", "1.0"]
     assert by_id[0]["lens"]["neighbours"][1] == [2, 0.5, "cats and mats 2"]
@@ -211,7 +214,7 @@ def test_feature_renders_with_examples(chromium, dashboard):
 def test_steering_and_missing_sections(chromium, dashboard):
     page = open_dashboard(chromium, dashboard, "#feature=12")
     text = page.evaluate("document.getElementById('detail').innerText")
-    assert "Dogs bark loudly." in text and "Cats are pets." in text and "steering effect" in text.lower()
+    assert "Dogs bark loudly." in text and "Cats are pets." in text and "steering effect" in text.lower() and "steering kl" in text.lower()
     page.evaluate("location.hash = 'feature=99'")
     page.wait_for("document.querySelector('#feature-detail')?.dataset.feature === '99'")
     text = page.evaluate("document.getElementById('detail').innerText")

@@ -2,7 +2,8 @@
 
 The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see DESIGN.md):
 ``maxact.json``, ``logit_lens.json``, ``explanations.json``, ``scores/<scorer>.json``,
-``steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json`` and ``summary.csv``. Any of
+``steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json``, ``steering/effects.json`` and
+``summary.csv``. Any of
 them may be missing; the dashboard shows what exists.
 
 Safety: every string from the corpus or a model is data, never markup. The data goes into the
@@ -137,7 +138,7 @@ def _read_steering(steering_dir: Path, layer: int | None) -> dict[int, dict[str,
     out: dict[int, dict[str, dict[str, str]]] = {}
     if not steering_dir.is_dir():
         return out
-    for path in sorted(steering_dir.glob("*.json")):
+    for path in sorted(steering_dir.glob("generated_texts_*.json")):
         data = _read_json(path)
         if not isinstance(data, dict):
             continue
@@ -160,7 +161,7 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
 
     Returns a dict with keys ``hookpoint``, ``layer``, ``d_sae``, ``n_tokens`` (from
     ``maxact.json``, or None) and per-feature maps keyed by int feature id: ``maxact``,
-    ``logit_lens``, ``explanations``, ``summary``, ``steering``; plus ``scores``:
+    ``logit_lens``, ``explanations``, ``summary``, ``steering``, ``steering_effects``; plus ``scores``:
     ``{scorer: {feature: {field: value}}}``. Missing files give empty maps.
     """
     interpret_dir = Path(interpret_dir)
@@ -179,10 +180,6 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
             if per_feature:
                 scores[path.stem] = per_feature
 
-    summary_path = interpret_dir / "summary.csv"
-    if not summary_path.is_file():
-        summary_path = interpret_dir / "steering" / "summary.csv"
-
     return {
         "hookpoint": maxact.get("hookpoint") or interpret_dir.name,
         "layer": layer,
@@ -192,8 +189,9 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
         "logit_lens": _int_keyed(lens_features),
         "explanations": _per_feature(_read_json(interpret_dir / "explanations.json"), layer),
         "scores": scores,
-        "summary": _read_summary(summary_path, layer),
+        "summary": _read_summary(interpret_dir / "summary.csv", layer),
         "steering": _read_steering(interpret_dir / "steering", layer),
+        "steering_effects": _int_keyed(_read_json(interpret_dir / "steering" / "effects.json")),
     }
 
 
@@ -287,6 +285,7 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
     maxact, lens = outputs["maxact"], outputs["logit_lens"]
     expl, scores = outputs["explanations"], outputs["scores"]
     summary, steering = outputs["summary"], outputs["steering"]
+    effects = outputs.get("steering_effects", {})
     ids = set(maxact) | set(lens) | set(expl) | set(summary) | set(steering)
     for per_feature in scores.values():
         ids |= set(per_feature)
@@ -328,9 +327,12 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
                 field = headline_field(name, fields)
                 if field is not None:
                     entry["headline"][name] = [field, _num(fields[field])]
-        effect = _num(s.get("steering_effect")) if s else None
-        if effect is not None:
-            entry["steering_effect"] = effect
+        # the steering stage's effects.json is the source; summary.csv (written by score) copies it
+        effect_row = effects.get(fid) if isinstance(effects.get(fid), dict) else s
+        for key in ("steering_effect", "steering_kl"):
+            value = _num(effect_row.get(key)) if effect_row else None
+            if value is not None:
+                entry[key] = value
         if s:
             entry["summary"] = {k: v for k, v in s.items() if k is not None and v not in (None, "")}
         if fid in steering:
