@@ -68,6 +68,6 @@ def make_wandb_logger(cfg: DictConfig, directory: Path, job: str) -> Any | None:
 def setup_logging() -> None:
     """Quiet the chattiest libraries; keep our INFO lines."""
     logging.getLogger("saeforge").setLevel(logging.INFO)
-    for name in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+    for name in ("httpx", "httpx2", "httpcore", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
