@@ -39,6 +39,7 @@ def setup(tiny_lm):
     with torch.no_grad():
         acts = sae.encode_inference(x.reshape(-1, 64)).view(N_SEQ, CTX, -1)
     acts[tokens == tiny_lm.tokenizer.bos_token_id] = 0
+    acts[:, :2] = 0  # exclude_first_tokens=2 (the default): BOS and the first token
     return tokens, sae, acts
 
 
@@ -50,7 +51,7 @@ def result(tiny_lm, setup):
 
 def test_frequency_and_a_max_equal_brute_force(result, setup):
     _, _, acts = setup
-    n_tokens = N_SEQ * CTX - N_SEQ - 1
+    n_tokens = N_SEQ * CTX - 2 * N_SEQ - 1
     assert result.n_tokens == n_tokens and result.layer == 2 and result.d_sae == 48
     fired = (acts > 0).sum((0, 1))
     for f, entry in result.features.items():
@@ -158,6 +159,22 @@ def test_non_activating_windows_have_zero_activation(setup, result):
             assert len(ex["token_ids"]) == L and ex["start"] >= 1
             n_checked += 1
     assert n_checked > 0
+
+
+def test_first_positions_count_only_when_not_excluded(tiny_lm, setup, result):
+    """Position 1 (the first token after BOS, an attention sink) is in the statistics only with exclude_first_tokens=0."""
+    tokens, sae, acts = setup
+    kept = collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "exclude_first_tokens": 0}, features=list(range(8)))
+    assert kept.n_tokens == result.n_tokens + N_SEQ  # BOS (position 0) is still excluded by exclude_bos
+    x = residual(tiny_lm, tokens)
+    with torch.no_grad():
+        first = sae.encode_inference(x[:, 1]).float()  # [N_SEQ, d_sae] at position 1
+    for f in range(8):
+        assert kept.features[f]["n_fired"] == result.features[f]["n_fired"] + int((first[:, f] > 0).sum())
+        assert kept.features[f]["a_max"] == pytest.approx(max(float(acts[..., f].max()), float(first[:, f].max())), abs=1e-4)
+    assert any((first[:, f] > 0).any() for f in range(8))  # the case is exercised
+    with pytest.raises(ValueError, match="interpret.maxact.exclude_first_tokens must be >= 0"):
+        collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "exclude_first_tokens": -1})
 
 
 def test_features_subset_and_written_json(tiny_lm, setup, result, tmp_path):

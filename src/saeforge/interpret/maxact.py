@@ -27,8 +27,10 @@ Per-token context acts are stored when an example enters the state (top: float32
 reservoirs: float16), so no second pass over the windows is needed; that state is
 O(F·(N + G·k)·(context_left + context_right + 1)). Nothing in the state grows with n_tokens.
 
-With `exclude_bos`, positions holding the BOS token are zeroed before everything: they count in
-no maximum, frequency or histogram, and `n_tokens` counts only the other positions.
+The first `exclude_first_tokens` positions of every window (BOS and the first token: attention
+sinks whose norm is ~100× the rest, excluded from training the same way) and, with `exclude_bos`,
+any other BOS position are zeroed before everything: they count in no maximum, frequency or
+histogram, and `n_tokens` counts only the other positions.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class MaxActConfig:
     """Tokens shown before the max token."""
     context_right: int = 8
     """Tokens shown after the max token."""
+    exclude_first_tokens: int = 2
+    """Zero the first N positions of every window (attention sinks), as training's `data.exclude_first_tokens`."""
     exclude_bos: bool = True
     """Zero the activations at BOS positions (attention sinks) before any statistic."""
     n_non_activating: int = 20
@@ -100,7 +104,8 @@ class MaxActConfig:
     def __post_init__(self) -> None:
         require_at_least(self, "interpret.maxact", 1, ("batch_size", "n_examples", "n_quantiles", "examples_per_quantile",
                                                        "bucket_resolution", "hist_bins", "hist_resolution"))
-        require_at_least(self, "interpret.maxact", 0, ("context_left", "context_right", "n_non_activating"))
+        require_at_least(self, "interpret.maxact", 0, ("context_left", "context_right", "n_non_activating",
+                                                       "exclude_first_tokens"))
         if any(not 0.0 <= q <= 1.0 for q in self.quantile_levels):
             raise ValueError(f"interpret.maxact.quantile_levels must lie in [0, 1], got {self.quantile_levels}")
 
@@ -117,7 +122,7 @@ class MaxActResult:
     layer: int | None
     d_sae: int
     n_tokens: int
-    """Tokens counted in the statistics (BOS positions excluded with `exclude_bos`)."""
+    """Tokens counted in the statistics (excluded positions not counted)."""
     ctx_len: int
     features: dict[int, dict[str, Any]]
     """Per feature: frequency, a_max, n_fired, quantiles, histogram, top, quantile_examples, non_activating."""
@@ -384,12 +389,13 @@ def collect_maxact(
             acts = sae.encode_inference(x.to(device=device, dtype=sae.W_enc.dtype))
             if cols is not None:
                 acts = acts.index_select(1, cols)
-            counted = x.shape[0]
+            excluded = torch.zeros(toks.shape, dtype=torch.bool, device=device)
+            excluded[:, : conf.exclude_first_tokens] = True
             if bos is not None:
-                mask = (toks == bos).flatten()
-                acts[mask] = 0
-                counted -= int(mask.sum())
-            state.update(acts.float(), seq0, counted)
+                excluded |= toks == bos
+            excluded = excluded.flatten()
+            acts[excluded] = 0
+            state.update(acts.float(), seq0, x.shape[0] - int(excluded.sum()))
 
     bar = tqdm(total=n_seq * T, unit="tok", unit_scale=True, desc=f"maxact {hookpoint}", disable=not conf.progress)
     start = time.perf_counter()
