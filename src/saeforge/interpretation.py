@@ -140,11 +140,12 @@ def firing_frequency(ctx: Context, tokens: torch.Tensor) -> torch.Tensor:
     sae = ctx.source.sae.to(ctx.lm.device)
     counts = torch.zeros(sae.cfg.d_sae)
     rows = 0
+    skip = int(ctx.cfg.interpret.maxact.get("exclude_first_tokens", 2))  # attention sinks, as maxact and training
     for b in range(0, tokens.shape[0], 8):
         ids = tokens[b : b + 8].long().to(ctx.lm.device)
         with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
             run_until_captured(ctx.lm.model, input_ids=ids)
-        x = cap[ctx.hookpoint][:, 2:].reshape(-1, sae.cfg.d_in).float()  # skip BOS + first token, as training does
+        x = cap[ctx.hookpoint][:, skip:].reshape(-1, sae.cfg.d_in).float()
         counts += (sae.encode_inference(x) > 0).sum(0).float().cpu()
         rows += x.shape[0]
     return counts / rows
