@@ -192,11 +192,7 @@ def read_maxact(ctx: Context) -> dict[str, Any]:
 
 
 def run_steering_stage(ctx: Context) -> None:
-    from saeforge.interpret.steering import (
-        resolve_prompts,
-        run_steering,
-        steering_config,
-    )
+    from saeforge.interpret.steering import resolve_prompts, run_steering, steering_config
 
     maxact = read_maxact(ctx)
     a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}

@@ -49,13 +49,7 @@ from saeforge.interpret.explain import (
     split_examples,
 )
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import (
-    ChatParams,
-    ChatResult,
-    ExplainerClient,
-    TokenLogprob,
-    assistant_prefill,
-)
+from saeforge.llm.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob, assistant_prefill
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,6 @@
 """Explainer clients behind one small interface: local transformers, OpenAI-compatible servers."""
 
-from saeforge.llm.base import (
-    ChatParams,
-    ChatRequest,
-    ChatResult,
-    ExplainerClient,
-    Message,
-    TokenLogprob,
-)
+from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, TokenLogprob
 from saeforge.llm.factory import make_chat_params, make_client
 
 __all__ = [

@@ -13,14 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from saeforge.llm.base import (
-    ChatParams,
-    ChatRequest,
-    ChatResult,
-    Message,
-    TokenLogprob,
-    log_throughput,
-)
+from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
 from saeforge.llm.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)

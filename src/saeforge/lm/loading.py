@@ -10,12 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from saeforge.lm.tiny import build_tiny_lm
 
