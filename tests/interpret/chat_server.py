@@ -1,6 +1,7 @@
-"""A scripted OpenAI chat-completions server on 127.0.0.1 (stdlib, real sockets) and a tiny maxact doc.
+"""A scripted explainer on the shared chat-completions server (tests/chat_completions_server.py) and a
+tiny maxact doc.
 
-Used by test_explain.py and test_score.py: `ScriptedChat(script)` answers each request with
+Used by test_explain.py, test_score.py and the pipeline test: `ScriptedChat(script)` answers each request with
 `script(body) -> str | int` (an int is an HTTP error status) and, when the request asks for
 logprobs, one logprob entry per character-level token of the answer, each with top alternatives
 "0"/"1" so that P("1") follows the answer.
@@ -8,87 +9,47 @@ logprobs, one logprob entry per character-level token of the answer, each with t
 
 from __future__ import annotations
 
-import json
 import re
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.chat_completions_server import ChatCompletionsServer, Reply
 
 Script = Callable[[dict], "str | int"]
 
 
-def _logprobs(text: str, k: int) -> dict[str, Any]:
+def binary_logprobs(text: str, top_k: int) -> list[dict[str, Any]]:
+    """Character-level tokens; each "0"/"1" has the other digit as its runner-up, so P("1") follows the answer."""
     content = []
     for ch in re.findall(r"[01]|[^01]+", text):
         top = [{"token": ch, "logprob": -0.01, "bytes": None}]
         if ch in "01" and len(ch) == 1:
             other = "0" if ch == "1" else "1"
             top.append({"token": other, "logprob": -4.6, "bytes": None})
-        content.append({"token": ch, "logprob": -0.01, "bytes": None, "top_logprobs": top[:k]})
-    return {"content": content}
+        content.append({"token": ch, "logprob": -0.01, "bytes": None, "top_logprobs": top[:top_k]})
+    return content
 
 
-class ScriptedChat:
-    """The server; `requests` keeps every request body in arrival order."""
+class ScriptedChat(ChatCompletionsServer):
+    """The server; `requests` is every request body in arrival order."""
 
     def __init__(self, script: Script) -> None:
-        self.script = script
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        owner = self
+        def reply(n: int, body: dict) -> Reply:
+            answer = script(body)
+            return Reply(status=answer) if isinstance(answer, int) else Reply(text=answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with owner.lock:
-                    owner.requests.append(body)
-                reply = owner.script(body)
-                if isinstance(reply, int):
-                    status, payload = reply, {"error": {"message": f"scripted {reply}", "type": "test", "code": reply}}
-                else:
-                    status = 200
-                    logprobs = _logprobs(reply, body.get("top_logprobs") or 0) if body.get("logprobs") else None
-                    payload = {
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
-                                     "message": {"role": "assistant", "content": reply}}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                    }
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        class Server(ThreadingHTTPServer):
-            request_queue_size = 256  # the default backlog (5) drops bursts of concurrent connections
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(reply, token_logprobs=binary_logprobs)
 
     @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def requests(self) -> list[dict]:
+        with self.lock:
+            return [seen.body for seen in self.seen]
 
     def client(self, **kwargs: Any):
         from saeforge.llm.openai_compat import OpenAICompatClient
 
         kwargs = {"max_retries": 0, "timeout_s": 10, **kwargs}
         return OpenAICompatClient(self.base_url, "scripted", **kwargs)
-
-    def __enter__(self) -> "ScriptedChat":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def last_user(body: dict) -> str:

@@ -21,11 +21,7 @@ from saeforge.interpret.score import (
     run_score,
 )
 from saeforge.llm.base import ChatParams
-
-try:
-    from .chat_server import ScriptedChat, example_lines, last_user, make_maxact
-except ImportError:  # tests/interpret is not a package
-    from chat_server import ScriptedChat, example_lines, last_user, make_maxact
+from tests.interpret.chat_server import ScriptedChat, example_lines, last_user, make_maxact
 
 PARAMS = ChatParams(max_tokens=32)
 

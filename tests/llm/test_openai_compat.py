@@ -3,122 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from tests.chat_completions_server import ChatCompletionsServer, Reply
 
 from saeforge.llm.base import ChatParams, ExplainerClient
 from saeforge.llm.openai_compat import OpenAICompatClient, parse_retry_after
 
 
-@dataclass
-class Reply:
-    """What the fake server answers to one request."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-    text: str | None = None  # None: echo the last user message
-
-
-@dataclass
-class Seen:
-    """One request as the fake server received it."""
-
-    at: float
-    authorization: str
-    body: dict
-
-
-class FakeOpenAI:
-    """A chat-completions endpoint on 127.0.0.1 whose replies come from ``script(n, body)``."""
-
-    def __init__(self, script: Callable[[int, dict], Reply] = lambda n, body: Reply()) -> None:
-        self.script = script
-        self.seen: list[Seen] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep test output quiet
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    n = len(fake.seen)
-                    fake.seen.append(Seen(time.monotonic(), self.headers.get("Authorization", ""), body))
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    reply = fake.script(n, body)
-                    time.sleep(reply.delay_s)
-                    payload = fake.payload(reply, body) if reply.status == 200 else {
-                        "error": {"message": f"scripted {reply.status}", "type": "test", "code": reply.status}
-                    }
-                    data = json.dumps(payload).encode()
-                    self.send_response(reply.status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for key, value in reply.headers.items():
-                        self.send_header(key, value)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and hung up
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @staticmethod
-    def payload(reply: Reply, body: dict) -> dict:
-        text = reply.text if reply.text is not None else body["messages"][-1]["content"]
-        logprobs = None
-        if body.get("logprobs"):
-            k = body.get("top_logprobs") or 0
-            logprobs = {"content": [
-                {"token": word, "logprob": -0.5, "bytes": None,
-                 "top_logprobs": [{"token": word, "logprob": -0.5, "bytes": None}][:k]}
-                for word in text.split()
-            ]}
-        return {
-            "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> "FakeOpenAI":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def fake_server() -> Iterator[Callable[..., FakeOpenAI]]:
-    servers: list[FakeOpenAI] = []
+def fake_server() -> Iterator[Callable[..., ChatCompletionsServer]]:
+    servers: list[ChatCompletionsServer] = []
 
-    def make(script: Callable[[int, dict], Reply] = lambda n, body: Reply()) -> FakeOpenAI:
-        servers.append(FakeOpenAI(script).__enter__())
+    def make(script: Callable[[int, dict], Reply] = lambda n, body: Reply()) -> ChatCompletionsServer:
+        servers.append(ChatCompletionsServer(script).__enter__())
         return servers[-1]
 
     yield make
@@ -171,7 +72,7 @@ def test_timeout_is_retried(fake_server) -> None:
 
 
 def test_connection_refused_ends_in_error() -> None:
-    with FakeOpenAI() as server:
+    with ChatCompletionsServer() as server:
         url = server.base_url  # the port is free again once the server is closed
     client = OpenAICompatClient(url, "m", max_retries=2, **FAST)
     result = asyncio.run(client.chat(msgs("x"), ChatParams()))
