@@ -192,12 +192,12 @@ def read_maxact(ctx: Context) -> dict[str, Any]:
 
 
 def run_steering_stage(ctx: Context) -> None:
-    from saeforge.interpret.steering import resolve_prompts, run_steering, steering_config
+    from saeforge.interpret.steering import SteeringConfig, resolve_prompts, run_steering
 
     maxact = read_maxact(ctx)
     a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}
     features = [f for f in ctx.features if a_max.get(f, 0) > 0]
-    scfg = steering_config(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
+    scfg = SteeringConfig.from_mapping(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
     corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_dir(ctx.data_cfg))
     prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
     run_steering(ctx.lm, ctx.source.sae, ctx.hookpoint, features, a_max, prompts, scfg, ctx.out)

@@ -6,12 +6,12 @@ import torch
 
 from saeforge.interpret import steering
 from saeforge.interpret.steering import (
+    SteeringConfig,
     generate_steered,
     load_prompts,
     run_steering,
     sample_prompts,
     steer_feature,
-    steering_config,
     steering_effect,
     steering_file,
     steering_kl,
@@ -101,10 +101,10 @@ def test_bad_inputs_raise(tiny_lm, sae):
     with pytest.raises(ValueError, match="unknown hookpoint"):
         steer_feature(tiny_lm, sae, **{**args, "hookpoint": "layers.9"})
     with pytest.raises(ValueError, match=r"unknown interpret.steering keys \[.strenghts.\]"):
-        steering_config({"strenghts": [1.0]})
+        SteeringConfig.from_mapping({"strenghts": [1.0]})
     with pytest.raises(ValueError, match="max_new_tokens"):
-        steering_config({"max_new_tokens": 0})
-    assert steering_config({"strengths": "wide"}).strengths[0] == -4.0
+        SteeringConfig.from_mapping({"max_new_tokens": 0})
+    assert SteeringConfig.from_mapping({"strengths": "wide"}).strengths[0] == -4.0
 
 
 def test_steering_effect_formula():

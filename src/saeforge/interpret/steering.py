@@ -32,7 +32,7 @@ import random
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -61,10 +61,10 @@ EFFECT_MAX_WORDS = 50  # steering_effect looks at the first 50 whitespace tokens
 
 @dataclass
 class SteeringConfig:
-    """Settings of the steering stage; built from a plain mapping by `steering_config`."""
+    """Settings of the steering stage (`interpret.steering.*`); validated on construction."""
 
-    strengths: list[float]
-    """Multipliers s of A_max × d_f (a list, or the name of a preset: default | wide)."""
+    strengths: Any = field(default_factory=lambda: list(DEFAULT_STRENGTHS))
+    """Multipliers s of A_max × d_f (a list, or the name of a preset: default | wide); a list of floats after init."""
     n_prompts: int = 2
     """Prompts sampled from the corpus per run (when no prompts_file is given)."""
     prompts_file: str | None = None
@@ -81,6 +81,19 @@ class SteeringConfig:
     """Seed for prompt sampling and for `torch.manual_seed` before each generate chunk."""
     max_batch: int = 64
     """Most rows (prompt × strength, originals included) per `generate` call (memory budget)."""
+
+    def __post_init__(self) -> None:
+        self.strengths = parse_strengths(self.strengths)
+        require_at_least(self, "interpret.steering", 1, ("n_prompts", "max_new_tokens", "max_batch"))
+        if self.temperature <= 0:
+            raise ValueError(f"interpret.steering.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"interpret.steering.top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> SteeringConfig:
+        """From a mapping / DictConfig; missing keys take the defaults, unknown keys raise."""
+        return cls(**dataclass_kwargs(cls, cfg, "interpret.steering"))
 
 
 def parse_strengths(value: Any) -> list[float]:
@@ -101,28 +114,6 @@ def parse_strengths(value: Any) -> list[float]:
             out.append(float(item))
     if not out:
         raise ValueError("interpret.steering.strengths is empty: give at least one strength")
-    return out
-
-
-def steering_config(cfg: Mapping[str, Any] | None = None) -> SteeringConfig:
-    """Build and validate a SteeringConfig from a plain mapping (missing keys take their defaults)."""
-    cfg = dataclass_kwargs(SteeringConfig, cfg, "interpret.steering")
-    out = SteeringConfig(
-        strengths=parse_strengths(cfg.get("strengths", DEFAULT_STRENGTHS)),
-        n_prompts=int(cfg.get("n_prompts", 2)),
-        prompts_file=cfg.get("prompts_file"),
-        max_new_tokens=int(cfg.get("max_new_tokens", 50)),
-        do_sample=bool(cfg.get("do_sample", False)),
-        temperature=float(cfg.get("temperature", 1.0)),
-        top_p=float(cfg.get("top_p", 1.0)),
-        seed=int(cfg.get("seed", 0)),
-        max_batch=int(cfg.get("max_batch", 64)),
-    )
-    require_at_least(out, "interpret.steering", 1, ("n_prompts", "max_new_tokens", "max_batch"))
-    if out.temperature <= 0:
-        raise ValueError(f"interpret.steering.temperature must be > 0, got {out.temperature}")
-    if not 0 < out.top_p <= 1:
-        raise ValueError(f"interpret.steering.top_p must be in (0, 1], got {out.top_p}")
     return out
 
 
@@ -344,7 +335,7 @@ def generate_steered(
     gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
 ) -> SteeredGeneration:
     """Batched steered generation for one feature, with the token ids (see `steer_feature`)."""
-    gen = gen_cfg if isinstance(gen_cfg, SteeringConfig) else steering_config({**(gen_cfg or {}), "strengths": [1.0]})
+    gen = gen_cfg if isinstance(gen_cfg, SteeringConfig) else SteeringConfig.from_mapping({**(gen_cfg or {}), "strengths": [1.0]})
     prompts = _check_prompts(prompts)
     strengths = parse_strengths(strengths)
     feature = _check_feature(sae, feature)
@@ -546,7 +537,7 @@ def run_steering(
     exist is skipped (resume): its effect is recomputed from the files and its KL read back from
     `effects.json` (None if absent). `effects.json` is rewritten after every feature.
     """
-    cfg = cfg if isinstance(cfg, SteeringConfig) else steering_config(cfg)
+    cfg = cfg if isinstance(cfg, SteeringConfig) else SteeringConfig.from_mapping(cfg)
     if prompts is None:
         if not cfg.prompts_file:
             raise ValueError("run_steering needs prompts: pass them or set steering.prompts_file")
