@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import signal
 import subprocess
@@ -61,6 +62,8 @@ def test_train_interpret_evaluate_end_to_end(tmp_path):
     run(train_args(tmp_path))
     steps = sorted((tmp_path / "run" / "interpret_steps").glob("step-*"))
     assert steps and (steps[0] / HP / "maxact.json").is_file() and (steps[0] / HP / "logit_lens.json").is_file()
+    # the callback's table has one row per interpreted feature (interpret_callback overrides: max_latents=8)
+    assert re.search(r"interpret callback at step \d+: 8 features", (tmp_path / "run" / "train.log").read_text())
 
     with ScriptedChat(answer) as server:
         run(interpret_args(tmp_path, server.base_url))

@@ -7,7 +7,6 @@ feature's top logit-lens tokens, frequency and label (when explain runs) goes to
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -46,16 +45,14 @@ class InterpretCallback(L.Callback):
         self.log_table(trainer, out, step)
 
     def log_table(self, trainer: L.Trainer, out: Path, step: int) -> None:
+        from saeforge.report.dashboard import load_interpret_outputs
+
+        outputs = load_interpret_outputs(out)
+        maxact, lens, explanations = outputs["maxact"], outputs["logit_lens"], outputs["explanations"]
         rows = []
-        maxact = json.loads((out / "maxact.json").read_text())["features"] if (out / "maxact.json").is_file() else {}
-        lens = json.loads((out / "logit_lens.json").read_text())["features"] if (out / "logit_lens.json").is_file() else {}
-        labels = {}
-        if (out / "explanations.json").is_file():
-            for per_layer in json.loads((out / "explanations.json").read_text()).values():
-                labels.update({f: e.get("label") for f, e in per_layer.items()})
-        for f in sorted(set(maxact) | set(lens), key=int):
-            top = " ".join(t for t, _ in lens.get(f, {}).get("top", [])[:5])
-            rows.append([step, int(f), maxact.get(f, {}).get("frequency"), top, labels.get(f, "")])
+        for f in sorted(set(maxact) | set(lens)):
+            top = " ".join(t for t, _ in (lens.get(f) or {}).get("top", [])[:5])
+            rows.append([step, f, (maxact.get(f) or {}).get("frequency"), top, (explanations.get(f) or {}).get("label", "")])
         log.info("interpret callback at step %d: %d features → %s", step, len(rows), out)
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_table"):
