@@ -59,4 +59,4 @@ clean:
 
 # Serve the embedded SmolLM2 as an OpenAI-compatible explainer on 127.0.0.1:8000 (vLLM CPU build).
 serve-explainer: vllm
-	bash scripts/serve_explainer.sh smollm2 8000
+	bash src/saeforge/explainers/serve_explainer.sh smollm2 8000

@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from saeforge.evaluation import evaluate
-from saeforge.runconfig import setup_logging
+from saeforge.pipelines.evaluate import evaluate
+from saeforge.pipelines.run import setup_logging
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")

@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from saeforge.interpretation import interpret
-from saeforge.runconfig import setup_logging
+from saeforge.pipelines.interpret import interpret
+from saeforge.pipelines.run import setup_logging
 
 
 @hydra.main(config_path="configs", config_name="interpret", version_base="1.3")

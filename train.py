@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from saeforge.runconfig import setup_logging
-from saeforge.training import train
+from saeforge.pipelines.run import setup_logging
+from saeforge.pipelines.train import train
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

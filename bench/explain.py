@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from saeforge.llm.base import ChatParams, ChatRequest  # noqa: E402
-from saeforge.llm.openai_compat import OpenAICompatClient  # noqa: E402
-from saeforge.llm.vllm_server import VLLMServer  # noqa: E402
+from saeforge.explainers.base import ChatParams, ChatRequest  # noqa: E402
+from saeforge.explainers.openai_compat import OpenAICompatClient  # noqa: E402
+from saeforge.explainers.vllm_server import VLLMServer  # noqa: E402
 from saeforge.lm.hf_folder import write_smollm2_hf_folder  # noqa: E402
 
 WORDS = ["ocean", "violin", "harvest", "engine", "senate", "glacier", "surgery", "railway",

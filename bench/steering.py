@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from saeforge.data.corpus import load_corpus
+from saeforge.activations.corpus import load_corpus
 from saeforge.interpret.steering import sample_prompts, steer_feature
 from saeforge.lm.loading import load_lm
 from saeforge.sae.model import SAEConfig, SparseAutoencoder

@@ -108,7 +108,7 @@ def _stream_peak_rss(path: str, buffer_rows: int) -> tuple[float, int]:
     """Run in a fresh process: stream one epoch of `path` through the DataModule; peak RSS in MiB."""
     import resource
 
-    from saeforge.data.datamodule import ActivationDataModule
+    from saeforge.sae.datamodule import ActivationDataModule
 
     dm = ActivationDataModule({"batch_size": 4096, "shuffle_buffer": buffer_rows, "read_rows": 16384, "val_fraction": 0.02},
                               path, None, seed=0)

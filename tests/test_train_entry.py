@@ -99,7 +99,7 @@ def test_wandb_offline_run_holds_metrics_config_and_no_secrets(tmp_path):
 def test_strip_secrets_redacts_secret_looking_keys():
     from omegaconf import OmegaConf
 
-    from saeforge.runconfig import strip_secrets
+    from saeforge.pipelines.run import strip_secrets
 
     cfg = OmegaConf.create({"explainer": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY", "auth_token": "t"}, "k": 3})
     assert strip_secrets(cfg) == {"explainer": {"api_key": "<redacted>", "api_key_env": "OPENAI_API_KEY", "auth_token": "<redacted>"}, "k": 3}

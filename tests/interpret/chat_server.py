@@ -46,7 +46,7 @@ class ScriptedChat(ChatCompletionsServer):
             return [seen.body for seen in self.seen]
 
     def client(self, **kwargs: Any):
-        from saeforge.llm.openai_compat import OpenAICompatClient
+        from saeforge.explainers.openai_compat import OpenAICompatClient
 
         kwargs = {"max_retries": 0, "timeout_s": 10, **kwargs}
         return OpenAICompatClient(self.base_url, "scripted", **kwargs)

@@ -10,7 +10,7 @@ import pytest
 
 from saeforge.interpret.explain import ExplainConfig, example_key, parse_reply, run_explain, split_examples
 from saeforge.interpret.prompts import load_prompts
-from saeforge.llm.base import ChatParams
+from saeforge.explainers.base import ChatParams
 from tests.interpret.chat_server import ScriptedChat, last_user, make_maxact
 
 PARAMS = ChatParams(max_tokens=64)

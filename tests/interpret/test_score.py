@@ -20,7 +20,7 @@ from saeforge.interpret.score import (
     parse_probabilities,
     run_score,
 )
-from saeforge.llm.base import ChatParams
+from saeforge.explainers.base import ChatParams
 from tests.interpret.chat_server import ScriptedChat, example_lines, last_user, make_maxact
 
 PARAMS = ChatParams(max_tokens=32)
@@ -195,7 +195,7 @@ def test_embedding_auroc_with_real_minilm(tmp_path: Path, minilm) -> None:
 # ------------------------------------------------------------------------------ real vLLM (slow)
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
-    from saeforge.llm.vllm_server import VLLMServer, default_vllm_venv
+    from saeforge.explainers.vllm_server import VLLMServer, default_vllm_venv
     from saeforge.lm.hf_folder import write_smollm2_hf_folder
 
     venv = default_vllm_venv()
@@ -213,7 +213,7 @@ def vllm_server(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_label_and_detect_two_features_with_real_vllm(tmp_path: Path, vllm_server) -> None:
-    from saeforge.llm.openai_compat import OpenAICompatClient
+    from saeforge.explainers.openai_compat import OpenAICompatClient
 
     client = OpenAICompatClient(vllm_server.base_url, "smollm2", max_in_flight=8, max_retries=1, timeout_s=300)
     maxact = make_maxact({0: "dog", 1: "cat"}, n_top=4, n_quant=4, n_non=4)

@@ -26,12 +26,12 @@ from saeforge.activations.store import (
     write_manifest,
     write_tokens,
 )
-from saeforge.data.corpus import iter_texts, load_corpus
-from saeforge.data.windows import pack_windows
+from saeforge.activations.corpus import iter_texts, load_corpus
+from saeforge.activations.windows import pack_windows
 from saeforge.lm.capture import capture_residual, run_until_captured, stop_after_layer
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, check_hookpoint
 from saeforge.lm.loading import LoadedLM, load_lm
-from saeforge.runconfig import cache_dir
+from saeforge.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def build_store(
     `on_shard(i)` is called after shard i is written (tests use it to simulate a kill).
     """
     spec = store_spec(model_cfg, corpus_cfg, data_cfg)
-    cache = cache_dir(data_cfg)
+    cache = cache_root(data_cfg and data_cfg.get("cache_dir"))
     root = cache / "activations" / spec.cache_key()
     if "cache" in overwrite and root.exists():
         log.info("overwrite=[cache]: removing %s", root)

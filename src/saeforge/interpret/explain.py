@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from saeforge.atomic import atomic_write_json
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
+from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
 
 log = logging.getLogger(__name__)
 

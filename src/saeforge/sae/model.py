@@ -25,7 +25,7 @@ from typing import Iterable, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saeforge.evaluate import metrics
+from saeforge.sae import metrics
 from saeforge.sae.sparse_ops import sparse_decode, sparse_encode_gather
 
 Architecture = Literal["batchtopk", "topk", "jumprelu"]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from saeforge.evaluate import metrics
+from saeforge.sae import metrics
 from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
 
 DEFAULTS: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Explainer clients behind one small interface: local transformers, OpenAI-compatible servers."""
 
-from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, TokenLogprob
-from saeforge.llm.factory import make_chat_params, make_client
+from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, TokenLogprob
+from saeforge.explainers.factory import make_chat_params, make_client
 
 __all__ = [
     "ChatParams",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from saeforge.evaluate import metrics
+from saeforge.sae import metrics
 
 
 def test_reconstruction_metrics():

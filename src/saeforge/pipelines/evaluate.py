@@ -12,11 +12,12 @@ import torch
 from omegaconf import DictConfig
 
 from saeforge.atomic import atomic_write_json
-from saeforge.data.corpus import iter_texts, load_corpus
-from saeforge.data.windows import pack_windows
-from saeforge.evaluate.spliced import evaluate_spliced
+from saeforge.activations.corpus import iter_texts, load_corpus
+from saeforge.activations.windows import pack_windows
+from saeforge.sae.spliced import evaluate_spliced
 from saeforge.lm.loading import LoadedLM, load_lm
-from saeforge.runconfig import cache_dir, make_wandb_logger
+from saeforge.paths import cache_root
+from saeforge.pipelines.run import make_wandb_logger
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     model_cfg, corpus_cfg, data_cfg = source_configs(cfg, source)
     lm = lm or load_lm(model_cfg)
     ctx_len = int(cfg.evaluate.ctx_len or (data_cfg.ctx_len if data_cfg is not None else 128))
-    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_dir(data_cfg))
+    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_root(data_cfg and data_cfg.get("cache_dir")))
     result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, int(cfg.evaluate.batch_size), int(cfg.evaluate.exclude_first_tokens))
     result.update({"ckpt": str(cfg.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})

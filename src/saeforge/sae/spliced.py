@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saeforge.evaluate.metrics import ReconstructionTotals
+from saeforge.sae.metrics import ReconstructionTotals
 from saeforge.lm.capture import capture_residual, patch_residual, run_until_captured
 from saeforge.lm.loading import LoadedLM
 from saeforge.sae.model import SparseAutoencoder

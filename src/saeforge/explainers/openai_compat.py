@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import openai
 from tqdm.auto import tqdm
 
-from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
-from saeforge.llm.cache import ResponseCache, request_key
+from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
+from saeforge.explainers.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
 

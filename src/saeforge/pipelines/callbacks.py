@@ -1,21 +1,33 @@
-"""Run a few interpret stages on a few features every N training steps, so labels can be watched evolve.
+"""Lightning callbacks of a training run: export the SAE at each checkpoint, interpret every N steps.
 
-Rank zero only: under DDP the other ranks simply wait at their next collective for as long as the
-stages take. Outputs go to `<run.dir>/interpret_steps/step-<N>/<hookpoint>/`; a table of each
-feature's top logit-lens tokens, frequency and label (when explain runs) goes to the logger.
+Both act on rank zero only. Under DDP the other ranks simply wait at their next collective for as
+long as the interpret stages take. Interpret outputs go to
+`<run.dir>/interpret_steps/step-<N>/<hookpoint>/`; a table of each feature's top logit-lens tokens,
+frequency and label (when explain runs) goes to the logger.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+
+class ExportSAECallback(L.Callback):
+    """At each checkpoint, write `<run.dir>/sae/<hookpoint>/` with the running (uncalibrated) threshold."""
+
+    def __init__(self, write: Callable[[Any, dict[str, Any]], Path]):
+        self.write = write
+
+    @rank_zero_only
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.write(pl_module, {"step": trainer.global_step, "threshold": "running mean of the smallest kept activation"})
 
 
 class InterpretCallback(L.Callback):
@@ -31,7 +43,7 @@ class InterpretCallback(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return
-        from saeforge.interpretation import RUNNERS, Context, select_features
+        from saeforge.pipelines.interpret import RUNNERS, Context, select_features
         from saeforge.sae.source import SAESource
 
         source = SAESource(pl_module.export_sae(), self.hookpoint, self.run_dir, self.run_cfg, f"step {step}")

@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from saeforge.llm.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
-from saeforge.llm.cache import ResponseCache, request_key
+from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
+from saeforge.explainers.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class LocalChatClient:
     Requests with the same ``ChatParams`` are generated together in left-padded batches of at
     most ``max_batch``; greedy when ``temperature == 0``, else sampled under ``params.seed``
     (a sampled result depends on which requests share its batch). Successful results go to the
-    same on-disk cache as :class:`~saeforge.llm.openai_compat.OpenAICompatClient`.
+    same on-disk cache as :class:`~saeforge.explainers.openai_compat.OpenAICompatClient`.
 
     With ``prefill`` (the default) a request whose last message is from the assistant is rendered
     with ``continue_final_message=True``: the model continues that text and the result holds only

@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from saeforge.llm.base import ChatParams, ExplainerClient
-from saeforge.llm.local import LocalChatClient
+from saeforge.explainers.base import ChatParams, ExplainerClient
+from saeforge.explainers.local import LocalChatClient
 
 SENTENCES = [
     "the cat sat on the mat",

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # Serve an explainer model through vLLM's OpenAI-compatible API, as saeforge's client expects.
 #
-#   scripts/serve_explainer.sh [MODEL_OR_HF_FOLDER] [PORT] [extra vllm args...]
+#   bash $(python -c 'import saeforge.explainers as e, pathlib; print(pathlib.Path(e.__file__).parent)')/serve_explainer.sh [MODEL_OR_HF_FOLDER] [PORT] [extra vllm args...]
 #
 # MODEL_OR_HF_FOLDER: a hub id or a local HF folder; "smollm2" (the default) converts the
 # embedded SmolLM2 GGUF to an HF folder under ${SAEFORGE_CACHE:-~/.cache/saeforge} first.
 # PORT defaults to 8000. The model is served as $SERVED_MODEL_NAME (default: smollm2), matching
-# configs/explainer/vllm.yaml. Python: $VLLM_PYTHON, else <repo>/.venv-vllm (from `make vllm`),
+# configs/explainer/vllm.yaml. Python: $VLLM_PYTHON, else ${VLLM_VENV:-./.venv-vllm} (from `make vllm`),
 # else the python on PATH (a GPU machine with the normal `pip install vllm`).
 # Without a GPU: --dtype float32 --enforce-eager and VLLM_CPU_KVCACHE_SPACE=2 (GiB).
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MODEL="${1:-smollm2}"
 PORT="${2:-8000}"
 shift $(( $# > 2 ? 2 : $# ))
@@ -19,15 +18,16 @@ SERVED="${SERVED_MODEL_NAME:-smollm2}"
 
 if [[ -n "${VLLM_PYTHON:-}" ]]; then
   PY="$VLLM_PYTHON"
-elif [[ -x "${VLLM_VENV:-$REPO_ROOT/.venv-vllm}/bin/python" ]]; then
-  PY="${VLLM_VENV:-$REPO_ROOT/.venv-vllm}/bin/python"
+elif [[ -x "${VLLM_VENV:-.venv-vllm}/bin/python" ]]; then
+  PY="${VLLM_VENV:-.venv-vllm}/bin/python"
 else
   PY="python"
 fi
 
 if [[ "$MODEL" == "smollm2" ]]; then
-  MAIN_PY="$REPO_ROOT/.venv/bin/python"; [[ -x "$MAIN_PY" ]] || MAIN_PY=python
-  MODEL="$(PYTHONPATH="$REPO_ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$MAIN_PY" -m saeforge.lm.hf_folder | tail -n 1)"
+  # the python that has saeforge installed converts the GGUF ($SAEFORGE_PYTHON, else ./.venv, else PATH)
+  MAIN_PY="${SAEFORGE_PYTHON:-.venv/bin/python}"; [[ -x "$MAIN_PY" ]] || MAIN_PY=python
+  MODEL="$("$MAIN_PY" -m saeforge.lm.hf_folder | tail -n 1)"
 fi
 
 ARGS=(--model "$MODEL" --served-model-name "$SERVED" --host 127.0.0.1 --port "$PORT"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from saeforge.llm import ChatParams, make_chat_params, make_client
-from saeforge.llm.local import LocalChatClient
-from saeforge.llm.openai_compat import OpenAICompatClient
+from saeforge.explainers import ChatParams, make_chat_params, make_client
+from saeforge.explainers.local import LocalChatClient
+from saeforge.explainers.openai_compat import OpenAICompatClient
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "explainer"
 

@@ -26,13 +26,6 @@ def run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def cache_dir(data_cfg: Any | None) -> Path:
-    """Where stores and corpus caches live: the run's `data.cache_dir`, else $SAEFORGE_CACHE or .cache/saeforge."""
-    if data_cfg is not None and data_cfg.get("cache_dir"):
-        return Path(str(data_cfg["cache_dir"])).expanduser()
-    return Path(os.environ.get("SAEFORGE_CACHE", ".cache/saeforge")).expanduser()
-
-
 def strip_secrets(node: Any) -> Any:
     """A plain copy of a config with secret-looking values removed (names of env vars are kept)."""
     if isinstance(node, (DictConfig,)):

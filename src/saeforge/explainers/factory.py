@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from saeforge.llm.base import ChatParams, ExplainerClient
+from saeforge.explainers.base import ChatParams, ExplainerClient
 
 KINDS = ("local", "openai")
 
@@ -30,7 +30,7 @@ def make_client(cfg: Any, lm: tuple[Any, Any] | None = None) -> ExplainerClient:
     """
     kind = _get(cfg, "kind")
     if kind == "openai":
-        from saeforge.llm.openai_compat import OpenAICompatClient
+        from saeforge.explainers.openai_compat import OpenAICompatClient
 
         for key in ("base_url", "model"):
             if not _get(cfg, key):
@@ -46,7 +46,7 @@ def make_client(cfg: Any, lm: tuple[Any, Any] | None = None) -> ExplainerClient:
             prefill=bool(_get(cfg, "prefill", False)),
         )
     if kind == "local":
-        from saeforge.llm.local import LocalChatClient
+        from saeforge.explainers.local import LocalChatClient
 
         if lm is None:
             raise ValueError("explainer.kind=local needs the loaded (model, tokenizer) passed as lm")

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from saeforge.atomic import atomic_write_json
-from saeforge.llm.base import ChatParams, ChatResult, Message
+from saeforge.explainers.base import ChatParams, ChatResult, Message
 
 log = logging.getLogger(__name__)
 

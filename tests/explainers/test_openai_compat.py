@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from tests.chat_completions_server import ChatCompletionsServer, Reply
 
-from saeforge.llm.base import ChatParams, ExplainerClient
-from saeforge.llm.openai_compat import OpenAICompatClient, parse_retry_after
+from saeforge.explainers.base import ChatParams, ExplainerClient
+from saeforge.explainers.openai_compat import OpenAICompatClient, parse_retry_after
 
 
 @pytest.fixture

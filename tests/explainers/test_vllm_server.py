@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from saeforge.llm.base import ChatParams
-from saeforge.llm.openai_compat import OpenAICompatClient
-from saeforge.llm.vllm_server import VLLMServer, default_vllm_venv
+from saeforge.explainers.base import ChatParams
+from saeforge.explainers.openai_compat import OpenAICompatClient
+from saeforge.explainers.vllm_server import VLLMServer, default_vllm_venv
 from saeforge.lm.hf_folder import write_smollm2_hf_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
