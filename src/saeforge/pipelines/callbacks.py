@@ -57,14 +57,17 @@ class InterpretCallback(L.Callback):
         self.log_table(trainer, out, step)
 
     def log_table(self, trainer: L.Trainer, out: Path, step: int) -> None:
-        from saeforge.report.dashboard import load_interpret_outputs
+        from saeforge.interpret.records import load_records
 
-        outputs = load_interpret_outputs(out)
-        maxact, lens, explanations = outputs["maxact"], outputs["logit_lens"], outputs["explanations"]
+        records = load_records(out)
         rows = []
-        for f in sorted(set(maxact) | set(lens)):
-            top = " ".join(t for t, _ in (lens.get(f) or {}).get("top", [])[:5])
-            rows.append([step, f, (maxact.get(f) or {}).get("frequency"), top, (explanations.get(f) or {}).get("label", "")])
+        for f in records.ids():
+            rec = records[f]
+            if not rec.has_maxact and rec.logit_lens is None:
+                continue
+            top = " ".join(str(t) for t, _ in (rec.logit_lens.top if rec.logit_lens is not None else [])[:5])
+            label = rec.explanation.label if rec.explanation is not None else ""
+            rows.append([step, f, rec.frequency, top, label])
         log.info("interpret callback at step %d: %d features → %s", step, len(rows), out)
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_table"):

@@ -1,10 +1,8 @@
 """Render one self-contained ``dashboard.html`` from an interpret directory.
 
-The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see DESIGN.md):
-``maxact.json``, ``logit_lens.json``, ``explanations.json``, ``scores/<scorer>.json``,
-``steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json``, ``steering/effects.json`` and
-``summary.csv``. Any of
-them may be missing; the dashboard shows what exists.
+The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see DESIGN.md); they
+are read here only through ``saeforge.interpret.records`` (``load_records``, ``read_summary``).
+Any of them may be missing; the dashboard shows what exists.
 
 Safety: every string from the corpus or a model is data, never markup. The data goes into the
 page as JSON inside ``<script type="application/json">`` with ``<``, ``>``, ``&``, U+2028 and
@@ -16,7 +14,6 @@ the hash of the page's own script blocks any other script and all network access
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import json
 import logging
@@ -27,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.atomic import atomic_write_text
+from saeforge.interpret import records as records_io
 
 log = logging.getLogger(__name__)
 
@@ -54,56 +52,6 @@ ACT_DECIMALS = 4
 # --------------------------------------------------------------------------------------- loading
 
 
-def _read_json(path: Path) -> Any | None:
-    """The parsed JSON at ``path``, or None when the file is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        log.warning("dashboard: skipping unreadable %s (%s)", path, err)
-        return None
-
-
-def _int_keyed(mapping: Any) -> dict[int, Any]:
-    """``{"12": v}`` -> ``{12: v}``; keys that are not integers are dropped."""
-    out: dict[int, Any] = {}
-    if not isinstance(mapping, dict):
-        return out
-    for key, value in mapping.items():
-        try:
-            out[int(key)] = value
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
-def _is_layer_nested(mapping: dict) -> bool:
-    """True for ``{layer: {feature: {...}}}``, False for ``{feature: {field: value}}``."""
-    values = [v for v in mapping.values() if isinstance(v, dict)]
-    if not values or len(values) != len(mapping):
-        return False
-    return all(isinstance(inner, dict) and all(isinstance(x, dict) for x in inner.values())
-               and inner for inner in values)
-
-
-def _per_feature(mapping: Any, layer: int | None) -> dict[int, Any]:
-    """Per-feature entries from a file keyed either by feature or by layer then feature.
-
-    With layer nesting, the entries of ``layer`` win over those of other layers.
-    """
-    if not isinstance(mapping, dict):
-        return {}
-    if not _is_layer_nested(mapping):
-        return _int_keyed(mapping)
-    out: dict[int, Any] = {}
-    layers = sorted(mapping, key=lambda k: str(k) == str(layer))  # the matching layer last
-    for key in layers:
-        out.update(_int_keyed(mapping[key]))
-    return out
-
-
 def _float_or_none(text: Any) -> float | None:
     try:
         value = float(text)
@@ -112,86 +60,35 @@ def _float_or_none(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _read_summary(path: Path, layer: int | None) -> dict[int, dict[str, Any]]:
-    """Rows of ``summary.csv`` by feature (rows of the hookpoint's layer win)."""
-    if not path.is_file():
-        return {}
-    rows: dict[int, dict[str, Any]] = {}
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    feature = int(row.get("feature", ""))
-                except ValueError:
-                    continue
-                row_layer = row.get("layer")
-                if feature in rows and layer is not None and str(row_layer) != str(layer):
-                    continue
-                rows[feature] = row
-    except (OSError, csv.Error) as err:
-        log.warning("dashboard: skipping unreadable %s (%s)", path, err)
-    return rows
-
-
-def _read_steering(steering_dir: Path, layer: int | None) -> dict[int, dict[str, dict[str, str]]]:
-    """``{feature: {prompt: {strength: text}}}`` merged from every steering JSON file."""
-    out: dict[int, dict[str, dict[str, str]]] = {}
-    if not steering_dir.is_dir():
-        return out
-    for path in sorted(steering_dir.glob("generated_texts_*.json")):
-        data = _read_json(path)
-        if not isinstance(data, dict):
-            continue
-        # files of this hookpoint's layer are merged last, so they win
-        for _, features in sorted(data.items(), key=lambda kv: str(kv[0]) == str(layer)):
-            for feature, prompts in _int_keyed(features).items():
-                if not isinstance(prompts, dict):
-                    continue
-                slot = out.setdefault(feature, {})
-                for prompt, by_strength in prompts.items():
-                    if isinstance(by_strength, dict):
-                        slot.setdefault(str(prompt), {}).update(
-                            {str(k): str(v) for k, v in by_strength.items()}
-                        )
-    return out
-
-
 def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
-    """Collect everything the interpret stages wrote for one hookpoint.
+    """Collect everything the interpret stages wrote for one hookpoint (through `records`).
 
-    Returns a dict with keys ``hookpoint``, ``layer``, ``d_sae``, ``n_tokens`` (from
-    ``maxact.json``, or None) and per-feature maps keyed by int feature id: ``maxact``,
-    ``logit_lens``, ``explanations``, ``summary``, ``steering``, ``steering_effects``; plus ``scores``:
-    ``{scorer: {feature: {field: value}}}``. Missing files give empty maps.
+    Returns a dict with keys ``hookpoint``, ``layer``, ``d_sae``, ``n_tokens`` (from the max-act
+    header, or None) and per-feature maps keyed by int feature id: ``maxact``, ``logit_lens``,
+    ``explanations``, ``summary``, ``steering``, ``steering_effects``; plus ``scores``:
+    ``{scorer: {feature: {field: value}}}``. Missing or unreadable files give empty maps.
     """
     interpret_dir = Path(interpret_dir)
-    maxact = _read_json(interpret_dir / "maxact.json") or {}
-    if not isinstance(maxact, dict):
-        maxact = {}
-    layer = maxact.get("layer")
-    lens = _read_json(interpret_dir / "logit_lens.json") or {}
-    lens_features = lens.get("features", lens) if isinstance(lens, dict) else {}
-
+    recs = records_io.load_records(interpret_dir)
+    feats = recs.features
     scores: dict[str, dict[int, Any]] = {}
-    scores_dir = interpret_dir / "scores"
-    if scores_dir.is_dir():
-        for path in sorted(scores_dir.glob("*.json")):
-            per_feature = _per_feature(_read_json(path), layer)
-            if per_feature:
-                scores[path.stem] = per_feature
-
+    for f in recs.ids():
+        for scorer, result in feats[f].scores.items():
+            scores.setdefault(scorer, {})[f] = result
     return {
-        "hookpoint": maxact.get("hookpoint") or interpret_dir.name,
-        "layer": layer,
-        "d_sae": maxact.get("d_sae"),
-        "n_tokens": maxact.get("n_tokens"),
-        "maxact": _int_keyed(maxact.get("features", {})),
-        "logit_lens": _int_keyed(lens_features),
-        "explanations": _per_feature(_read_json(interpret_dir / "explanations.json"), layer),
-        "scores": scores,
-        "summary": _read_summary(interpret_dir / "summary.csv", layer),
-        "steering": _read_steering(interpret_dir / "steering", layer),
-        "steering_effects": _int_keyed(_read_json(interpret_dir / "steering" / "effects.json")),
+        "hookpoint": recs.hookpoint or interpret_dir.name,
+        "layer": recs.layer,
+        "d_sae": recs.d_sae,
+        "n_tokens": recs.n_tokens,
+        "maxact": {f: feats[f].maxact_json() for f in recs.with_maxact()},
+        "logit_lens": {f: feats[f].logit_lens.to_json() for f in recs.ids() if feats[f].logit_lens is not None},
+        "explanations": {f: feats[f].explanation.to_json(f) for f in recs.ids() if feats[f].explanation is not None},
+        "scores": {name: scores[name] for name in sorted(scores)},
+        "summary": records_io.summary_by_feature(records_io.read_summary(interpret_dir, strict=False), recs.layer),
+        "steering": {f: feats[f].steering.texts for f in recs.ids()
+                     if feats[f].steering is not None and feats[f].steering.texts},
+        "steering_effects": {f: feats[f].steering.effects_json() for f in recs.ids()
+                             if feats[f].steering is not None and feats[f].steering.measured},
     }
 
 
@@ -327,7 +224,7 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
                 field = headline_field(name, fields)
                 if field is not None:
                     entry["headline"][name] = [field, _num(fields[field])]
-        # the steering stage's effects.json is the source; summary.csv (written by score) copies it
+        # the steering stage's effects file is the source; the summary (written by score) copies it
         effect_row = effects.get(fid) if isinstance(effects.get(fid), dict) else s
         for key in ("steering_effect", "steering_kl"):
             value = _num(effect_row.get(key)) if effect_row else None
