@@ -79,7 +79,7 @@ def test_run_explain_writes_and_resumes(tmp_path: Path) -> None:
                           cfg={"n_shown": 4})
         assert len(server.requests) == 2
         doc = json.loads((tmp_path / "explanations.json").read_text())
-        assert doc == out
+        assert doc.pop("format_version") == 1 and doc == out
         e0, e1 = doc["2"]["0"], doc["2"]["1"]
         assert e0["status"] == "ok" and e0["label"] == "mentions of dogs" and e0["source"] == "maxact"
         assert e1["label"] == "mentions of cats" and e0["feature_number"] == 0 and e0["layer"] == 2

@@ -49,7 +49,8 @@ def test_logit_lens_equals_brute_force(lm_and_sae, tmp_path):
         assert [i for i, _ in entry["neighbours"]] == nb.tolist()
         torch.testing.assert_close(torch.tensor([v for _, v in entry["neighbours"]]), c[nb], atol=1e-4, rtol=0)
     path = write_logit_lens(res, tmp_path / "out")
-    assert json.loads(path.read_text()) == res
+    doc = json.loads(path.read_text())
+    assert doc.pop("format_version") == 1 and doc == res
     assert len(logit_lens(lm, sae, None, top_n=2, n_neighbours=1)["features"]) == 40
     with pytest.raises(ValueError, match="features"):
         logit_lens(lm, sae, [40])

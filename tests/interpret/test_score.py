@@ -95,6 +95,7 @@ def test_oracle_scores_one_all_zero_scores_half(tmp_path: Path) -> None:
 
     # files: per-scorer json, delphi-style per-latent txt, summary.csv
     det = json.loads((tmp_path / "scores" / "detection.json").read_text())
+    assert det.pop("format_version") == 1
     assert set(det) == {"0", "1", "2"} and det["0"]["balanced_accuracy"] == 0.5  # the rerun replaced it
     fuzz = json.loads((tmp_path / "scores" / "fuzz.json").read_text())
     assert fuzz["1"]["balanced_accuracy"] == 1.0 and "baseline" in fuzz["1"]

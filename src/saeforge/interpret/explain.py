@@ -26,7 +26,6 @@ entry (`split.shown`: the (seq, start) windows shown), so the scorer holds out e
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
@@ -34,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from saeforge.atomic import atomic_write_json
+from saeforge.interpret import records as records_io
+from saeforge.interpret.records import Explanation, FeatureRecord, Records, Steering
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.prompts import PromptTemplate
 from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
@@ -238,28 +238,6 @@ def _strength_order(key: str) -> tuple[int, float]:
         return (2, 0.0)
 
 
-def steering_files(steering_dir: Path, layer: int | None, feature: int) -> list[Path]:
-    """This feature's steering files, by prompt index."""
-    pattern = f"generated_texts_layer_{layer}_feature_{feature}_prompt_*.json"
-
-    def index(p: Path) -> int:
-        m = re.search(r"_prompt_(\d+)\.json$", p.name)
-        return int(m.group(1)) if m else 10**9
-
-    return sorted(Path(steering_dir).glob(pattern), key=index)
-
-
-def read_steering_texts(steering_dir: Path, layer: int | None, feature: int) -> dict[str, dict[str, str]]:
-    """`{prompt: {"original": text, "<strength>": text}}` merged over the feature's steering files."""
-    texts: dict[str, dict[str, str]] = {}
-    for path in steering_files(steering_dir, layer, feature):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for by_feature in data.values():  # {layer: {feature: {prompt: {strength: text}}}}
-            for prompt, by_strength in (by_feature.get(str(feature)) or {}).items():
-                texts.setdefault(prompt, {}).update({str(k): str(v) for k, v in by_strength.items()})
-    return texts
-
-
 def format_steering(texts: Mapping[str, Mapping[str, str]], n_prompts: int, max_chars: int) -> str:
     """Each prompt, then the original and each strength's continuation (strengths in order)."""
     blocks = []
@@ -336,16 +314,14 @@ class _Job:
     extra: dict[str, Any]
 
 
-def _explanation_txt(out_dir: Path, hookpoint: str, feature: int) -> Path:
-    safe = hookpoint.replace("/", "_")
-    return out_dir / "explanations" / f"{safe}_latent_{feature}.txt"
-
-
-def load_maxact(maxact: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """The maxact document (a dict, or read from a path)."""
+def as_records(maxact: Records | Mapping[str, Any] | str | Path) -> Records:
+    """Records from records, a max-act document, or an interpret directory / its max-act file."""
+    if isinstance(maxact, Records):
+        return maxact
     if isinstance(maxact, Mapping):
-        return dict(maxact)
-    return json.loads(Path(maxact).read_text(encoding="utf-8"))
+        return Records.from_maxact_json(maxact)
+    path = Path(maxact)
+    return records_io.read_maxact(path if path.is_dir() else path.parent)
 
 
 def _run_chat(client: ExplainerClient, requests: list[ChatRequest]) -> list[ChatResult]:
@@ -355,13 +331,14 @@ def _run_chat(client: ExplainerClient, requests: list[ChatRequest]) -> list[Chat
 
 
 def _build_job(
-    feature: int, source: str, entry: Mapping[str, Any] | None, steering_dir: Path | None,
-    layer: int | None, prompts: Mapping[str, PromptTemplate], conf: ExplainConfig, prefill: bool,
+    feature: int, source: str, rec: FeatureRecord, layer: int | None, prompts: Mapping[str, PromptTemplate],
+    conf: ExplainConfig, prefill: bool,
 ) -> _Job | dict[str, Any]:
     """The request of one feature, or a finished (not ok) entry when there is nothing to show."""
     if source == "maxact":
-        if entry is None:
-            return {"status": "error", "error": f"feature {feature} is not in maxact.json"}
+        if not rec.has_maxact:
+            return {"status": "error", "error": f"feature {feature} has no max-act record"}
+        entry = rec.maxact_json()
         split = split_examples(entry, feature, conf.n_shown, conf.seed, conf.shown_top_fraction)
         if not split.shown:
             return {"status": "skipped", "error": "feature has no activating examples", "split": split.record(conf.seed)}
@@ -369,18 +346,16 @@ def _build_job(
                                       float(entry.get("a_max") or 0.0), conf.highlight_threshold)
         return _Job(feature, source, prompts["explain_maxact"].messages(text, prefill=prefill),
                     {"split": split.record(conf.seed), "n_examples_in_prompt": min(len(split.shown), conf.max_examples_in_prompt)})
-    if steering_dir is None:
-        return {"status": "error", "error": "no steering directory given"}
-    texts = read_steering_texts(steering_dir, layer, feature)
+    texts = rec.steering.texts if rec.steering is not None else {}
     if not texts:
-        return {"status": "error", "error": f"no steering outputs for layer {layer} feature {feature} in {steering_dir}"}
+        return {"status": "error", "error": f"no steering outputs for layer {layer} feature {feature}"}
     text = format_steering(texts, conf.n_steering_prompts, conf.max_chars)
     return _Job(feature, source, prompts["explain_steering"].messages(text, prefill=prefill), {})
 
 
 def run_explain(
     client: ExplainerClient,
-    maxact: Mapping[str, Any] | str | Path,
+    maxact: Records | Mapping[str, Any] | str | Path,
     steering_dir: str | Path | None,
     features: Sequence[int] | None,
     prompts: Mapping[str, PromptTemplate],
@@ -390,29 +365,55 @@ def run_explain(
     layer: int | None,
     cfg: ExplainConfig | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Explain `features` (None: every feature in maxact) and write `explanations.json` + txt files.
+    """Explain `features` (None: every feature with max-act examples) and write the explanations.
 
-    Resumable: features whose entry in an existing `explanations.json` is `ok` (for the same
-    source) are not asked again. Returns the whole explanations document
-    `{"<layer>": {"<feature>": {feature_number, layer, interpretation, label, status, source, …}}}`.
+    `maxact` is the records, a max-act document or its path; `steering_dir` the steering folder
+    of an interpret directory whose steered texts are read (through `records`) for `source:
+    steering`. Returns this layer's explanations document `{"<layer>": {"<feature>": {feature_number,
+    layer, interpretation, label, status, source, …}}}`. `explain_records` is the stage on records.
+    """
+    records = as_records(maxact)
+    if steering_dir is not None:
+        records.layer = layer if records.layer is None else records.layer
+        for f in (features if features is not None else records.with_maxact()):
+            texts = records_io.read_steering_texts(Path(steering_dir).parent, layer, int(f))
+            if texts:
+                records.get(int(f)).steering = Steering(texts)
+    explain_records(client, records, features, prompts, params, out_dir, hookpoint, layer, cfg)
+    return records_io.explanations_json(records, layer)
+
+
+def explain_records(
+    client: ExplainerClient,
+    records: Records,
+    features: Sequence[int] | None,
+    prompts: Mapping[str, PromptTemplate],
+    params: ChatParams,
+    out_dir: str | Path,
+    hookpoint: str,
+    layer: int | None,
+    cfg: ExplainConfig | Mapping[str, Any] | None = None,
+) -> Records:
+    """The stage on records: fill `explanation` of `features` (None: every feature with max-act
+    examples), write the explanations file and label txt files, and return the records.
+
+    Resumable: features whose earlier explanation (in `out_dir`) is `ok` for the same source are
+    not asked again.
     """
     conf = cfg if isinstance(cfg, ExplainConfig) else ExplainConfig.from_mapping(cfg)
     out_dir = Path(out_dir)
-    doc = load_maxact(maxact)
-    entries = doc.get("features") or {}
-    feats = [int(f) for f in (features if features is not None else sorted(entries, key=int))]
-    steer = Path(steering_dir) if steering_dir is not None else None
+    feats = [int(f) for f in (features if features is not None else records.with_maxact())]
     sources = ["maxact", "steering"] if conf.source == "both" else [conf.source]
-    path = out_dir / "explanations.json"
-    explanations: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    by_feature: dict[str, Any] = explanations.setdefault(str(layer), {})
+    records_io.read_explanations(out_dir, layer, records)
     prefill = bool(getattr(client, "supports_prefill", False))
 
     def done(feature: int, source: str) -> bool:
-        old = by_feature.get(str(feature)) or {}
+        old = records.get(feature).explanation
+        if old is None:
+            return False
         if source == sources[0]:
-            return old.get("status") == "ok" and old.get("source") == source
-        return (old.get("steering") or {}).get("status") == "ok"
+            return old.status == "ok" and old.source == source
+        return (old.extra.get("steering") or {}).get("status") == "ok"
 
     finished: dict[tuple[int, str], dict[str, Any]] = {}
     jobs: list[_Job] = []
@@ -420,7 +421,7 @@ def run_explain(
         for source in sources:
             if done(feature, source):
                 continue
-            job = _build_job(feature, source, entries.get(str(feature)), steer, layer, prompts, conf, prefill)
+            job = _build_job(feature, source, records.get(feature), layer, prompts, conf, prefill)
             if isinstance(job, _Job):
                 jobs.append(job)
             else:
@@ -464,32 +465,26 @@ def run_explain(
                              "raw": first_text[key], "raw_repair": reply, **job.extra}
 
     for (feature, source), result in finished.items():
-        record = {"feature_number": feature, "layer": layer, "interpretation": result.pop("interpretation", ""),
-                  "label": result.pop("label", ""), "status": result.pop("status"), "source": source, **result}
+        status = result.pop("status")
+        explanation = Explanation(label=result.pop("label", ""), interpretation=result.pop("interpretation", ""),
+                                  status=status, source=source, layer=layer, extra=result)
+        rec = records.get(feature)
         if source == sources[0]:
-            keep = (by_feature.get(str(feature)) or {}).get("steering")
-            by_feature[str(feature)] = record if keep is None else {**record, "steering": keep}
+            keep = rec.explanation.extra.get("steering") if rec.explanation is not None else None
+            if keep is not None:
+                explanation.extra["steering"] = keep
+            rec.explanation = explanation
         else:
-            by_feature.setdefault(str(feature), {"feature_number": feature, "layer": layer, "interpretation": "",
-                                                 "label": "", "status": "missing", "source": sources[0]})
-            by_feature[str(feature)]["steering"] = record
-    explanations[str(layer)] = {k: by_feature[k] for k in sorted(by_feature, key=int)}
-    atomic_write_json(path, explanations)
-    for feature in feats:
-        record = by_feature.get(str(feature)) or {}
-        txt = _explanation_txt(out_dir, hookpoint, feature)
-        if record.get("status") == "ok":
-            txt.parent.mkdir(parents=True, exist_ok=True)
-            txt.write_text(json.dumps(record["label"], ensure_ascii=False), encoding="utf-8")
-        elif txt.exists():
-            txt.unlink()  # a stale label of an earlier run must not survive a failed re-explanation
-    n_ok = sum((by_feature.get(str(f)) or {}).get("status") == "ok" for f in feats)
+            if rec.explanation is None:
+                rec.explanation = Explanation(status="missing", source=sources[0], layer=layer)
+            rec.explanation.extra["steering"] = explanation.to_json(feature)
+    path = records_io.write_explanations(out_dir, records, layer, hookpoint, feats)
+    n_ok = sum(records.get(f).explanation is not None and records.get(f).explanation.status == "ok" for f in feats)
     log.info("explanations: %d/%d ok → %s", n_ok, len(feats), path)
-    return explanations
+    return records
 
 
 __all__ = [
-    "ExampleSplit", "ExplainConfig", "example_key", "format_maxact_examples", "format_steering", "highlight",
-    "load_maxact", "marked_positions", "parse_reply", "plain_text", "read_steering_texts", "run_explain",
-    "split_examples",
+    "ExampleSplit", "ExplainConfig", "as_records", "example_key", "explain_records", "format_maxact_examples",
+    "format_steering", "highlight", "marked_positions", "parse_reply", "plain_text", "run_explain", "split_examples",
 ]

@@ -12,13 +12,14 @@ suppresses, not calibrated logits. W_U = `model.get_output_embeddings().weight` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from saeforge.atomic import atomic_write_json
+from saeforge.interpret import records as records_io
 from saeforge.interpret.maxact import TokenDecoder
+from saeforge.interpret.records import LogitLens, Records
 
 _FINAL_NORM_PATHS = (
     "model.norm",                      # Llama, Mistral, Qwen, SmolLM, Gemma 1-2
@@ -113,8 +114,19 @@ def logit_lens(
     return {"features": out}
 
 
-def write_logit_lens(result: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write `out_dir/logit_lens.json` (temp file, then rename). Returns the path."""
-    path = Path(out_dir) / "logit_lens.json"
-    atomic_write_json(path, result, indent=None, allow_nan=False)
-    return path
+def lens_records(lm: Any, sae: Any, records: Records, top_n: int = 10, n_neighbours: int = 5) -> Records:
+    """The stage: fill `logit_lens` of every record (all of `records`' features) and return them."""
+    return add_logit_lens(records, logit_lens(lm, sae, records.ids(), top_n, n_neighbours))
+
+
+def add_logit_lens(records: Records, result: Mapping[str, Any]) -> Records:
+    """Put a `logit_lens(...)` result into `records`."""
+    for f, entry in result["features"].items():
+        records.get(int(f)).logit_lens = LogitLens.from_json(entry)
+    return records
+
+
+def write_logit_lens(result: Mapping[str, Any] | Records, out_dir: str | Path) -> Path:
+    """Write the logit-lens file (records.LOGIT_LENS) of a `logit_lens(...)` result or of records. Returns the path."""
+    recs = result if isinstance(result, Records) else add_logit_lens(Records(), result)
+    return records_io.write_logit_lens(out_dir, recs)

@@ -46,7 +46,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowSource, read_chunk
-from saeforge.atomic import atomic_write_json
+from saeforge.interpret import records as records_io
+from saeforge.interpret.records import Records
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
@@ -116,7 +117,7 @@ class MaxActConfig:
 
 @dataclass
 class MaxActResult:
-    """What `collect_maxact` returns; `to_json()` is the `maxact.json` document."""
+    """What `collect_maxact` returns; `to_records()` gives the feature records (records.MAXACT holds them)."""
 
     hookpoint: str
     layer: int | None
@@ -128,12 +129,17 @@ class MaxActResult:
     """Per feature: frequency, a_max, n_fired, quantiles, histogram, top, quantile_examples, non_activating."""
     quantile_levels: list[float] = field(default_factory=list)
 
+    def to_records(self) -> Records:
+        """The feature records, each with its max-act part filled."""
+        recs = Records(hookpoint=self.hookpoint, layer=self.layer, d_sae=self.d_sae, n_tokens=self.n_tokens,
+                       ctx_len=self.ctx_len, quantile_levels=list(self.quantile_levels))
+        for f, entry in self.features.items():
+            recs.get(f).set_maxact(entry)
+        return recs
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "hookpoint": self.hookpoint, "layer": self.layer, "d_sae": self.d_sae,
-            "n_tokens": self.n_tokens, "ctx_len": self.ctx_len, "quantile_levels": self.quantile_levels,
-            "features": {str(f): entry for f, entry in self.features.items()},
-        }
+        """The max-act document (without format_version)."""
+        return self.to_records().maxact_json()
 
 
 class TokenDecoder:
@@ -549,8 +555,6 @@ def _assemble(state: _State, conf: MaxActConfig, feat_ids: list[int], tokens: Te
     return out
 
 
-def write_maxact(result: MaxActResult, out_dir: str | Path) -> Path:
-    """Write `out_dir/maxact.json` (temp file, then rename). Returns the path."""
-    path = Path(out_dir) / "maxact.json"
-    atomic_write_json(path, result.to_json(), indent=None, allow_nan=False)
-    return path
+def write_maxact(result: MaxActResult | Records, out_dir: str | Path) -> Path:
+    """Write the max-act file (records.MAXACT) under `out_dir` through `records`. Returns the path."""
+    return records_io.write_maxact(out_dir, result.to_records() if isinstance(result, MaxActResult) else result)

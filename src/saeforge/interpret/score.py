@@ -27,9 +27,7 @@ Baseline: every scorer also scores, on the very same examples, the explanation o
 from __future__ import annotations
 
 import asyncio
-import csv
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -38,13 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.interpret import records as records_io
+from saeforge.interpret.records import Records
 from saeforge.paths import installed_package_folder
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.explain import (
     ExampleSplit,
     highlight,
-    load_maxact,
+    as_records,
     marked_positions,
     plain_text,
     split_examples,
@@ -56,8 +55,6 @@ log = logging.getLogger(__name__)
 
 SCORERS = ("detection", "fuzz", "embedding")
 CLASSIFIERS = ("detection", "fuzz")
-SUMMARY_COLUMNS = ["layer", "feature", "label", "steering_effect", "detection", "fuzz", "embedding"]
-EXTRA_COLUMNS = ["steering_kl", "detection_baseline", "fuzz_baseline", "embedding_baseline"]
 
 
 @dataclass(frozen=True)
@@ -278,74 +275,7 @@ def parse_probabilities(logprobs: Sequence[TokenLogprob] | None, n: int) -> list
     return probs if len(probs) == n else None
 
 
-# ------------------------------------------------------------------------------ outputs
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _headline(scorer: str, result: Mapping[str, Any] | None) -> Any:
-    if not result:
-        return None
-    return result.get("auc") if scorer == "embedding" else result.get("balanced_accuracy")
-
-
-def write_summary(out_dir: Path, layer: int | None, features: Sequence[int], labels: Mapping[int, str],
-                  scores: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Merge rows (layer, feature) into `summary.csv`: our columns are set, other columns kept."""
-    path = out_dir / "summary.csv"
-    rows: dict[tuple[str, str], dict[str, str]] = {}
-    columns: list[str] = list(SUMMARY_COLUMNS)
-    if path.is_file():
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            columns += [c for c in reader.fieldnames or [] if c not in columns]
-            for row in reader:
-                rows[(row.get("layer", ""), row.get("feature", ""))] = dict(row)
-    columns += [c for c in EXTRA_COLUMNS if c not in columns]
-    effects = _read_json(out_dir / "steering" / "effects.json")
-    for feature in features:
-        key = (_fmt(layer), str(feature))
-        row = rows.setdefault(key, {"layer": key[0], "feature": key[1]})
-        row["label"] = labels.get(feature, "")
-        effect = effects.get(str(feature)) or {}
-        if "steering_effect" in effect:
-            row["steering_effect"] = _fmt(effect.get("steering_effect"))
-        if "steering_kl" in effect:
-            row["steering_kl"] = _fmt(effect.get("steering_kl"))
-        for scorer, by_feature in scores.items():
-            result = by_feature.get(str(feature)) if feature in labels else None
-            row[scorer] = _fmt(_headline(scorer, result))
-            row[f"{scorer}_baseline"] = _fmt(_headline(scorer, (result or {}).get("baseline")))
-    ordered = sorted(rows.values(), key=lambda r: (r.get("layer", ""), int(r["feature"]) if str(r.get("feature", "")).isdigit() else 0))
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in ordered:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
-
-
-def _latent_txt(out_dir: Path, scorer: str, hookpoint: str, feature: int) -> Path:
-    return out_dir / "scores" / scorer / f"{hookpoint.replace('/', '_')}_latent_{feature}.txt"
-
-
 # ------------------------------------------------------------------------------ the stage
-def _labels(explanations: Mapping[str, Any] | str | Path, layer: int | None) -> dict[str, Any]:
-    doc = explanations if isinstance(explanations, Mapping) else json.loads(Path(explanations).read_text(encoding="utf-8"))
-    by_layer = doc.get(str(layer))
-    if by_layer is None and "feature_number" in next(iter(doc.values()), {}):
-        by_layer = doc  # already the per-layer mapping
-    return dict(by_layer or {})
-
-
 def _score_classifier(
     scorer: str, client: ExplainerClient, prompt: PromptTemplate, params: ChatParams, conf: ScoreConfig,
     samples: Mapping[int, list[Sample]], explanation: Mapping[int, str], baseline_of: Mapping[int, int],
@@ -431,8 +361,8 @@ def _score_embedding(embedder: Embedder, samples: Mapping[int, list[Sample]], ex
 def run_score(
     client: ExplainerClient | None,
     embedder: Embedder | None,
-    maxact: Mapping[str, Any] | str | Path,
-    explanations: Mapping[str, Any] | str | Path,
+    maxact: Records | Mapping[str, Any] | str | Path,
+    explanations: Mapping[str, Any] | None,
     scorers: Sequence[str] | None,
     features: Sequence[int] | None,
     prompts: Mapping[str, PromptTemplate],
@@ -445,29 +375,63 @@ def run_score(
 ) -> dict[str, dict[str, Any]]:
     """Score the `ok` explanations of `features` (None: all explained) with `scorers` (None: cfg's).
 
-    Writes `scores/<scorer>.json` (merged with earlier runs; features not ok are removed),
-    `scores/<scorer>/<hookpoint>_latent_<id>.txt` (per-example results, delphi-style) and merges
-    `summary.csv`. Returns `{scorer: {"<feature>": result}}` for this run's features.
+    `maxact` is the records (then `explanations` None: theirs) or a max-act document / path, and
+    `explanations` an explanations document `{layer: {feature: entry}}`. The steering effects of
+    `out_dir` are read for the summary. Returns `{scorer: {"<feature>": result}}` for this run's
+    features; `score_records` is the stage on records (and says what it writes).
+    """
+    records = as_records(maxact)
+    if explanations is not None:
+        records_io.explanations_from_json(explanations, layer, records)
+    if not isinstance(maxact, Records):
+        records.layer = layer if records.layer is None else records.layer
+        records_io.read_steering(out_dir, records, texts=False)
+    results: dict[str, dict[str, Any]] = {}
+    score_records(client, embedder, records, scorers, features, prompts, params, out_dir, hookpoint, layer, seed, cfg,
+                  results=results)
+    return results
+
+
+def score_records(
+    client: ExplainerClient | None,
+    embedder: Embedder | None,
+    records: Records,
+    scorers: Sequence[str] | None,
+    features: Sequence[int] | None,
+    prompts: Mapping[str, PromptTemplate],
+    params: ChatParams,
+    out_dir: str | Path,
+    hookpoint: str,
+    layer: int | None,
+    seed: int = 0,
+    cfg: ScoreConfig | Mapping[str, Any] | None = None,
+    results: dict[str, dict[str, Any]] | None = None,
+) -> Records:
+    """The stage on records: score the `ok` explanations of `features` (None: all explained), fill
+    `scores`, and return the records.
+
+    Writes, through `records`, each scorer's file (merged with earlier runs; features not ok are
+    removed) with its per-latent example files (delphi-style), and merges the summary CSV
+    (records.SUMMARY) from the records' labels, steering effects and scores. `results`, when
+    given, receives `{scorer: {"<feature>": result}}` of this run.
     """
     conf = cfg if isinstance(cfg, ScoreConfig) else ScoreConfig.from_mapping(cfg)
     conf = dataclasses.replace(conf, seed=seed, scorers=tuple(scorers) if scorers is not None else conf.scorers)
     out_dir = Path(out_dir)
-    doc = load_maxact(maxact)
-    entries = doc.get("features") or {}
-    records = _labels(explanations, layer)
-    feats = [int(f) for f in (features if features is not None else sorted(records, key=int))]
-    ok = [f for f in feats if (records.get(str(f)) or {}).get("status") == "ok"
-          and (records[str(f)].get("label") or "").strip() and str(f) in entries]
-    explanation = {f: records[str(f)]["label"].strip() for f in ok}
+    if records.layer is None:
+        records.layer = layer
+    explained = [f for f in records.ids() if records[f].explanation is not None]
+    feats = [int(f) for f in (features if features is not None else explained)]
+    ok = [f for f in feats if f in records.features and records[f].has_maxact and records[f].label]
+    explanation = {f: records[f].label for f in ok}
     baseline_of = derangement(ok, conf.seed) if conf.baseline else {}
     splits: dict[int, tuple[list[dict], list[dict]]] = {}
     for f in ok:
-        recorded = (records[str(f)].get("split") or {}).get("shown")
+        recorded = (records[f].explanation.extra.get("split") or {}).get("shown")
         if recorded is None:
             log.warning("feature %d: explanation has no recorded split; recomputing it with seed %d", f, conf.seed)
-        split = split_examples(entries[str(f)], f, seed=conf.seed, shown=recorded)
+        split = split_examples(records[f].maxact_json(), f, seed=conf.seed, shown=recorded)
         splits[f] = _test_sets(split, conf, f)
-    results: dict[str, dict[str, Any]] = {}
     for scorer in conf.scorers:
         samples = {f: build_samples(scorer, *splits[f], conf, f) for f in ok}
         samples = {f: s for f, s in samples.items() if s}
@@ -478,27 +442,16 @@ def run_score(
         else:
             embedder = embedder or load_embedder(conf.embedding_model)
             per = _score_embedding(embedder, samples, explanation, baseline_of)
-        path = out_dir / "scores" / f"{scorer}.json"
-        merged = _read_json(path)
-        for f in feats:
-            merged.pop(str(f), None)
-            txt = _latent_txt(out_dir, scorer, hookpoint, f)
-            if f in per:
-                examples = per[f].pop("examples")
-                merged[str(f)] = per[f]
-                txt.parent.mkdir(parents=True, exist_ok=True)
-                txt.write_text(json.dumps(examples, ensure_ascii=False), encoding="utf-8")
-            elif txt.exists():
-                txt.unlink()
-        atomic_write_json(path, {k: merged[k] for k in sorted(merged, key=int)})
-        results[scorer] = {str(f): per[f] for f in feats if f in per}
+        path = records_io.write_scores(out_dir, scorer, hookpoint, feats, per, records)
+        if results is not None:
+            results[scorer] = {str(f): {k: v for k, v in per[f].items() if k != "examples"} for f in feats if f in per}
         log.info("%s: scored %d features → %s", scorer, len(per), path)
-    labels = {f: explanation[f] for f in ok}
-    write_summary(out_dir, layer, feats, labels, {s: _read_json(out_dir / "scores" / f"{s}.json") for s in conf.scorers})
-    return results
+    records_io.read_scores(out_dir, conf.scorers, records)  # the merged files: earlier runs' features too
+    records_io.write_summary(out_dir, records, feats, conf.scorers)
+    return records
 
 
 __all__ = [
     "ScoreConfig", "classification_metrics", "derangement", "load_embedder", "parse_predictions",
-    "parse_probabilities", "roc_auc", "run_score", "write_summary",
+    "parse_probabilities", "roc_auc", "run_score", "score_records",
 ]

@@ -15,10 +15,10 @@ Two per-feature measures come out of a run:
 - `steering_kl`: model-based, mean KL(steered ‖ unsteered) of the next-token distribution over
   the generated tokens (see its docstring).
 
-Outputs (DESIGN.md, "Interpretation outputs"):
-`<out_dir>/steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json` shaped
-`{"<L>": {"<F>": {"<prompt>": {"original": ..., "-2.0": ..., "1.0": ...}}}}` and
-`<out_dir>/steering/effects.json` `{"<F>": {"steering_effect": ..., "steering_kl": ...}}`.
+Outputs (DESIGN.md, "Interpretation outputs"), written through `saeforge.interpret.records`:
+one steered-texts file per (feature, prompt) (`records.steering_text_path`, seed-shaped
+`{"<L>": {"<F>": {"<prompt>": {"original": ..., "-2.0": ..., "1.0": ...}}}}`) and the effects file
+(records.EFFECTS) `{"<F>": {"steering_effect": ..., "steering_kl": ...}}`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saeforge.atomic import atomic_write_json
+from saeforge.interpret import records as records_io
+from saeforge.interpret.records import Records, Steering
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.lm.capture import add_to_residual
 from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
@@ -499,16 +500,8 @@ def steering_kl(
 
 
 def steering_file(out_dir: Path, layer: int, feature: int, prompt_index: int) -> Path:
-    """Path of one (feature, prompt) output file."""
-    return Path(out_dir) / "steering" / f"generated_texts_layer_{layer}_feature_{feature}_prompt_{prompt_index}.json"
-
-
-def _read_feature_texts(files: list[Path], layer: int, feature: int) -> dict[str, dict[str, str]]:
-    texts: dict[str, dict[str, str]] = {}
-    for path in files:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        texts.update(data[str(layer)][str(feature)])
-    return texts
+    """Path of one (feature, prompt) output file (`records.steering_text_path`)."""
+    return records_io.steering_text_path(out_dir, layer, feature, prompt_index)
 
 
 def _a_max_of(a_max: Mapping[Any, Any], feature: int) -> float:
@@ -525,7 +518,7 @@ def run_steering(
     sae: Any,
     hookpoint: str,
     features: Sequence[int],
-    a_max: Mapping[Any, Any],
+    a_max: Mapping[Any, Any] | Records,
     prompts: Sequence[str] | None,
     cfg: SteeringConfig | Mapping[str, Any] | None,
     out_dir: str | Path,
@@ -533,9 +526,31 @@ def run_steering(
     """Steer each feature, write its files, and return {feature: {"steering_effect", "steering_kl"}}.
 
     `prompts` None → `cfg.prompts_file`. `a_max` maps a feature (int or str key) to its A_max
-    (a number, or maxact.json's per-feature dict with "a_max"). A feature whose files already all
-    exist is skipped (resume): its effect is recomputed from the files and its KL read back from
-    `effects.json` (None if absent). `effects.json` is rewritten after every feature.
+    (a number, or a max-act entry dict with "a_max"), or is the feature records. A feature whose
+    files already all exist is skipped (resume): its effect is recomputed from the files and its
+    KL read back from the effects file (None if absent). The effects file is rewritten after
+    every feature. `steer_records` is the same stage on records.
+    """
+    recs = a_max if isinstance(a_max, Records) else None
+    records = steer_records(lm, sae, hookpoint, features, recs or Records(), prompts, cfg, out_dir,
+                            a_max=None if recs is not None else a_max)
+    return {f: records[f].steering.effects_json() for f in [_check_feature(sae, f) for f in features]}
+
+
+def steer_records(
+    lm: Any,
+    sae: Any,
+    hookpoint: str,
+    features: Sequence[int],
+    records: Records,
+    prompts: Sequence[str] | None,
+    cfg: SteeringConfig | Mapping[str, Any] | None,
+    out_dir: str | Path,
+    a_max: Mapping[Any, Any] | None = None,
+) -> Records:
+    """The stage on records: fill `steering` (texts, effect, KL) of `features` and return the records.
+
+    A_max comes from the records (or from `a_max` when given); see `run_steering` for resume.
     """
     cfg = cfg if isinstance(cfg, SteeringConfig) else SteeringConfig.from_mapping(cfg)
     if prompts is None:
@@ -546,35 +561,35 @@ def run_steering(
     hookpoint = _check_sae_fits(lm, sae, hookpoint)
     layer = hookpoint_layer(hookpoint)
     features = [_check_feature(sae, f) for f in features]
+    a_max = a_max if a_max is not None else records.a_max()
     amax = {f: _a_max_of(a_max, f) for f in features}
     out_dir = Path(out_dir)
-    effects_path = out_dir / "steering" / "effects.json"
-    effects: dict[str, Any] = json.loads(effects_path.read_text(encoding="utf-8")) if effects_path.is_file() else {}
-    results: dict[int, dict[str, float | None]] = {}
+    if records.layer is None:
+        records.layer = layer
+    records_io.read_steering(out_dir, records, texts=False)  # earlier effects: KL of resumed features
     n_tokens, seconds = 0, 0.0
     bar = tqdm(features, desc=f"steering {hookpoint}", unit="feature")
     for feature in bar:
-        files = [steering_file(out_dir, layer, feature, p) for p in range(len(prompts))]
-        if all(f.is_file() for f in files):
-            previous = effects.get(str(feature), {})
-            texts = _read_feature_texts(files, layer, feature)
-            results[feature] = {"steering_effect": steering_effect(texts), "steering_kl": previous.get("steering_kl")}
+        rec = records.get(feature)
+        previous = rec.steering if rec.steering is not None and rec.steering.measured else None
+        if records_io.steering_texts_complete(out_dir, layer, feature, len(prompts)):
+            texts = records_io.read_steering_texts(out_dir, layer, feature)
+            rec.steering = Steering(texts, True, steering_effect(texts), previous.kl if previous else None)
         else:
             run = generate_steered(lm, sae, hookpoint, feature, amax[feature], prompts, cfg.strengths, cfg)
             for index, prompt in enumerate(prompts):
-                atomic_write_json(files[index], {str(layer): {str(feature): {prompt: run.texts[prompt]}}})
+                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt])
             steered = [i for i, key in enumerate(run.row_keys) if key != ORIGINAL and float(key) != 0.0]
             kl = steering_kl(
                 lm, hookpoint, [run.row_prompts[i] for i in steered], [run.continuations[i] for i in steered],
                 run.vectors[steered], max_batch=cfg.max_batch,
             ) if steered else 0.0
-            results[feature] = {"steering_effect": steering_effect(run.texts), "steering_kl": kl}
+            rec.steering = Steering(dict(run.texts), True, steering_effect(run.texts), kl)
             n_tokens += sum(len(c) for c in run.continuations)
             seconds += run.seconds
             bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")
-        effects[str(feature)] = results[feature]
-        atomic_write_json(effects_path, effects)
+        records_io.write_effects(out_dir, records)
     if seconds:
         log.info("steering %s: %d features, %d generated tokens in %.1f s (%.0f tokens/s)",
                  hookpoint, len(features), n_tokens, seconds, n_tokens / seconds)
-    return results
+    return records

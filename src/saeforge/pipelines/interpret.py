@@ -1,7 +1,8 @@
 """`python interpret.py ckpt=...`: maxact → logit_lens → steering → explain → score → dashboard.
 
-Outputs live under `<run.dir>/interpret/<hookpoint>/` (shared/DESIGN.md). The outputs are the
-record: `stages.json` remembers, per stage, a fingerprint of its settings, the features and the
+Outputs live under `<run.dir>/interpret/<hookpoint>/` (shared/DESIGN.md), read and written only
+through `saeforge.interpret.records`; stages pass `Records` between them. The stages file
+(records.STAGES) remembers, per stage, a fingerprint of its settings, the features and the
 fingerprints of the stages it reads; a rerun skips a stage whose fingerprint is unchanged and
 whose output exists, and the per-feature stages (steering, explain) skip finished features on
 their own. The LM is loaded once, lazily, and shared by every stage that needs it.
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import store_spec
 from saeforge.activations.store import is_complete, read_tokens
-from saeforge.atomic import atomic_write_json
+from saeforge.interpret import records as records_io
 from saeforge.activations.corpus import iter_texts, load_corpus
 from saeforge.activations.windows import pack_windows
 from saeforge.lm.hookpoints import hookpoint_layer
@@ -34,8 +35,7 @@ log = logging.getLogger(__name__)
 STAGES = ("maxact", "logit_lens", "steering", "explain", "score", "dashboard")
 UPSTREAM = {"steering": ["maxact"], "explain": ["maxact", "steering"], "score": ["explain"],
             "dashboard": ["maxact", "logit_lens", "steering", "explain", "score"]}
-OUTPUT = {"maxact": "maxact.json", "logit_lens": "logit_lens.json", "steering": "steering/effects.json",
-          "explain": "explanations.json", "score": "summary.csv", "dashboard": "dashboard.html"}
+OUTPUT = {stage: records_io.stage_output(stage) for stage in STAGES}
 
 
 class Context:
@@ -168,67 +168,70 @@ def sae_frequency(source: SAESource) -> torch.Tensor | None:
 # ---- stages ----------------------------------------------------------------------------------
 def run_maxact(ctx: Context) -> None:
     from saeforge.activations.readers import open_rows
-    from saeforge.interpret.maxact import collect_maxact, write_maxact
+    from saeforge.interpret.maxact import collect_maxact
 
     root = ctx.store_root()
     stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
     if stored is not None:
         log.info("maxact: reading stored activations from %s (no LM forward)", root)
     result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), ctx.cfg.interpret.maxact, ctx.features, stored)
-    write_maxact(result, ctx.out)
+    records_io.write_maxact(ctx.out, result.to_records())
 
 
 def run_logit_lens(ctx: Context) -> None:
-    from saeforge.interpret.logit_lens import logit_lens, write_logit_lens
+    from saeforge.interpret.logit_lens import add_logit_lens, logit_lens
 
     lcfg = ctx.cfg.interpret.logit_lens
-    write_logit_lens(logit_lens(ctx.lm, ctx.source.sae, ctx.features, int(lcfg.top_n), int(lcfg.n_neighbours)), ctx.out)
+    records = records_io.Records(hookpoint=ctx.hookpoint, layer=ctx.layer)
+    add_logit_lens(records, logit_lens(ctx.lm, ctx.source.sae, ctx.features, int(lcfg.top_n), int(lcfg.n_neighbours)))
+    records_io.write_logit_lens(ctx.out, records)
 
 
-def read_maxact(ctx: Context) -> dict[str, Any]:
-    path = ctx.out / "maxact.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the maxact stage first (interpret.stages=[maxact,...])")
-    return json.loads(path.read_text())
+def read_maxact(ctx: Context) -> records_io.Records:
+    """The records of the max-act file (FileNotFoundError, naming the stage to run, when it is missing)."""
+    return records_io.read_maxact(ctx.out)
 
 
 def run_steering_stage(ctx: Context) -> None:
-    from saeforge.interpret.steering import SteeringConfig, resolve_prompts, run_steering
+    from saeforge.interpret.steering import SteeringConfig, resolve_prompts, steer_records
 
-    maxact = read_maxact(ctx)
-    a_max = {int(f): entry["a_max"] for f, entry in maxact["features"].items()}
+    records = read_maxact(ctx)
+    a_max = records.a_max()
     features = [f for f in ctx.features if a_max.get(f, 0) > 0]
     scfg = SteeringConfig.from_mapping(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
     corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_root(ctx.data_cfg and ctx.data_cfg.get("cache_dir")))
     prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
-    run_steering(ctx.lm, ctx.source.sae, ctx.hookpoint, features, a_max, prompts, scfg, ctx.out)
+    steer_records(ctx.lm, ctx.source.sae, ctx.hookpoint, features, records, prompts, scfg, ctx.out)
 
 
 def run_explain_stage(ctx: Context) -> None:
-    from saeforge.interpret.explain import run_explain
+    from saeforge.interpret.explain import explain_records
     from saeforge.interpret.prompts import load_prompts
     from saeforge.explainers.factory import make_chat_params
 
-    maxact = read_maxact(ctx)
-    features = [f for f in ctx.features if str(f) in maxact["features"]]
-    steering = ctx.out / "steering"
-    run_explain(ctx.client(), maxact, steering if steering.is_dir() else None, features,
-                load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-                ctx.hookpoint, ctx.layer, OmegaConf.to_container(ctx.cfg.interpret.explain, resolve=True))
+    records = records_io.read_steering(ctx.out, read_maxact(ctx))
+    features = [f for f in ctx.features if f in records.with_maxact()]
+    explain_records(ctx.client(), records, features,
+                    load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
+                    ctx.hookpoint, ctx.layer, OmegaConf.to_container(ctx.cfg.interpret.explain, resolve=True))
 
 
 def run_score_stage(ctx: Context) -> None:
     from saeforge.interpret.prompts import load_prompts
-    from saeforge.interpret.score import load_embedder, run_score
+    from saeforge.interpret.score import load_embedder, score_records
     from saeforge.explainers.factory import make_chat_params
 
     scfg = OmegaConf.to_container(ctx.cfg.interpret.score, resolve=True)
     scorers = list(scfg["scorers"])
     needs_llm = any(s != "embedding" for s in scorers)
     embedder = load_embedder(scfg.get("embedding_model")) if "embedding" in scorers else None
-    run_score(ctx.client() if needs_llm else None, embedder, ctx.out / "maxact.json", ctx.out / "explanations.json", scorers,
-              ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-              ctx.hookpoint, ctx.layer, int(scfg.get("seed", 0)), scfg)
+    records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
+    if not (ctx.out / records_io.EXPLANATIONS).is_file():
+        raise FileNotFoundError(f"{ctx.out / records_io.EXPLANATIONS} is missing: run the explain stage first")
+    records_io.read_explanations(ctx.out, ctx.layer, records)
+    score_records(ctx.client() if needs_llm else None, embedder, records, scorers,
+                  ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
+                  ctx.hookpoint, ctx.layer, int(scfg.get("seed", 0)), scfg)
 
 
 def run_dashboard(ctx: Context) -> None:
@@ -264,8 +267,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     ctx.features = select_features(ctx, frequency)
     log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
 
-    record_path = out / "stages.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = records_io.read_stages(out)
     prints: dict[str, str] = {}
     for stage in STAGES:
         upstream = [prints.get(u) or record.get(u, {}).get("fingerprint") for u in UPSTREAM.get(stage, [])]
@@ -278,7 +280,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         log.info("stage %s: running", stage)
         RUNNERS[stage](ctx)
         record[stage] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
-        atomic_write_json(record_path, record)
+        records_io.write_stages(out, record)
     log_to_wandb(cfg, out)
     return out
 
@@ -288,23 +290,19 @@ def log_to_wandb(cfg: DictConfig, out: Path) -> None:
     logger = make_wandb_logger(cfg, out, "interpret")
     if logger is None:
         return
-    import csv
-
     import wandb
 
     run = logger.experiment
-    summary = out / "summary.csv"
-    if summary.is_file():
-        rows = list(csv.DictReader(summary.open()))
-        if rows:
-            columns = list(rows[0].keys())
-            run.log({"interpret/summary": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
-            for col in ("detection", "fuzz", "embedding", "steering_effect"):
-                values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
-                if values:
-                    run.log({f"interpret/{col}_hist": wandb.Histogram(values)})
-                    run.summary[f"interpret/{col}_mean"] = sum(values) / len(values)
-    dashboard = out / "dashboard.html"
+    rows = records_io.read_summary(out)
+    if rows:
+        columns = list(rows[0].keys())
+        run.log({"interpret/summary": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+        for col in ("detection", "fuzz", "embedding", "steering_effect"):
+            values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
+            if values:
+                run.log({f"interpret/{col}_hist": wandb.Histogram(values)})
+                run.summary[f"interpret/{col}_mean"] = sum(values) / len(values)
+    dashboard = out / records_io.DASHBOARD
     if dashboard.is_file():
         artifact = wandb.Artifact(f"dashboard-{out.name.replace('.', '_')}", type="dashboard")
         artifact.add_file(str(dashboard))
