@@ -151,3 +151,12 @@ def test_file_names_appear_in_one_source_file_only(name: str) -> None:
     """File names and nestings live in records.py; other modules use its constants (CI rule)."""
     hits = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if name in p.read_text(encoding="utf-8"))
     assert hits == ["interpret/records.py"], f"{name!r} appears in {hits}"
+
+
+def test_example_json_keeps_fields_order_and_unknown_keys() -> None:
+    for doc in (example(1, 0), example(1, 2, bucket=3), {"tokens": ["a"], "token_ids": [4], "seq": 3, "start": 1},
+                {**example(2, 0), "note": "kept"}):
+        back = R.Example.from_json(doc).to_json()
+        assert back == doc and list(back) == list(doc)
+    rec = make_records()[7]
+    assert isinstance(rec.top[0], R.Example) and rec.top[0].activation == 1.5 and rec.quantile_examples[2].bucket == 1

@@ -63,12 +63,43 @@ _STEERING_NAME = re.compile(rf"^{_STEERING_PREFIX}(?P<layer>[^_]+)_feature_(?P<f
 SUMMARY_COLUMNS = ["layer", "feature", "label", "steering_effect", "detection", "fuzz", "embedding"]
 EXTRA_COLUMNS = ["steering_kl", "detection_baseline", "fuzz_baseline", "embedding_baseline"]
 
-Example = dict
-"""One example as stored: `activation, tokens, token_ids, acts, max_pos, seq, start` (+ `bucket`
-for quantile examples); a non-activating window has `tokens, token_ids, seq, start`."""
-
-
 # ------------------------------------------------------------------------------ the records
+_EXAMPLE_FIELDS = ("bucket", "activation", "tokens", "token_ids", "acts", "max_pos", "seq", "start")
+
+
+@dataclass
+class Example:
+    """One window of the corpus: an activating example (context around its max token) or a
+    non-activating window (no `activation`, `acts`, `max_pos`). Stored as a JSON object with the
+    fields that are set, in the order below; unknown keys are kept in `extra`."""
+
+    bucket: int | None = None
+    """Quantile bucket (quantile examples only)."""
+    activation: float | None = None
+    """The example's max activation."""
+    tokens: list[str] | None = None
+    """Decoded display tokens of the window."""
+    token_ids: list[int] | None = None
+    acts: list[float] | None = None
+    """The feature's activation at each token of the window."""
+    max_pos: int | None = None
+    """Index of the max token within the window."""
+    seq: int | None = None
+    """Sequence (token window) of the corpus sample."""
+    start: int | None = None
+    """First position of the window within the sequence."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in _EXAMPLE_FIELDS if getattr(self, name) is not None}
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Example:
+        return cls(**{k: doc[k] for k in _EXAMPLE_FIELDS if k in doc},
+                   extra={k: v for k, v in doc.items() if k not in _EXAMPLE_FIELDS})
+
+
 @dataclass
 class LogitLens:
     """Top / bottom tokens of the decoder direction through the unembedding, and nearest features."""
@@ -159,7 +190,7 @@ class FeatureRecord:
     histogram: dict[str, Any] | None = None
     """`{"edges": [...], "counts": [...]}` of the nonzero activations."""
     top: list[Example] = field(default_factory=list)
-    """Top examples, largest first, with token contexts and per-token activations."""
+    """Top examples, largest activation first."""
     quantile_examples: list[Example] = field(default_factory=list)
     """Examples sampled per activation bucket (`bucket` field)."""
     non_activating: list[Example] = field(default_factory=list)
@@ -183,16 +214,17 @@ class FeatureRecord:
     def maxact_json(self) -> dict[str, Any]:
         """This feature's entry of the max-act file (the dict explain and score sample from)."""
         return {"feature": self.feature, "frequency": self.frequency, "a_max": self.a_max, "n_fired": self.n_fired,
-                "quantiles": self.quantiles, "histogram": self.histogram, "top": self.top,
-                "quantile_examples": self.quantile_examples, "non_activating": self.non_activating}
+                "quantiles": self.quantiles, "histogram": self.histogram, "top": [e.to_json() for e in self.top],
+                "quantile_examples": [e.to_json() for e in self.quantile_examples],
+                "non_activating": [e.to_json() for e in self.non_activating]}
 
     def set_maxact(self, entry: Mapping[str, Any]) -> None:
         self.frequency, self.a_max, self.n_fired = entry.get("frequency"), entry.get("a_max"), entry.get("n_fired")
         self.quantiles = list(entry.get("quantiles") or [])
         self.histogram = entry.get("histogram")
-        self.top = list(entry.get("top") or [])
-        self.quantile_examples = list(entry.get("quantile_examples") or [])
-        self.non_activating = list(entry.get("non_activating") or [])
+        self.top = [Example.from_json(e) for e in entry.get("top") or []]
+        self.quantile_examples = [Example.from_json(e) for e in entry.get("quantile_examples") or []]
+        self.non_activating = [Example.from_json(e) for e in entry.get("non_activating") or []]
 
 
 @dataclass
@@ -613,7 +645,7 @@ def load_records(out_dir: str | Path, strict: bool = False) -> Records:
 
 __all__ = [
     "DASHBOARD", "EFFECTS", "EXPLANATIONS", "EXPLANATIONS_DIR", "EXTRA_COLUMNS", "FORMAT_VERSION", "LOGIT_LENS",
-    "MAXACT", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Explanation", "FeatureRecord",
+    "MAXACT", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord",
     "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "load_records",
     "read_explanations", "read_logit_lens", "read_maxact", "read_scores", "read_stages", "read_steering",
     "read_steering_texts", "read_summary", "scores_path", "stage_output", "steering_text_path",
