@@ -458,10 +458,15 @@ def read_steering(out_dir: str | Path, records: Records | None = None, texts: bo
 
 
 # ------------------------------------------------------------------------------ explanations
-def read_explanations(out_dir: str | Path, layer: int | None, records: Records | None = None, strict: bool = True) -> Records:
-    """Fill `explanation` from the explanations file's entries of `layer`."""
+def read_explanations(out_dir: str | Path, layer: int | None, records: Records | None = None, strict: bool = True,
+                      required: bool = False) -> Records:
+    """Fill `explanation` from the explanations file's entries of `layer` (FileNotFoundError when
+    the file is missing and `required`)."""
     records = _records(records)
-    doc = _read_json(Path(out_dir) / EXPLANATIONS, strict) or {}
+    path = Path(out_dir) / EXPLANATIONS
+    if required and not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the explain stage first")
+    doc = _read_json(path, strict) or {}
     return explanations_from_json(doc, layer, records)
 
 

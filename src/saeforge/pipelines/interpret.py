@@ -210,7 +210,8 @@ def run_explain_stage(ctx: Context) -> None:
     from saeforge.explainers.factory import make_chat_params
 
     records = records_io.read_steering(ctx.out, read_maxact(ctx))
-    features = [f for f in ctx.features if f in records.with_maxact()]
+    explainable = set(records.with_maxact())
+    features = [f for f in ctx.features if f in explainable]
     explain_records(ctx.client(), records, features,
                     load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
                     ctx.hookpoint, ctx.layer, OmegaConf.to_container(ctx.cfg.interpret.explain, resolve=True))
@@ -226,9 +227,7 @@ def run_score_stage(ctx: Context) -> None:
     needs_llm = any(s != "embedding" for s in scorers)
     embedder = load_embedder(scfg.get("embedding_model")) if "embedding" in scorers else None
     records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
-    if not (ctx.out / records_io.EXPLANATIONS).is_file():
-        raise FileNotFoundError(f"{ctx.out / records_io.EXPLANATIONS} is missing: run the explain stage first")
-    records_io.read_explanations(ctx.out, ctx.layer, records)
+    records_io.read_explanations(ctx.out, ctx.layer, records, required=True)
     score_records(ctx.client() if needs_llm else None, embedder, records, scorers,
                   ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
                   ctx.hookpoint, ctx.layer, int(scfg.get("seed", 0)), scfg)
