@@ -334,7 +334,19 @@ def generate_steered(
     strengths: Any,
     gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
 ) -> SteeredGeneration:
-    """Batched steered generation for one feature, with the token ids (see `steer_feature`)."""
+    """Steered continuations for one feature: `.texts` is {prompt: {"original": ..., str(float(s)): ...}}.
+
+    Adds `s × a_max × W_dec[feature]` to the residual output of the SAE's hookpoint at every
+    position. All prompts × (original + strengths) rows go through one batched, left-padded
+    `generate` call per `max_batch` rows; the "original" rows carry a zero vector. Greedy unless
+    `do_sample`; sampling uses `temperature`, `top_p` (no top-k) and `torch.manual_seed(seed)`
+    before each chunk's generate, so sampled outputs are reproducible for the same batch
+    composition (same prompts, strengths and max_batch) — not across different batchings.
+    Only the continuation is returned (token ids and text decoded with special tokens skipped).
+
+    Raises ValueError for a feature outside [0, d_sae), an SAE whose d_in is not the model's
+    d_model, empty prompts, or non-numeric strengths.
+    """
     gen = gen_cfg if isinstance(gen_cfg, SteeringConfig) else SteeringConfig.from_mapping({**(gen_cfg or {}), "strengths": [1.0]})
     prompts = _check_prompts(prompts)
     strengths = parse_strengths(strengths)
@@ -368,32 +380,6 @@ def generate_steered(
     for prompt, key, text in zip(row_prompts, row_keys, decoded):
         texts[prompt][key] = text
     return SteeredGeneration(texts, row_prompts, row_keys, continuations, vectors.cpu(), seconds)
-
-
-def steer_feature(
-    lm: Any,
-    sae: Any,
-    hookpoint: str,
-    feature: int,
-    a_max: float,
-    prompts: Sequence[str],
-    strengths: Any,
-    gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
-) -> dict[str, dict[str, str]]:
-    """Steered continuations {prompt: {"original": ..., str(float(s)): ...}} for one feature.
-
-    Adds `s × a_max × W_dec[feature]` to the residual output of the SAE's hookpoint at every
-    position. All prompts × (original + strengths) rows go through one batched, left-padded
-    `generate` call per `max_batch` rows; the "original" rows carry a zero vector. Greedy unless
-    `do_sample`; sampling uses `temperature`, `top_p` (no top-k) and `torch.manual_seed(seed)`
-    before each chunk's generate, so sampled outputs are reproducible for the same batch
-    composition (same prompts, strengths and max_batch) — not across different batchings.
-    Only the continuation is returned, decoded with special tokens skipped.
-
-    Raises ValueError for a feature outside [0, d_sae), an SAE whose d_in is not the model's
-    d_model, empty prompts, or non-numeric strengths.
-    """
-    return generate_steered(lm, sae, hookpoint, feature, a_max, prompts, strengths, gen_cfg).texts
 
 
 # ---- measures --------------------------------------------------------------------------------

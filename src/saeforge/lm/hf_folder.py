@@ -9,7 +9,6 @@ A GGUF-loaded model cannot ``save_pretrained`` directly: we build the same archi
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 import shutil
