@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from saeforge.atomic import atomic_write_json
+from saeforge.atomic import atomic_write_json, atomic_write_text
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.prompts import PromptTemplate
 from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
@@ -479,8 +479,7 @@ def run_explain(
         record = by_feature.get(str(feature)) or {}
         txt = _explanation_txt(out_dir, hookpoint, feature)
         if record.get("status") == "ok":
-            txt.parent.mkdir(parents=True, exist_ok=True)
-            txt.write_text(json.dumps(record["label"], ensure_ascii=False), encoding="utf-8")
+            atomic_write_text(txt, json.dumps(record["label"], ensure_ascii=False))
         elif txt.exists():
             txt.unlink()  # a stale label of an earlier run must not survive a failed re-explanation
     n_ok = sum((by_feature.get(str(f)) or {}).get("status") == "ok" for f in feats)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.atomic import atomic_path, atomic_write_json, atomic_write_text
 from saeforge.paths import installed_package_folder
 from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.explain import (
@@ -486,8 +486,7 @@ def run_score(
             if f in per:
                 examples = per[f].pop("examples")
                 merged[str(f)] = per[f]
-                txt.parent.mkdir(parents=True, exist_ok=True)
-                txt.write_text(json.dumps(examples, ensure_ascii=False), encoding="utf-8")
+                atomic_write_text(txt, json.dumps(examples, ensure_ascii=False))
             elif txt.exists():
                 txt.unlink()
         atomic_write_json(path, {k: merged[k] for k in sorted(merged, key=int)})
