@@ -15,7 +15,7 @@ Two per-feature measures come out of a run:
 - `steering_kl`: model-based, mean KL(steered ‖ unsteered) of the next-token distribution over
   the generated tokens (see its docstring).
 
-Outputs (DESIGN.md, "Interpretation outputs"):
+Outputs (docs/architecture.md, "Formats on disk"):
 `<out_dir>/steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json` shaped
 `{"<L>": {"<F>": {"<prompt>": {"original": ..., "-2.0": ..., "1.0": ...}}}}` and
 `<out_dir>/steering/effects.json` `{"<F>": {"steering_effect": ..., "steering_kl": ...}}`.

@@ -1,6 +1,6 @@
 """`python interpret.py ckpt=...`: maxact → logit_lens → steering → explain → score → dashboard.
 
-Outputs live under `<run.dir>/interpret/<hookpoint>/` (shared/DESIGN.md). The outputs are the
+Outputs live under `<run.dir>/interpret/<hookpoint>/` (docs/architecture.md). The outputs are the
 record: `stages.json` remembers, per stage, a fingerprint of its settings, the features and the
 fingerprints of the stages it reads; a rerun skips a stage whose fingerprint is unchanged and
 whose output exists, and the per-feature stages (steering, explain) skip finished features on

@@ -1,6 +1,6 @@
 """Render one self-contained ``dashboard.html`` from an interpret directory.
 
-The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see DESIGN.md):
+The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see docs/architecture.md):
 ``maxact.json``, ``logit_lens.json``, ``explanations.json``, ``scores/<scorer>.json``,
 ``steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json``, ``steering/effects.json`` and
 ``summary.csv``. Any of
