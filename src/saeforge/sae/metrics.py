@@ -1,7 +1,8 @@
 """Reconstruction and sparsity metrics, each formula written once.
 
-Training logs (`saeforge.sae.model`, `saeforge.sae.module`) and `evaluate.py` import these; never
-recompute a metric inline elsewhere. All functions take float tensors ``x`` (inputs) and
+Training (`saeforge.sae.model`, `saeforge.sae.module`, the held-out metrics of
+`saeforge.pipelines.train`) and evaluation (`saeforge.sae.spliced`) import these; never recompute a
+metric inline elsewhere. All functions take float tensors ``x`` (inputs) and
 ``x_hat`` (reconstructions) of shape [B, d] and return 0-d tensors (differentiable where it makes
 sense), unless stated otherwise.
 """
