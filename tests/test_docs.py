@@ -70,8 +70,9 @@ def test_readme_links_the_doc_and_nothing_points_outside_the_repo():
     assert "docs/architecture.md" in (ROOT / "README.md").read_text(encoding="utf-8")
     outside = re.compile(r"(\.\./)?shared/|DESIGN\.md")
     files = [ROOT / "README.md", ROOT / "Makefile", *ROOT.glob("*.py"), *(ROOT / "docs").rglob("*.md")]
+    text_suffixes = (".py", ".yaml", ".sh", ".md", ".html")
     for folder in ("src", "configs", "scripts", "bench"):
-        files += [p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".sh", ".md", ".html")]
+        files += [p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in text_suffixes]
     offenders = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files
                  for m in outside.finditer(p.read_text(encoding="utf-8"))]
     assert not offenders, f"references to files outside the repository: {offenders}"
