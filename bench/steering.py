@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from saeforge.activations.corpus import load_corpus
-from saeforge.interpret.steering import sample_prompts, steer_feature
+from saeforge.interpret.steering import generate_steered, sample_prompts
 from saeforge.lm.loading import load_lm
 from saeforge.sae.model import SAEConfig, SparseAutoencoder
 
@@ -54,7 +54,7 @@ def main() -> None:
     corpus = load_corpus(cfg.corpus, Path(cfg.data.cache_dir))
     prompts = sample_prompts(corpus, cfg.corpus.column, args.prompts, seed=0)
     gen = {"max_new_tokens": args.max_new_tokens}
-    steer = lambda ps, ss: steer_feature(lm, sae, hookpoint, args.feature, args.a_max, ps, ss, gen)  # noqa: E731
+    steer = lambda ps, ss: generate_steered(lm, sae, hookpoint, args.feature, args.a_max, ps, ss, gen).texts  # noqa: E731
     steer(prompts[:1], args.strengths[:1])  # warm-up
 
     start = time.perf_counter()
@@ -62,8 +62,8 @@ def main() -> None:
     t_batched = time.perf_counter() - start
 
     start = time.perf_counter()
-    looped = steer_feature(lm, sae, hookpoint, args.feature, args.a_max, prompts, args.strengths,
-                           {**gen, "max_batch": 1})  # max_batch 1: one generate call per row
+    looped = generate_steered(lm, sae, hookpoint, args.feature, args.a_max, prompts, args.strengths,
+                              {**gen, "max_batch": 1}).texts  # max_batch 1: one generate call per row
     t_loop = time.perf_counter() - start
 
     n_calls = len(prompts) * (len(args.strengths) + 1)

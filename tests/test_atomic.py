@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.atomic import atomic_dir, atomic_path, atomic_write_json
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -17,3 +17,17 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(ValueError):
         atomic_write_json(path, {"x": float("nan")}, allow_nan=False)
     assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "sae"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with atomic_dir(out) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "c.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]

@@ -11,7 +11,6 @@ from saeforge.interpret.steering import (
     load_prompts,
     run_steering,
     sample_prompts,
-    steer_feature,
     steering_effect,
     steering_file,
     steering_kl,
@@ -39,7 +38,7 @@ def logit_lens(lm, direction):
 
 
 def test_strength_zero_reproduces_the_original(tiny_lm, sae):
-    texts = steer_feature(tiny_lm, sae, "layers.1", 3, 2.0, PROMPTS, [0.0, 1.0], GEN)
+    texts = generate_steered(tiny_lm, sae, "layers.1", 3, 2.0, PROMPTS, [0.0, 1.0], GEN).texts
     assert list(texts) == PROMPTS
     for prompt in PROMPTS:
         assert list(texts[prompt]) == ["original", "0.0", "1.0"]
@@ -70,36 +69,37 @@ def test_large_strength_moves_next_token_towards_logit_lens_tokens(tiny_lm, sae)
 
 def test_batched_equals_one_by_one(tiny_lm, sae):
     strengths = [-2.0, 1.0, 4.0]
-    batched = steer_feature(tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, GEN)
+    batched = generate_steered(tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, GEN).texts
     # max_batch=1: one batch-1 generate call per (prompt, strength) row, no padding at all
-    one_by_one = steer_feature(tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, {**GEN, "max_batch": 1})
+    one_by_one = generate_steered(
+        tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, {**GEN, "max_batch": 1}).texts
     assert batched == one_by_one
 
 
 def test_sampling_is_seeded(tiny_lm, sae):
     cfg = {**GEN, "do_sample": True, "temperature": 1.0, "top_p": 0.9, "seed": 3}
-    a = steer_feature(tiny_lm, sae, "layers.2", 1, 2.0, PROMPTS, [1.0], cfg)
-    b = steer_feature(tiny_lm, sae, "layers.2", 1, 2.0, PROMPTS, [1.0], cfg)
+    a = generate_steered(tiny_lm, sae, "layers.2", 1, 2.0, PROMPTS, [1.0], cfg).texts
+    b = generate_steered(tiny_lm, sae, "layers.2", 1, 2.0, PROMPTS, [1.0], cfg).texts
     assert a == b
 
 
 def test_bad_inputs_raise(tiny_lm, sae):
     args = dict(hookpoint="layers.1", feature=0, a_max=1.0, prompts=PROMPTS, strengths=[1.0], gen_cfg=GEN)
     with pytest.raises(ValueError, match=r"feature=16 is outside \[0, d_sae=16\)"):
-        steer_feature(tiny_lm, sae, **{**args, "feature": 16})
+        generate_steered(tiny_lm, sae, **{**args, "feature": 16})
     with pytest.raises(ValueError, match="feature=-1"):
-        steer_feature(tiny_lm, sae, **{**args, "feature": -1})
+        generate_steered(tiny_lm, sae, **{**args, "feature": -1})
     with pytest.raises(ValueError, match="d_in=32 does not match"):
-        steer_feature(tiny_lm, SparseAutoencoder(SAEConfig(d_in=32, d_sae=8, k=2)), **args)
+        generate_steered(tiny_lm, SparseAutoencoder(SAEConfig(d_in=32, d_sae=8, k=2)), **args)
     with pytest.raises(ValueError, match="prompts is empty"):
-        steer_feature(tiny_lm, sae, **{**args, "prompts": []})
+        generate_steered(tiny_lm, sae, **{**args, "prompts": []})
     for bad in (["a"], [None], [True], "nope", [], [float("nan")]):
         with pytest.raises(ValueError, match="strengths"):
-            steer_feature(tiny_lm, sae, **{**args, "strengths": bad})
+            generate_steered(tiny_lm, sae, **{**args, "strengths": bad})
     with pytest.raises(ValueError, match="a_max"):
-        steer_feature(tiny_lm, sae, **{**args, "a_max": "big"})
+        generate_steered(tiny_lm, sae, **{**args, "a_max": "big"})
     with pytest.raises(ValueError, match="unknown hookpoint"):
-        steer_feature(tiny_lm, sae, **{**args, "hookpoint": "layers.9"})
+        generate_steered(tiny_lm, sae, **{**args, "hookpoint": "layers.9"})
     with pytest.raises(ValueError, match=r"unknown interpret.steering keys \[.strenghts.\]"):
         SteeringConfig.from_mapping({"strenghts": [1.0]})
     with pytest.raises(ValueError, match="max_new_tokens"):

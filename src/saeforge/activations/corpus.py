@@ -9,7 +9,6 @@ document of consecutive paragraphs (newline-separated), documents separated by b
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 from pathlib import Path

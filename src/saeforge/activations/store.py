@@ -1,6 +1,6 @@
 """The activation store on disk: manifest, cache key, token windows and shard/HDF5 writers.
 
-Layout (a directory named by the cache key, see shared/DESIGN.md):
+Layout (a directory named by the cache key, see docs/architecture.md):
     manifest.json                      spec, d_in per hookpoint, shards with row counts, `complete`
     tokens.safetensors                 `tokens` int32 [n_seq, ctx_len]
     <hookpoint>/shard-00000.safetensors  `activations` [rows, d_in]   (format=safetensors)

@@ -15,7 +15,7 @@ Two per-feature measures come out of a run:
 - `steering_kl`: model-based, mean KL(steered ‖ unsteered) of the next-token distribution over
   the generated tokens (see its docstring).
 
-Outputs (DESIGN.md, "Interpretation outputs"), written through `saeforge.interpret.records`:
+Outputs (docs/architecture.md, "Formats on disk"), written through `saeforge.interpret.records`:
 one steered-texts file per (feature, prompt) (`records.steering_text_path`, seed-shaped
 `{"<L>": {"<F>": {"<prompt>": {"original": ..., "-2.0": ..., "1.0": ...}}}}`) and the effects file
 (records.EFFECTS) `{"<F>": {"steering_effect": ..., "steering_kl": ...}}`.

@@ -9,14 +9,11 @@ A GGUF-loaded model cannot ``save_pretrained`` directly: we build the same archi
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from saeforge.atomic import atomic_dir
 from saeforge.paths import cache_root, installed_package_folder
 
 log = logging.getLogger(__name__)
@@ -35,11 +32,6 @@ def embedded_smollm2_gguf() -> tuple[Path, str]:
     if not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing")
     return folder, SMOLLM2_GGUF
-
-
-def default_cache_root() -> Path:
-    """The saeforge cache root (`saeforge.paths.cache_root`)."""
-    return cache_root()
 
 
 def is_complete_hf_folder(path: Path) -> bool:
@@ -74,24 +66,16 @@ def write_hf_folder(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out_dir) as tmp:  # replaces an incomplete leftover at out_dir
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():  # an incomplete leftover
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def write_smollm2_hf_folder(out_dir: Path | None = None) -> Path:
     """The embedded SmolLM2 as an HF folder (default ``<cache root>/smollm2-hf``)."""
     folder, name = embedded_smollm2_gguf()
-    return write_hf_folder(folder, name, out_dir or default_cache_root() / "smollm2-hf")
+    return write_hf_folder(folder, name, out_dir or cache_root() / "smollm2-hf")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from saeforge.lm.tiny import build_tiny_lm
 from saeforge.paths import installed_package_folder
@@ -123,8 +122,3 @@ def load_lm(cfg: Mapping[str, Any]) -> LoadedLM:
         d_model=int(text_cfg.hidden_size),
         max_ctx=getattr(text_cfg, "max_position_embeddings", None),
     )
-
-
-def hub_config(name: str) -> Any:
-    """Config only (cheap), for validating hookpoints before loading weights."""
-    return AutoConfig.from_pretrained(name)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from saeforge.atomic import atomic_write_json
+from saeforge.atomic import atomic_path, atomic_write_json
 from saeforge.activations.corpus import iter_texts, load_corpus
 from saeforge.activations.windows import pack_windows
 from saeforge.sae.spliced import evaluate_spliced
@@ -123,7 +123,8 @@ def compare_runs(paths: list[str], out: Path) -> dict[str, Any]:
     fig.suptitle("SAE sparsity / fidelity trade-off")
     fig.tight_layout()
     png = out / "compare.png"
-    fig.savefig(png, dpi=120)
-    (out / "compare.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    atomic_write_json(out / "compare.json", rows, default=str)
     print(f"written {png}")
     return {"rows": rows, "plot": str(png)}

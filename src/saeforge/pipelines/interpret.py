@@ -1,6 +1,6 @@
 """`python interpret.py ckpt=...`: maxact → logit_lens → steering → explain → score → dashboard.
 
-Outputs live under `<run.dir>/interpret/<hookpoint>/` (shared/DESIGN.md), read and written only
+Outputs live under `<run.dir>/interpret/<hookpoint>/` (docs/architecture.md), read and written only
 through `saeforge.interpret.records`; stages pass `Records` between them. The stages file
 (records.STAGES) remembers, per stage, a fingerprint of its settings, the features and the
 fingerprints of the stages it reads; a rerun skips a stage whose fingerprint is unchanged and

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 from pathlib import Path
@@ -14,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from saeforge.activations.extract import build_store
+from saeforge.atomic import atomic_write_json
 from saeforge.pipelines.callbacks import ExportSAECallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
@@ -125,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         sparsity = torch.log10(result.pop("_frequency").clamp_min(1e-10))
         write(module, {"step": trainer.global_step, "threshold": "calibrated on held-out rows"}, sparsity)
-        (directory / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(directory / "metrics.json", result)
         if logger is not None:
             logger.experiment.summary.update({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         print(f"SAE exported to {export_dir}")

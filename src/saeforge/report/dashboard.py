@@ -1,6 +1,6 @@
 """Render one self-contained ``dashboard.html`` from an interpret directory.
 
-The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see DESIGN.md); they
+The interpret stages write their outputs under ``interpret/<hookpoint>/`` (see docs/architecture.md); they
 are read here only through ``saeforge.interpret.records`` (``load_records``, ``read_summary``).
 Any of them may be missing; the dashboard shows what exists.
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saeforge.atomic import atomic_dir
 from saeforge.sae.model import SAEConfig, SparseAutoencoder
 
 SAELENS_CFG, SAELENS_WEIGHTS, SAELENS_SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -77,25 +76,12 @@ def write_saelens(
     }
     if arch == "topk":
         cfg.update(k=int(sae.cfg.k), rescale_acts_by_decoder_norm=False)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(weights, str(tmp / SAELENS_WEIGHTS))
         if sparsity is not None:
             save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()},
                       str(tmp / SAELENS_SPARSITY))
         (tmp / SAELENS_CFG).write_text(json.dumps(cfg, indent=2, default=str))
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

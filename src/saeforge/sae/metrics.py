@@ -1,7 +1,8 @@
 """Reconstruction and sparsity metrics, each formula written once.
 
-Training logs (`saeforge.sae.model`, `saeforge.sae.module`) and `evaluate.py` import these; never
-recompute a metric inline elsewhere. All functions take float tensors ``x`` (inputs) and
+Training (`saeforge.sae.model`, `saeforge.sae.module`, the held-out metrics of
+`saeforge.pipelines.train`) and evaluation (`saeforge.sae.spliced`) import these; never recompute a
+metric inline elsewhere. All functions take float tensors ``x`` (inputs) and
 ``x_hat`` (reconstructions) of shape [B, d] and return 0-d tensors (differentiable where it makes
 sense), unless stated otherwise.
 """
@@ -36,11 +37,6 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     return squared_error(x, x_hat) / total_variance(x).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Explained variance = 1 − fvu(x, x̂)."""
-    return 1.0 - fvu(x, x_hat)
-
-
 def cosine_similarity(x: Tensor, x_hat: Tensor, eps: float = 1e-8) -> Tensor:
     """Mean over rows of cos(x, x̂) = ⟨x, x̂⟩ / (‖x‖‖x̂‖) (eps guards zero rows)."""
     return torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=eps).mean()
@@ -59,11 +55,6 @@ def dead_fraction(fire_counts: Tensor) -> Tensor:
 def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -> Tensor:
     """Fraction of latents firing on more than `threshold` of `n_tokens` tokens."""
     return (fire_counts.float() / max(n_tokens, 1) > threshold).float().mean()
-
-
-def log10_feature_sparsity(fire_counts: Tensor, n_tokens: int, eps: float = 1e-10) -> Tensor:
-    """Per-latent log10(firing frequency + eps), the vector SAELens stores as `sparsity`."""
-    return torch.log10(fire_counts.double() / max(n_tokens, 1) + eps).float()
 
 
 class ReconstructionTotals:
