@@ -1,4 +1,8 @@
-"""Nothing is written half: every output file goes to a temp name beside it, then is renamed."""
+"""Nothing is written half: every output file goes to a temp name beside it, then is renamed.
+
+The temp file is fsynced before the rename and its folder after it, so after a power loss the
+final name holds either the old content or the whole new content, never an empty file.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's content to disk (the writer may have closed it already)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -22,7 +49,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
