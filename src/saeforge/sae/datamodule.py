@@ -193,8 +193,14 @@ class ActivationDataModule(L.LightningDataModule):
         chunks = self.source.chunks
         n_val = math.ceil(len(chunks) * float(cfg.get("val_fraction", 0.02))) if len(chunks) > 1 else 0
         self.train_chunks, self.val_chunks = chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :]
+        n_bad = sum(map(len, self.bad_rows.values()))
+        if n_bad == self.source.n_rows:
+            raise ValueError(
+                f"{self.source.description}: no finite rows left — all {n_bad} rows hold NaN/Inf and "
+                "data.skip_nonfinite=true dropped every one; check the file (or the extraction that wrote it)"
+            )
         batch = int(cfg["batch_size"])
-        train_rows = sum(c.rows for c in self.train_chunks)
+        train_rows = sum(c.rows - len(self.bad_rows.get(c, ())) for c in self.train_chunks)
         if train_rows < batch:
             raise ValueError(f"{self.source.description}: {train_rows} training rows is fewer than data.batch_size={batch}")
         log.info("data: %s — %d rows (d_in %d), %d train / %d held-out chunks", self.source.description,
