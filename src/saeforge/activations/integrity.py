@@ -89,8 +89,10 @@ def verify_hashes(root: Path, manifest: dict[str, Any], hookpoint: str, always: 
             except (OSError, KeyError) as err:
                 raise corrupt(root, path, f"rows {start}+ cannot be read ({err})") from err
         if actual != shard["sha256"]:
-            where = "" if over == "file bytes" else f" (rows {shard['first_row']}-{int(shard['first_row']) + int(shard['rows'])})"
-            raise corrupt(root, path, f"its sha256{where} {actual[:12]}… differs from the manifest's {shard['sha256'][:12]}…")
+            first = int(shard["first_row"])
+            where = "" if over == "file bytes" else f" (rows {first}-{first + int(shard['rows'])})"
+            raise corrupt(root, path,
+                          f"its sha256{where} {actual[:12]}… differs from the manifest's {shard['sha256'][:12]}…")
     log.info("verified %d shard hashes of %s (%s) in %.1f s", len(shards), root, hookpoint, time.perf_counter() - t0)
     verified = _read_verified(root, manifest_hash) or {"manifest_sha256": manifest_hash, "hookpoints": {}}
     verified["hookpoints"][hookpoint] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -187,8 +187,8 @@ class ActivationDataModule(L.LightningDataModule):
         if self.source is not None:
             return
         cfg = self.cfg
-        self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")), int(cfg.get("read_rows", 16384)),
-                                verify=bool(cfg.get("verify", False)))
+        self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")),
+                                int(cfg.get("read_rows", 16384)), verify=bool(cfg.get("verify", False)))
         self.bad_rows = scan_nonfinite(self.source, bool(cfg.get("skip_nonfinite", False)))
         self.skip = PositionSkip(self.source.window_len, int(cfg.get("exclude_first_tokens", 2)))
         chunks = self.source.chunks
