@@ -4,11 +4,15 @@
 and records every request in `seen`, tracking the most requests handled at once. When a request
 asks for logprobs, `token_logprobs(text, top_k)` gives the `content` list of the choice's logprobs.
 Shared by the OpenAI-client tests (tests/llm) and the scripted explainer (tests/interpret).
+
+A `Reply` with a `fault` misbehaves the way real servers and proxies do (see `FAULTS`);
+`hostile_script(seed, ...)` answers with a seeded random mix of those faults and successes.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +29,35 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     text: str | None = None  # None: echo the last message
+    fault: str | None = None
+    """One of `FAULTS` (with status 200): a malformed or missing reply instead of a completion."""
+
+
+FAULTS = ("truncated_json", "invalid_json", "html", "empty_choices", "hang", "drop")
+"""Misbehaviours of a 200 reply: the JSON body cut short (Content-Length matches the cut body); a
+body that is not JSON; an HTML page with Content-Type text/html; a completion with `choices: []`;
+no reply at all until the server shuts down; the connection closed without any reply."""
+
+HOSTILE = ("500", "429") + FAULTS
+"""Everything `hostile_script` picks from (besides success): 500s, 429 with Retry-After, `FAULTS`."""
+
+
+def hostile_script(seed: int, p_fail: float = 0.6, retry_after: str = "0.05",
+                   kinds: tuple[str, ...] = HOSTILE) -> Callable[[int, dict], Reply]:
+    """A script that fails request n with probability `p_fail`, the failure kind drawn (seeded) from `kinds`."""
+
+    def script(n: int, body: dict) -> Reply:
+        rng = random.Random(seed * 1_000_003 + n)
+        if rng.random() >= p_fail:
+            return Reply()
+        kind = rng.choice(kinds)
+        if kind == "500":
+            return Reply(500)
+        if kind == "429":
+            return Reply(429, {"Retry-After": retry_after})
+        return Reply(fault=kind)
+
+    return script
 
 
 @dataclass
@@ -64,6 +97,7 @@ class ChatCompletionsServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
+        self.closing = threading.Event()  # releases handlers stuck in a "hang" fault
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,9 +114,16 @@ class ChatCompletionsServer:
                 try:
                     reply = owner.script(n, body)
                     time.sleep(reply.delay_s)
-                    data = json.dumps(owner.payload(reply, body)).encode()
+                    if reply.fault == "hang":
+                        owner.closing.wait(300)
+                        self.close_connection = True
+                        return
+                    if reply.fault == "drop":
+                        self.close_connection = True
+                        return
+                    data, content_type = owner.body(reply, body)
                     self.send_response(reply.status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     for key, value in reply.headers.items():
                         self.send_header(key, value)
@@ -99,7 +140,23 @@ class ChatCompletionsServer:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def body(self, reply: Reply, body: dict) -> tuple[bytes, str]:
+        """The reply's bytes and Content-Type, malformed as its `fault` says."""
+        if reply.fault == "html":
+            return b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"
+        if reply.fault == "invalid_json":
+            return b"this is {not json", "application/json"
+        payload = self.payload(reply, body)
+        if reply.fault == "empty_choices":
+            payload["choices"] = []
+        data = json.dumps(payload).encode()
+        if reply.fault == "truncated_json":
+            data = data[: len(data) // 2]
+        elif reply.fault not in (None, "empty_choices"):
+            raise ValueError(f"unknown fault {reply.fault!r}; known: {FAULTS}")
+        return data, "application/json"
 
     def payload(self, reply: Reply, body: dict) -> dict[str, Any]:
         if reply.status != 200:
@@ -117,5 +174,6 @@ class ChatCompletionsServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()

@@ -1,4 +1,8 @@
-"""Nothing is written half: every output file (or folder) goes to a temp name beside it, then is renamed."""
+"""Nothing is written half: every output file (or folder) goes to a temp name beside it, then is renamed.
+
+The temp file is fsynced before the rename and its folder after it, so after a power loss the
+final name holds either the old content or the whole new content, never an empty file.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,29 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's content to disk (the writer may have closed it already)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in `path`'s folder; rename it over `path` on success, delete it on error."""
@@ -24,7 +51,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -42,6 +71,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        fsync_dir(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
@@ -49,6 +82,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from saeforge.activations import lora as lora_capture
 from saeforge.activations.store import (
+    INTEGRITY,
     STORE_DTYPES,
     WRITERS,
     Manifest,
@@ -119,7 +120,7 @@ def build_store(
 
     model = lm.model
     sites: list[lora_capture.LoraSite] = []
-    extra: dict[str, Any] = {"prepend_bos": spec.prepend_bos}
+    extra: dict[str, Any] = {"prepend_bos": spec.prepend_bos, "integrity": INTEGRITY[spec.format]}
     if LORA_HOOKPOINT in hookpoints:
         assert spec.lora is not None
         model = lora_capture.attach_adapter(model, spec.lora["adapter"])

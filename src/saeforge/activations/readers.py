@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from saeforge.activations import integrity
 from saeforge.activations.store import MANIFEST
 
 FLOAT_SAFETENSORS = {"F32", "F16", "BF16", "F64"}
@@ -92,13 +93,19 @@ def _safetensors_rows(path: Path, key: str) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activations", read_rows: int = 16384) -> RowSource:
-    """Describe the rows at `path`: a store folder (manifest.json), an .h5 file, or a safetensors folder/file."""
+def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activations", read_rows: int = 16384,
+              verify: bool = False) -> RowSource:
+    """Describe the rows at `path`: a store folder (manifest.json), an .h5 file, or a safetensors folder/file.
+
+    A store's shards are checked against its manifest (see `integrity`): headers every time,
+    hashes on first use of the hookpoint, or on every open with `verify` (`data.verify=true`).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist")
     files: list[Path]
     window_len = 0
+    manifest: dict | None = None
     manifest_path = path / MANIFEST if path.is_dir() else None
     if manifest_path is not None and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -116,13 +123,25 @@ def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activa
             raise ValueError(f"{path}: no .safetensors or .h5 files in this folder")
     else:
         files = [path]
-    chunks: list[RowChunk] = []
-    d_in: int | None = None
+    shapes: dict[Path, tuple[int, int]] = {}
     for file in files:
         is_h5 = file.suffix in (".h5", ".hdf5")
         if not is_h5 and file.suffix != ".safetensors":
             raise ValueError(f"{file}: expected a .h5/.hdf5 or .safetensors file")
-        n, d = _h5_rows(file, key) if is_h5 else _safetensors_rows(file, key)
+        try:
+            n, d = _h5_rows(file, key) if is_h5 else _safetensors_rows(file, key)
+        except (ValueError, FileNotFoundError) as err:
+            if manifest is None:
+                raise
+            raise integrity.corrupt(path, file, str(err).removeprefix(f"{file}: ").removeprefix(f"{file}:")) from err
+        shapes[file] = (n, d)
+    if manifest is not None:
+        assert hookpoint is not None
+        integrity.check_shapes(path, manifest, hookpoint, shapes)
+        integrity.verify_hashes(path, manifest, hookpoint, always=verify)
+    chunks: list[RowChunk] = []
+    d_in: int | None = None
+    for file, (n, d) in shapes.items():
         if n == 0:
             raise ValueError(f"{file}:{key} has no rows")
         if d_in is not None and d != d_in:

@@ -1,13 +1,19 @@
 """The activation store on disk: manifest, cache key, token windows and shard/HDF5 writers.
 
 Layout (a directory named by the cache key, see docs/architecture.md):
-    manifest.json                      spec, d_in per hookpoint, shards with row counts, `complete`
+    manifest.json                      spec, d_in per hookpoint, shards with row counts and sha256, `complete`
+    verified.json                      written once the shard hashes were checked (see integrity.py)
     tokens.safetensors                 `tokens` int32 [n_seq, ctx_len]
     <hookpoint>/shard-00000.safetensors  `activations` [rows, d_in]   (format=safetensors)
     <hookpoint>.h5                     `activations` [N, d_in] chunked, plus `tokens`   (format=h5)
 Row r of a hookpoint is token (r // ctx_len, r % ctx_len). Every file is written to a temporary
 name and renamed; an HDF5 file grows under `<name>.partial` (with a `seqs_done` attribute) and is
 renamed when complete, so nothing half-written ever carries its final name.
+
+Each shard entry of the manifest carries a `sha256`, computed as the shard is written: for
+safetensors over the shard file's bytes, for HDF5 over the raw bytes of the shard's rows in the
+stored dtype (one file holds every shard). The manifest's `integrity` says which. Stores written
+before hashes existed have none; readers then check row counts and headers only.
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.atomic import atomic_path, atomic_write_json, fsync_dir, fsync_file
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
+VERIFIED = "verified.json"
+INTEGRITY = {
+    "safetensors": {"algorithm": "sha256", "over": "file bytes"},
+    "h5": {"algorithm": "sha256", "over": "row bytes (stored dtype, C order)"},
+}
+"""What each shard's `sha256` covers, per store format (recorded in the manifest as `integrity`)."""
 FORMATS = ("safetensors", "h5")
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -128,25 +140,52 @@ def shard_path(root: Path, hookpoint: str, index: int) -> Path:
     return root / hookpoint / f"shard-{index:05d}.safetensors"
 
 
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_h5_rows(path: Path, start: int, stop: int, key: str = "activations") -> str:
+    """sha256 of rows [start, stop) of an HDF5 dataset, as raw bytes in the stored dtype."""
+    with h5py.File(path, "r") as f:
+        return hashlib.sha256(np.ascontiguousarray(f[key][start:stop]).tobytes()).hexdigest()
+
+
 class SafetensorsShardWriter:
-    """One safetensors file per shard; a shard that exists under its final name is complete."""
+    """One safetensors file per shard; a shard that exists under its final name is complete.
+
+    Each shard's sha256 is taken from its temp file just after writing it (still in the page
+    cache), before the rename: measured cheaper here than serialising to memory, hashing and
+    writing those bytes (see the notes of issue 11).
+    """
 
     def __init__(self, root: Path, hookpoint: str, d_in: int, dtype: torch.dtype, n_seq: int, ctx_len: int):
         self.root, self.hookpoint, self.dtype, self.ctx_len = root, hookpoint, dtype, ctx_len
+        self.hashes: dict[int, str] = {}
 
     def has_shard(self, index: int, first_seq: int, n_seq: int) -> bool:
         return shard_path(self.root, self.hookpoint, index).is_file()
 
     def write_shard(self, index: int, first_seq: int, acts: torch.Tensor) -> dict[str, Any]:
         path = shard_path(self.root, self.hookpoint, index)
-        save_safetensors_atomic({"activations": acts.to(self.dtype)}, path)
+        with atomic_path(path) as tmp:
+            save_file({"activations": acts.to(self.dtype).contiguous()}, str(tmp))
+            self.hashes[index] = sha256_file(tmp)
         return self.describe(index, first_seq, acts.shape[0])
 
     def describe(self, index: int, first_seq: int, rows: int) -> dict[str, Any]:
+        path = shard_path(self.root, self.hookpoint, index)
+        if index not in self.hashes:  # written by an earlier, interrupted run: hash it once now
+            self.hashes[index] = sha256_file(path)
         return {
-            "path": str(shard_path(self.root, self.hookpoint, index).relative_to(self.root)),
+            "path": str(path.relative_to(self.root)),
             "rows": rows,
             "first_row": first_seq * self.ctx_len,
+            "sha256": self.hashes[index],
         }
 
     def finish(self) -> None:
@@ -160,6 +199,7 @@ class H5Writer:
         self.final = root / f"{hookpoint}.h5"
         self.partial = root / f"{hookpoint}.h5.partial"
         self.ctx_len = ctx_len
+        self.hashes: dict[int, str] = {}
         self.np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
         if self.final.is_file():
             self.file = None
@@ -184,19 +224,26 @@ class H5Writer:
     def write_shard(self, index: int, first_seq: int, acts: torch.Tensor) -> dict[str, Any]:
         assert self.file is not None
         start = first_seq * self.ctx_len
-        self.file["activations"][start : start + acts.shape[0]] = acts.float().numpy().astype(self.np_dtype)
+        rows = np.ascontiguousarray(acts.float().numpy().astype(self.np_dtype))
+        self.hashes[index] = hashlib.sha256(rows.tobytes()).hexdigest()
+        self.file["activations"][start : start + acts.shape[0]] = rows
         self.file.attrs["seqs_done"] = first_seq + acts.shape[0] // self.ctx_len
         self.file.flush()
         return self.describe(index, first_seq, acts.shape[0])
 
     def describe(self, index: int, first_seq: int, rows: int) -> dict[str, Any]:
-        return {"path": self.final.name, "rows": rows, "first_row": first_seq * self.ctx_len}
+        start = first_seq * self.ctx_len
+        if index not in self.hashes:  # written by an earlier, interrupted run: hash it once now
+            self.hashes[index] = sha256_h5_rows(self.final if self.file is None else self.partial, start, start + rows)
+        return {"path": self.final.name, "rows": rows, "first_row": start, "sha256": self.hashes[index]}
 
     def finish(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+            fsync_file(self.partial)
             self.partial.replace(self.final)
+            fsync_dir(self.final.parent)
 
     def close(self) -> None:
         if self.file is not None:

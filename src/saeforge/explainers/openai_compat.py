@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import openai
+from openai.types.chat import ChatCompletion
 from tqdm.auto import tqdm
 
 from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
@@ -61,14 +62,42 @@ def _parse_logprobs(choice: Any) -> list[TokenLogprob] | None:
     ]
 
 
+class BadReply(ValueError):
+    """A reply with status 200 that is not a usable chat completion (retried like a 5xx)."""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _result_from(response: Any) -> ChatResult:
+    """The ChatResult of a parsed reply; raises BadReply when it is not a chat completion.
+
+    The openai client hands back a plain ``str`` for a non-JSON Content-Type (an HTML error page
+    from a proxy, say), and builds its response models without validation, so check the shape.
+    """
+    if not isinstance(response, ChatCompletion):
+        raise BadReply(f"reply is not a chat completion: {type(response).__name__} {_clip(repr(response), 120)}")
+    if not response.choices:
+        raise BadReply("reply has no choices")
+    choice = response.choices[0]
+    message = getattr(choice, "message", None)
+    content = getattr(message, "content", None)
+    if message is None or not (content is None or isinstance(content, str)):
+        raise BadReply(f"reply's first choice has no message text: {_clip(repr(choice), 120)}")
+    return ChatResult(text=content or "", logprobs=_parse_logprobs(choice))
+
+
 class OpenAICompatClient:
     """Bounded-concurrency chat client with retries, backoff and an on-disk cache.
 
     The API key is read from the environment variable *named* by ``api_key_env`` (``"EMPTY"``
     when it is None) and is kept only inside the ``openai.AsyncOpenAI`` object, never in this
     object's repr or config. The openai client's own retries are off: ours are the one policy
-    (exponential backoff with jitter, honouring ``Retry-After`` on 429/5xx, timeouts and
-    connection errors). A request that still fails returns ``ChatResult(status="error")``.
+    (exponential backoff with jitter, honouring ``Retry-After`` on 429/5xx, timeouts, connection
+    errors and malformed 200 replies). A request that still fails returns
+    ``ChatResult(status="error")`` whose ``error`` names ``base_url``; nothing a server sends
+    ends the run.
 
     With ``prefill`` (for vLLM servers) a request whose last message is from the assistant is sent
     with ``extra_body={"continue_final_message": True, "add_generation_prompt": False}``, so the
@@ -175,6 +204,14 @@ class OpenAICompatClient:
         return kwargs
 
     async def _request(self, messages: list[Message], params: ChatParams) -> ChatResult:
+        """Send one request, retrying what may pass on a second try; never raises for a bad reply.
+
+        Retried (backoff, or ``Retry-After`` when the server sends one): 408/409/425/429/5xx,
+        timeouts (``timeout_s`` bounds the whole request, so a reply that never finishes ends
+        too), connection errors (refused, dropped), and 200 replies that are not a usable chat
+        completion (invalid or truncated JSON, an HTML page, no ``choices``). Any other status
+        fails at once. Every error result names ``base_url``.
+        """
         client, semaphore = self._session()
         kwargs = self._request_kwargs(messages, params)
         reason = "no attempt made"
@@ -182,23 +219,19 @@ class OpenAICompatClient:
             retry_after: float | None = None
             try:
                 async with semaphore:
-                    response = await client.chat.completions.create(**kwargs)
-                if not response.choices:
-                    return ChatResult(text="", status="error", error="response has no choices")
-                choice = response.choices[0]
-                return ChatResult(text=choice.message.content or "", logprobs=_parse_logprobs(choice))
+                    response = await asyncio.wait_for(client.chat.completions.create(**kwargs), self.timeout_s)
+                return _result_from(response)
             except openai.APIStatusError as err:
                 reason = f"HTTP {err.status_code}: {err.message}"
                 if err.status_code not in RETRYABLE_STATUS:
-                    return ChatResult(text="", status="error", error=reason)
+                    return self._error(reason)
                 retry_after = parse_retry_after(err.response.headers)
-            except openai.APITimeoutError:
+            except (openai.APITimeoutError, asyncio.TimeoutError):
                 reason = f"timed out after {self.timeout_s} s"
             except openai.APIConnectionError as err:
-                cause = err.__cause__
-                reason = f"connection error: {cause or err}"
-            except openai.OpenAIError as err:  # malformed responses and the like: do not retry
-                return ChatResult(text="", status="error", error=f"{type(err).__name__}: {err}")
+                reason = f"connection error: {err.__cause__ or err}"
+            except Exception as err:  # noqa: BLE001 — malformed replies: bad JSON, HTML, no choices, ...
+                reason = f"bad reply: {type(err).__name__}: {_clip(str(err))}"
             if attempt == self.max_retries:
                 break
             if retry_after is not None:
@@ -207,8 +240,11 @@ class OpenAICompatClient:
                 delay = self._backoff(attempt)
             log.debug("retry %d/%d in %.2f s: %s", attempt + 1, self.max_retries, delay, reason)
             await asyncio.sleep(delay)
-        log.warning("request failed after %d attempts: %s", self.max_retries + 1, reason)
-        return ChatResult(text="", status="error", error=reason)
+        log.warning("request to %s failed after %d attempts: %s", self.base_url, self.max_retries + 1, reason)
+        return self._error(reason)
+
+    def _error(self, reason: str) -> ChatResult:
+        return ChatResult(text="", status="error", error=f"{self.base_url}: {reason}")
 
     async def chat(self, messages: list[Message], params: ChatParams) -> ChatResult:
         """One request: from the cache when present, else from the server (with retries)."""

@@ -187,14 +187,21 @@ class ActivationDataModule(L.LightningDataModule):
         if self.source is not None:
             return
         cfg = self.cfg
-        self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")), int(cfg.get("read_rows", 16384)))
+        self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")),
+                                int(cfg.get("read_rows", 16384)), verify=bool(cfg.get("verify", False)))
         self.bad_rows = scan_nonfinite(self.source, bool(cfg.get("skip_nonfinite", False)))
         self.skip = PositionSkip(self.source.window_len, int(cfg.get("exclude_first_tokens", 2)))
         chunks = self.source.chunks
         n_val = math.ceil(len(chunks) * float(cfg.get("val_fraction", 0.02))) if len(chunks) > 1 else 0
         self.train_chunks, self.val_chunks = chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :]
+        n_bad = sum(map(len, self.bad_rows.values()))
+        if n_bad == self.source.n_rows:
+            raise ValueError(
+                f"{self.source.description}: no finite rows left — all {n_bad} rows hold NaN/Inf and "
+                "data.skip_nonfinite=true dropped every one; check the file (or the extraction that wrote it)"
+            )
         batch = int(cfg["batch_size"])
-        train_rows = sum(c.rows for c in self.train_chunks)
+        train_rows = sum(c.rows - len(self.bad_rows.get(c, ())) for c in self.train_chunks)
         if train_rows < batch:
             raise ValueError(f"{self.source.description}: {train_rows} training rows is fewer than data.batch_size={batch}")
         log.info("data: %s — %d rows (d_in %d), %d train / %d held-out chunks", self.source.description,
