@@ -135,13 +135,55 @@ def check_key_path(root: type, path: str, open_sections: Mapping[str, Any] = {})
         cls = keys[part]
 
 
-def check_trainer_key(key: str) -> None:
-    """A `trainer.*` key must be a lightning.Trainer argument (the group is passed through)."""
+_TRAINER_ARGS: list[str] | None = None
+
+
+def trainer_arguments() -> list[str]:
+    """The parameters of lightning.Trainer.__init__ (without `self`).
+
+    Read from Lightning's source with `ast` (importing lightning takes seconds); the same list as
+    `inspect.signature(lightning.Trainer.__init__)`, which is the fallback when the source is unreadable.
+    """
+    global _TRAINER_ARGS
+    if _TRAINER_ARGS is None:
+        _TRAINER_ARGS = _trainer_arguments_from_source() or _trainer_arguments_from_signature()
+    return _TRAINER_ARGS
+
+
+def _trainer_arguments_from_source() -> list[str] | None:
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("lightning")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        source = Path(list(spec.submodule_search_locations)[0]) / "pytorch" / "trainer" / "trainer.py"
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError, ImportError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    args = item.args
+                    names = [a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]]
+                    return [n for n in names if n != "self"]
+    return None
+
+
+def _trainer_arguments_from_signature() -> list[str]:
     import inspect
 
     import lightning
 
-    params = [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
+    return [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
+
+
+def check_trainer_key(key: str) -> None:
+    """A `trainer.*` key must be a lightning.Trainer argument (the group is passed through)."""
+    params = trainer_arguments()
     if key not in params:
         raise ConfigError(f"unknown key trainer.{key}; allowed keys of trainer (lightning.Trainer arguments): {', '.join(params)}")
 

@@ -297,9 +297,13 @@ def collect_maxact(
 
     `lm` is a `LoadedLM` (its tokenizer decodes the contexts; its model runs unless `activations`,
     a RowSource of the stored rows of this hookpoint in token order, is given). `sae` takes raw
-    activations (`encode_inference`). `features=None` means all features.
+    activations (`encode_inference`). `features=None` means all features. The first
+    `exclude_first_tokens` positions of every window (the training run's `data.exclude_first_tokens`)
+    count in no statistic.
     """
     conf = MaxActConfig.from_mapping(cfg)
+    if exclude_first_tokens < 0:
+        raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {exclude_first_tokens}")
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ValueError(f"tokens must be [n_seq, ctx_len] with n_seq > 0, got shape {tuple(tokens.shape)}")

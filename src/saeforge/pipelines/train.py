@@ -71,9 +71,12 @@ def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str]:
     return str(store.root), str(store.manifest.get("model"))
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the final held-out metrics (also written to metrics.json)."""
-    plan = validate_train(cfg)  # first: bad settings fail here, before any load or extraction
+def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
+    """Run one training job; returns the final held-out metrics (also written to metrics.json).
+
+    `plan` is `validate_train(cfg)` when the caller already ran it (the entry script does, before importing this).
+    """
+    plan = plan or validate_train(cfg)  # first: bad settings fail here, before any load or extraction
     settings, hookpoint = plan.settings, plan.hookpoint
     directory = run_dir(cfg)
     L.seed_everything(int(settings.seed), workers=True, verbose=False)

@@ -101,7 +101,9 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         raise ConfigError(f"data.hookpoint={data.hookpoint} is not among data.hookpoints={hookpoints}")
     if LORA_HOOKPOINT in hookpoints and not (data.lora and data.lora.adapter):
         raise ConfigError("data.lora.adapter is required for hookpoint `lora` (a peft LoRA adapter folder)")
-    d_in = _store_d_in(cfg, hookpoint)
+    # a complete cached store knows d_in without the model (hub models need no AutoConfig then);
+    # the tiny model's dimensions are in its config, cheaper than computing a cache key
+    d_in = None if cfg.model.get("tiny") is not None else _store_d_in(cfg, hookpoint)
     if d_in is None:
         dims = dims or _dimensions(cfg)
         for h in hookpoints:
