@@ -40,7 +40,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from saeforge.atomic import atomic_path, atomic_write_json
 from saeforge.paths import installed_package_folder
-from saeforge.config import SCORERS, ScoreConfig
+from saeforge.config import SCORERS, ScoreConfig  # noqa: F401 (SCORERS re-exported)
 from saeforge.interpret.explain import (
     ExampleSplit,
     highlight,

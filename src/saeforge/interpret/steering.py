@@ -32,7 +32,6 @@ import random
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -41,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.atomic import atomic_write_json
-from saeforge.config import DEFAULT_STRENGTHS, STRENGTH_PRESETS, SteeringConfig, parse_strengths
+from saeforge.config import DEFAULT_STRENGTHS, STRENGTH_PRESETS, SteeringConfig, parse_strengths  # noqa: F401 (re-exported)
 from saeforge.lm.capture import add_to_residual
 from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
 
