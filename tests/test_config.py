@@ -62,6 +62,23 @@ def test_bad_setting_fails_first_in_one_line(tmp_path, override, key):
     assert not (tmp_path / "cache" / "activations").exists()
 
 
+@pytest.mark.parametrize("script, override, key", [
+    ("evaluate.py", "evaluate.exclude_first_tokens=1", "evaluate.exclude_first_tokens"),
+    ("evaluate.py", "imported.exclude_first_tokens=-1", "imported.exclude_first_tokens"),
+    ("interpret.py", "interpret.maxact.exclude_first_tokens=1", "interpret.maxact.exclude_first_tokens"),
+    ("interpret.py", "interpret.steering.max_new_tokens=0", "interpret.steering.max_new_tokens"),
+    ("interpret.py", "explainer.params.top_p=0", "explainer.params.top_p"),
+])
+def test_evaluate_and_interpret_fail_first_in_one_line(tmp_path, script, override, key):
+    env = {**os.environ, "SAEFORGE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT / "src")}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, script, f"ckpt={tmp_path}", "logger=none", override], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and key in lines[0], out.stderr[-2000:]
+    assert time.perf_counter() - start < 10
+
+
 def test_tiny_model_trains_on_its_own_default_hookpoint(tmp_path):
     out, _ = train(tmp_path, *SMALL, "trainer.max_steps=3")
     assert out.returncode == 0, out.stderr[-3000:]

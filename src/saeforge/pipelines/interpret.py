@@ -27,13 +27,21 @@ from saeforge.activations.windows import pack_windows
 from saeforge.lm.hookpoints import hookpoint_layer
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
-from saeforge.config import ExplainConfig, ImportedSAEConfig, LogitLensConfig, MaxActConfig, ScoreConfig, SteeringConfig, from_config
+from saeforge.config import (
+    STAGES,
+    ExplainConfig,
+    ImportedSAEConfig,
+    LogitLensConfig,
+    MaxActConfig,
+    ScoreConfig,
+    SteeringConfig,
+    from_config,
+)
 from saeforge.pipelines.run import make_wandb_logger
 from saeforge.pipelines.validate import exclude_first_tokens, validate_interpret
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
-STAGES = ("maxact", "logit_lens", "steering", "explain", "score", "dashboard")
 UPSTREAM = {"steering": ["maxact"], "explain": ["maxact", "steering"], "score": ["explain"],
             "dashboard": ["maxact", "logit_lens", "steering", "explain", "score"]}
 OUTPUT = {"maxact": "maxact.json", "logit_lens": "logit_lens.json", "steering": "steering/effects.json",
