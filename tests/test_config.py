@@ -168,3 +168,18 @@ def test_unknown_keys_name_the_full_key():
     cfg.data.batchsize = 1  # what `+data.batchsize=1` gives a pipeline called without the entry script
     with pytest.raises(ConfigError, match="unknown key data.batchsize"):
         from_config(TrainConfig, cfg, "")
+
+
+def test_hub_model_defaults_to_its_middle_layer_read_from_its_config(tmp_path):
+    """model=hub without a hookpoint: layers.<num_hidden_layers // 2>, from AutoConfig (no weights)."""
+    from transformers import LlamaConfig
+
+    from saeforge.pipelines.validate import validate_train
+
+    LlamaConfig(num_hidden_layers=6, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path)
+    base = ["model=hub", f"model.name={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "sae.k=8"]
+    plan = validate_train(compose_config("train", base))
+    assert plan.hookpoint == "layers.3" and plan.d_in == 32
+    assert validate_train(compose_config("train", [*base, "data.hookpoint=layers.5"])).hookpoint == "layers.5"
+    with pytest.raises(ConfigError, match="data.hookpoint=layers.6"):
+        validate_train(compose_config("train", [*base, "data.hookpoint=layers.6"]))

@@ -72,6 +72,10 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
 
     Fills in derived values in `cfg` itself: a hub model's default hookpoint (its middle layer).
     """
+    dims = None
+    if not cfg.data.get("path") and _hookpoint_unset(cfg):
+        dims = _dimensions(cfg)  # a hub model without a hookpoint: its middle layer
+        cfg.model.hookpoint = f"layers.{dims.n_layers // 2}"
     settings = from_config(TrainConfig, cfg, "")
     check_trainer(settings.trainer)
     data = settings.data
@@ -89,12 +93,6 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
 
     from saeforge.lm.dimensions import lora_width
 
-    dims = None
-    if settings.data.hookpoint is None:
-        dims = _dimensions(cfg)
-        cfg.model.hookpoint = f"layers.{dims.n_layers // 2}"
-        settings = from_config(TrainConfig, cfg, "")
-        data = settings.data
     hookpoint = canonical_name(str(data.hookpoint))
     hookpoints = [str(h) for h in (data.hookpoints or [hookpoint])]
     if hookpoint not in [canonical_name(h) for h in hookpoints]:
@@ -122,6 +120,14 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
             d_in = dims.d_model
     settings.sae.check_k(d_in)
     return TrainPlan(settings, d_in, hookpoint, hookpoint)
+
+
+def _hookpoint_unset(cfg: DictConfig) -> bool:
+    """data.hookpoint resolves to nothing (model.hookpoint null and data.hookpoint not given)."""
+    try:
+        return cfg.data.get("hookpoint") is None
+    except Exception:  # an interpolation that cannot resolve: from_config reports it
+        return False
 
 
 def _dimensions(cfg: DictConfig) -> Any:
