@@ -134,7 +134,7 @@ class DataConfig:
 
     hookpoint: Optional[str] = "${model.hookpoint}"
     """The hookpoint an SAE is trained on (aliases: blocks.N.hook_resid_post); by default the model's."""
-    hookpoints: Optional[List[str]] = field(default_factory=lambda: ["${data.hookpoint}"])
+    hookpoints: Optional[List[Optional[str]]] = field(default_factory=lambda: ["${data.hookpoint}"])
     """Everything captured in the store (one forward pass for all)."""
     n_tokens: int = 2_000_000
     """Tokens to extract (rounded up to whole windows)."""
