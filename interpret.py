@@ -3,15 +3,21 @@
 import hydra
 from omegaconf import DictConfig
 
-from saeforge.pipelines.interpret import interpret
-from saeforge.pipelines.run import setup_logging
+from saeforge.pipelines.run import check_command_line, config_errors_exit, setup_logging
 
 
 @hydra.main(config_path="configs", config_name="interpret", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    interpret(cfg)
+    with config_errors_exit():  # a bad setting: one line on stderr, exit status 2
+        from saeforge.pipelines.validate import validate_interpret
+
+        validate_interpret(cfg)  # cheap: before torch and the LM stack are imported
+        from saeforge.pipelines.interpret import interpret
+
+        interpret(cfg)
 
 
 if __name__ == "__main__":
+    check_command_line("interpret")  # unknown keys fail here, before Hydra composes anything
     main()

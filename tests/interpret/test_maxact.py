@@ -164,7 +164,7 @@ def test_non_activating_windows_have_zero_activation(setup, result):
 def test_first_positions_count_only_when_not_excluded(tiny_lm, setup, result):
     """Position 1 (the first token after BOS, an attention sink) is in the statistics only with exclude_first_tokens=0."""
     tokens, sae, acts = setup
-    kept = collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "exclude_first_tokens": 0}, features=list(range(8)))
+    kept = collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, features=list(range(8)), exclude_first_tokens=0)
     assert kept.n_tokens == result.n_tokens + N_SEQ  # BOS (position 0) is still excluded by exclude_bos
     x = residual(tiny_lm, tokens)
     with torch.no_grad():
@@ -173,8 +173,10 @@ def test_first_positions_count_only_when_not_excluded(tiny_lm, setup, result):
         assert kept.features[f]["n_fired"] == result.features[f]["n_fired"] + int((first[:, f] > 0).sum())
         assert kept.features[f]["a_max"] == pytest.approx(max(float(acts[..., f].max()), float(first[:, f].max())), abs=1e-4)
     assert any((first[:, f] > 0).any() for f in range(8))  # the case is exercised
-    with pytest.raises(ValueError, match="interpret.maxact.exclude_first_tokens must be >= 0"):
-        collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "exclude_first_tokens": -1})
+    with pytest.raises(ValueError, match="data.exclude_first_tokens must be >= 0"):
+        collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, exclude_first_tokens=-1)
+    with pytest.raises(ValueError, match="unknown key interpret.maxact.exclude_first_tokens"):
+        collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "exclude_first_tokens": 0})  # one home: data.exclude_first_tokens
 
 
 def test_features_subset_and_written_json(tiny_lm, setup, result, tmp_path):
@@ -191,7 +193,7 @@ def test_features_subset_and_written_json(tiny_lm, setup, result, tmp_path):
     assert {"frequency", "a_max", "n_fired", "quantiles", "histogram", "top", "quantile_examples",
             "non_activating"} <= set(doc["features"]["3"])
     assert not list(path.parent.glob(".*tmp*"))
-    with pytest.raises(ValueError, match="unknown interpret.maxact keys"):
+    with pytest.raises(ValueError, match="unknown key interpret.maxact.n_exampels"):
         collect_maxact(tiny_lm, sae, HOOK, tokens, {"n_exampels": 3})
     with pytest.raises(ValueError, match="features"):
         collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, features=[48])

@@ -100,7 +100,7 @@ def test_bad_inputs_raise(tiny_lm, sae):
         generate_steered(tiny_lm, sae, **{**args, "a_max": "big"})
     with pytest.raises(ValueError, match="unknown hookpoint"):
         generate_steered(tiny_lm, sae, **{**args, "hookpoint": "layers.9"})
-    with pytest.raises(ValueError, match=r"unknown interpret.steering keys \[.strenghts.\]"):
+    with pytest.raises(ValueError, match=r"unknown key interpret.steering.strenghts"):
         SteeringConfig.from_mapping({"strenghts": [1.0]})
     with pytest.raises(ValueError, match="max_new_tokens"):
         SteeringConfig.from_mapping({"max_new_tokens": 0})

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from saeforge.sae.module import SAEModule, lr_factor, resolve_sae_config
+from saeforge.config import SAESettings
+from saeforge.sae.module import SAEModule, lr_factor, resolve_settings
 
 D_IN, D_SAE, K = 16, 64, 4
 
@@ -94,10 +95,11 @@ def test_state_lives_in_state_dict():
 
 
 def test_config_validation_and_lr_schedule():
-    c = resolve_sae_config({"expansion_factor": 4, "k": 8}, d_in=10)
+    c = resolve_settings({"expansion_factor": 4, "k": 8}, d_in=10)
     assert c["d_sae"] == 40 and c["lr"] == pytest.approx(2e-4 / (40 / 2**14) ** 0.5)
-    with pytest.raises(ValueError, match="unknown sae config keys"):
-        resolve_sae_config({"d_sea": 4}, d_in=10)
+    assert SAESettings(expansion_factor=4, k=8).resolve(10).d_sae == 40
+    with pytest.raises(ValueError, match="unknown key sae.d_sea"):
+        resolve_settings({"d_sea": 4}, d_in=10)
     with pytest.raises(ValueError, match="k must satisfy"):
         SAEModule({"d_sae": 8, "k": 9}, d_in=4)
     assert lr_factor(0, 10, 0.5, 100) == pytest.approx(0.1)

@@ -8,6 +8,7 @@ document of consecutive paragraphs (newline-separated), documents separated by b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import datasets
 
 from saeforge.atomic import atomic_write_text
+from saeforge.config import CorpusConfig, corpus_identity, from_config
 from saeforge.paths import installed_package_folder
 
 log = logging.getLogger(__name__)
@@ -53,20 +55,22 @@ def gutenberg_text_file(cache_dir: Path) -> Path:
     return out
 
 
-def load_corpus(cfg: Mapping[str, Any], cache_dir: Path) -> datasets.Dataset:
-    """A `datasets.Dataset` with the text column named by `cfg.column`, validated."""
-    kind = cfg.get("kind", "datasets")
-    split = cfg.get("split", "train")
+def load_corpus(cfg: CorpusConfig | Mapping[str, Any], cache_dir: Path) -> datasets.Dataset:
+    """A `datasets.Dataset` with the text column named by the `corpus` settings' `column`, validated."""
+    c = from_config(CorpusConfig, cfg, "corpus")
+    kind, split = c.kind, c.split
     if kind == "gutenberg":
         path = gutenberg_text_file(cache_dir)
         ds = datasets.load_dataset("text", data_files={"train": str(path)}, split=split, sample_by="paragraph")
     elif kind == "files":
-        files = [str(Path(os.path.expanduser(str(f)))) for f in cfg["data_files"]]
+        if not c.data_files:
+            raise ValueError("corpus.data_files is empty: give corpus.data_files=[a.txt,...]")
+        files = [str(Path(os.path.expanduser(str(f)))) for f in c.data_files]
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"corpus.data_files: no such file(s) {missing}")
         suffix = Path(files[0]).suffix
-        builder = cfg.get("builder") or LOCAL_BUILDERS.get(suffix)
+        builder = c.builder or LOCAL_BUILDERS.get(suffix)
         if builder is None:
             raise ValueError(f"corpus.data_files: cannot tell the format of {files[0]}; set corpus.builder")
         empty = [f for f in files if Path(f).stat().st_size == 0]
@@ -78,18 +82,18 @@ def load_corpus(cfg: Mapping[str, Any], cache_dir: Path) -> datasets.Dataset:
             raise ValueError(f"corpus.data_files={files} could not be read as {builder}: {err}") from err
     elif kind == "datasets":
         try:
-            ds = datasets.load_dataset(cfg["path"], cfg.get("name"), split=split)
+            ds = datasets.load_dataset(c.path, c.name, split=split)
         except Exception as err:  # datasets raises many types for a missing/offline repo
-            raise ValueError(f"corpus.path={cfg['path']!r} split={split!r} could not be loaded: {err}") from err
+            raise ValueError(f"corpus.path={c.path!r} split={split!r} could not be loaded: {err}") from err
     else:
         raise ValueError(f"corpus.kind={kind!r} must be one of gutenberg, files, datasets")
-    if cfg.get("shuffle", False):
-        ds = ds.shuffle(seed=int(cfg.get("shuffle_seed", 0)))
-    column = cfg.get("column", "text")
+    if c.shuffle:
+        ds = ds.shuffle(seed=c.shuffle_seed)
+    column = c.column
     if column not in ds.column_names:
         raise ValueError(f"corpus.column={column!r} not in the dataset's columns {ds.column_names}")
     if len(ds) == 0:
-        raise ValueError(f"corpus {dict(cfg)} is empty")
+        raise ValueError(f"corpus {corpus_identity(dataclasses.asdict(c))} is empty")
     return ds
 
 

@@ -29,6 +29,7 @@ from saeforge.activations.store import (
 )
 from saeforge.activations.corpus import iter_texts, load_corpus
 from saeforge.activations.windows import pack_windows
+from saeforge.config import corpus_identity
 from saeforge.lm.capture import capture_residual, run_until_captured, stop_after_layer
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, check_hookpoint
 from saeforge.lm.loading import LoadedLM, load_lm
@@ -56,7 +57,7 @@ def plain(node: Any) -> Any:
 def store_spec(model_cfg: Mapping[str, Any], corpus_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> StoreSpec:
     """The cache-key spec from the `model`, `corpus` and `data` config nodes."""
     lora_cfg = data_cfg.get("lora")
-    hookpoints = [str(h) for h in data_cfg["hookpoints"]]
+    hookpoints = [str(h) for h in (data_cfg.get("hookpoints") or [data_cfg["hookpoint"]])]
     if LORA_HOOKPOINT in hookpoints and not (lora_cfg and lora_cfg.get("adapter")):
         raise ValueError("hookpoint `lora` needs data.lora.adapter=<peft adapter folder>")
     model_id = str(model_cfg.get("name") or "")
@@ -68,7 +69,7 @@ def store_spec(model_cfg: Mapping[str, Any], corpus_cfg: Mapping[str, Any], data
         model=model_id,
         revision=model_cfg.get("revision"),
         hookpoints=hookpoints,
-        corpus=plain(corpus_cfg),
+        corpus=corpus_identity(plain(corpus_cfg)),
         n_tokens=int(data_cfg["n_tokens"]),
         ctx_len=int(data_cfg["ctx_len"]),
         dtype=str(data_cfg.get("store_dtype", "float32")),
@@ -76,6 +77,11 @@ def store_spec(model_cfg: Mapping[str, Any], corpus_cfg: Mapping[str, Any], data
         prepend_bos=bool(data_cfg.get("prepend_bos", True)),
         lora=plain(lora_cfg) if lora_cfg and lora_cfg.get("adapter") else None,
     )
+
+
+def store_root(model_cfg: Mapping[str, Any], corpus_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> Path:
+    """Where the store for this config lives: <cache_dir>/activations/<cache key>."""
+    return cache_root(data_cfg.get("cache_dir")) / "activations" / store_spec(model_cfg, corpus_cfg, data_cfg).cache_key()
 
 
 def build_store(
@@ -94,7 +100,7 @@ def build_store(
     """
     spec = store_spec(model_cfg, corpus_cfg, data_cfg)
     cache = cache_root(data_cfg and data_cfg.get("cache_dir"))
-    root = cache / "activations" / spec.cache_key()
+    root = store_root(model_cfg, corpus_cfg, data_cfg)
     if "cache" in overwrite and root.exists():
         log.info("overwrite=[cache]: removing %s", root)
         shutil.rmtree(root)

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict, runtime_checkable
 
+from saeforge.config import ChatParamsConfig
+
 Message = dict[str, str]
 """One chat message: ``{"role": "system"|"user"|"assistant", "content": ...}``."""
 
@@ -20,21 +22,22 @@ class TokenLogprob(TypedDict):
 
 @dataclass(frozen=True)
 class ChatParams:
-    """Sampling settings of one request (immutable, hashable, part of the cache key)."""
+    """Sampling settings of one request (immutable, hashable, part of the cache key); the defaults
+    and documentation of the settings are saeforge.config.ChatParamsConfig (`explainer.params`)."""
 
-    temperature: float = 0.0
+    temperature: float = ChatParamsConfig.temperature
     """0 means greedy decoding."""
-    top_p: float = 1.0
+    top_p: float = ChatParamsConfig.top_p
     """Nucleus-sampling mass; ignored when greedy."""
-    max_tokens: int = 256
+    max_tokens: int = ChatParamsConfig.max_tokens
     """Most tokens to generate."""
-    logprobs: bool = False
+    logprobs: bool = ChatParamsConfig.logprobs
     """Return the log-probability of every generated token."""
-    top_logprobs: int | None = None
+    top_logprobs: int | None = ChatParamsConfig.top_logprobs
     """With ``logprobs``: how many alternatives per position to return (None or 0: none)."""
-    seed: int | None = 0
+    seed: int | None = ChatParamsConfig.seed
     """Sampling seed (ignored when greedy; best effort on remote servers)."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = ChatParamsConfig.repetition_penalty
     """Penalty (> 1) on tokens already in the prompt or the reply; 1.0 means off (local: generate's
     ``repetition_penalty``; OpenAI-compatible: sent through ``extra_body``, which vLLM understands)."""
     stop: tuple[str, ...] = ()

@@ -33,59 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from saeforge.config import ExplainConfig
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Explanation, FeatureRecord, Records, Steering
-from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.interpret.prompts import PromptTemplate
 from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("maxact", "steering", "both")
 MAX_LABEL_WORDS = 19
 """Longest label accepted (the prompt asks for fewer than 20 words); a longer one is a parse error."""
 
 
 # ------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
-class ExplainConfig:
-    """Settings of the explain stage (`interpret.explain.*`, minus the sampling `params`)."""
-
-    source: str = "maxact"
-    """What the explainer sees: maxact | steering | both (both: maxact is the scored entry, the
-    steering explanation is stored under the entry's `steering` key)."""
-    n_shown: int = 20
-    """Activating windows held out for the explainer (train split); the rest are for scoring."""
-    shown_top_fraction: float = 0.5
-    """Fraction of the shown windows drawn from the top examples (the rest from quantile examples)."""
-    max_examples_in_prompt: int = 20
-    """At most this many of the shown windows (highest activation first) go into the prompt."""
-    highlight_threshold: float = 0.3
-    """Tokens at ≥ this × the example's max activation are marked <<…>> (and listed with their activation)."""
-    n_steering_prompts: int = 2
-    """Steering prompts shown per feature."""
-    max_chars: int = 200
-    """Steering snippets (prompt and each continuation) are cut to this many characters."""
-    repair: bool = True
-    """Give an unparseable reply one follow-up turn asking for the format."""
-    seed: int = 0
-    """Seed of the train/test split."""
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ExplainConfig:
-        """From a mapping / DictConfig; `params` (sampling) is ignored here, unknown keys raise."""
-        return cls(**dataclass_kwargs(cls, cfg, "interpret.explain", ignore=("params",)))
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"interpret.explain.source must be one of {SOURCES}, got {self.source!r}")
-        require_at_least(self, "interpret.explain", 1, ("n_shown", "max_examples_in_prompt", "n_steering_prompts", "max_chars"))
-        if not 0.0 <= self.shown_top_fraction <= 1.0:
-            raise ValueError(f"interpret.explain.shown_top_fraction must lie in [0, 1], got {self.shown_top_fraction}")
-        if not 0.0 <= self.highlight_threshold <= 1.0:
-            raise ValueError(f"interpret.explain.highlight_threshold must lie in [0, 1], got {self.highlight_threshold}")
-
-
 # ------------------------------------------------------------------------------ the split
 Key = tuple[int, int]
 

@@ -46,73 +46,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowSource, read_chunk
+from saeforge.config import ConfigError, MaxActConfig
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records
-from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
 
 log = logging.getLogger(__name__)
 
 _UNSET_EXP = -(2**20)  # exponent of S_f for a feature that has not fired yet
-
-
-@dataclass(frozen=True)
-class MaxActConfig:
-    """Settings of the max-activation pass (`interpret.maxact.*`)."""
-
-    batch_size: int = 8
-    """Windows per forward / encode step."""
-    n_examples: int = 20
-    """Top examples kept per feature."""
-    one_per_window: bool = True
-    """Top examples take at most one token per window (its max), like delphi; false → top-N over all tokens."""
-    n_quantiles: int = 10
-    """Equal-width buckets of [0, A_max] for the quantile examples."""
-    examples_per_quantile: int = 5
-    """Windows sampled (uniformly, seeded) per quantile bucket."""
-    bucket_resolution: int = 2
-    """Fine buckets per quantile bucket while streaming; bucket edges are exact to ±A_max/(n_quantiles·this)."""
-    hist_bins: int = 32
-    """Bins of the activation histogram in the output."""
-    hist_resolution: int = 8
-    """Internal histogram bins per output bin (the output re-bins them; quantiles interpolate them)."""
-    quantile_levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
-    """Levels of the reported quantiles of the nonzero activations."""
-    context_left: int = 16
-    """Tokens shown before the max token."""
-    context_right: int = 8
-    """Tokens shown after the max token."""
-    exclude_first_tokens: int = 2
-    """Zero the first N positions of every window (attention sinks), as training's `data.exclude_first_tokens`."""
-    exclude_bos: bool = True
-    """Zero the activations at BOS positions (attention sinks) before any statistic."""
-    n_non_activating: int = 20
-    """Random windows (seeded) per feature where the feature never fires."""
-    seed: int = 0
-    """Seed of the reservoir keys and of the non-activating slices."""
-    progress: bool = True
-    """Show a tqdm bar (tokens/s)."""
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MaxActConfig:
-        """Build from a plain mapping / DictConfig; missing keys take the defaults, unknown keys raise."""
-        cfg = dataclass_kwargs(cls, cfg, "interpret.maxact")
-        if "quantile_levels" in cfg:
-            cfg["quantile_levels"] = tuple(float(q) for q in cfg["quantile_levels"])
-        return cls(**cfg)
-
-    def __post_init__(self) -> None:
-        require_at_least(self, "interpret.maxact", 1, ("batch_size", "n_examples", "n_quantiles", "examples_per_quantile",
-                                                       "bucket_resolution", "hist_bins", "hist_resolution"))
-        require_at_least(self, "interpret.maxact", 0, ("context_left", "context_right", "n_non_activating",
-                                                       "exclude_first_tokens"))
-        if any(not 0.0 <= q <= 1.0 for q in self.quantile_levels):
-            raise ValueError(f"interpret.maxact.quantile_levels must lie in [0, 1], got {self.quantile_levels}")
-
-    @property
-    def context_len(self) -> int:
-        return self.context_left + 1 + self.context_right
 
 
 @dataclass
@@ -354,15 +296,20 @@ def collect_maxact(
     cfg: Mapping[str, Any] | None = None,
     features: Sequence[int] | None = None,
     activations: RowSource | None = None,
+    exclude_first_tokens: int = 2,
 ) -> MaxActResult:
     """One streaming pass over `tokens` [n_seq, ctx_len]: top examples, quantile examples,
     non-activating windows, frequency, histogram and quantiles per feature (module docstring).
 
     `lm` is a `LoadedLM` (its tokenizer decodes the contexts; its model runs unless `activations`,
     a RowSource of the stored rows of this hookpoint in token order, is given). `sae` takes raw
-    activations (`encode_inference`). `features=None` means all features.
+    activations (`encode_inference`). `features=None` means all features. The first
+    `exclude_first_tokens` positions of every window (the training run's `data.exclude_first_tokens`)
+    count in no statistic.
     """
     conf = MaxActConfig.from_mapping(cfg)
+    if exclude_first_tokens < 0:
+        raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {exclude_first_tokens}")
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ValueError(f"tokens must be [n_seq, ctx_len] with n_seq > 0, got shape {tuple(tokens.shape)}")
@@ -396,7 +343,7 @@ def collect_maxact(
             if cols is not None:
                 acts = acts.index_select(1, cols)
             excluded = torch.zeros(toks.shape, dtype=torch.bool, device=device)
-            excluded[:, : conf.exclude_first_tokens] = True
+            excluded[:, :exclude_first_tokens] = True
             if bos is not None:
                 excluded |= toks == bos
             excluded = excluded.flatten()

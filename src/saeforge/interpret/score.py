@@ -39,7 +39,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records
 from saeforge.paths import installed_package_folder
-from saeforge.config_fields import dataclass_kwargs, require_at_least
+from saeforge.config import SCORERS, ScoreConfig  # noqa: F401 (SCORERS re-exported)
 from saeforge.interpret.explain import (
     ExampleSplit,
     highlight,
@@ -53,46 +53,7 @@ from saeforge.explainers.base import ChatParams, ChatResult, ExplainerClient, To
 
 log = logging.getLogger(__name__)
 
-SCORERS = ("detection", "fuzz", "embedding")
 CLASSIFIERS = ("detection", "fuzz")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Settings of the score stage (`interpret.score.*`, minus the sampling `params`)."""
-
-    scorers: tuple[str, ...] = SCORERS
-    """Which scorers run: any of detection, fuzz, embedding."""
-    n_test: int = 20
-    """Most activating held-out windows scored per feature (seeded sample)."""
-    n_negatives: int = 20
-    """Most non-activating windows scored per feature."""
-    batch_size: int = 5
-    """Examples per scorer prompt (delphi: 5)."""
-    highlight_threshold: float = 0.3
-    """Fuzz: tokens at ≥ this × the example's max activation are marked."""
-    logprobs: bool = True
-    """Ask for top-5 logprobs so detection/fuzz also report an AUC (servers that ignore it: no AUC)."""
-    baseline: bool = True
-    """Also score a deranged (other feature's) explanation on the same examples."""
-    embedding_model: str | None = None
-    """Folder of a sentence-transformers model; None → the embedded all-MiniLM-L6-v2."""
-    seed: int = 0
-    """Seed of the test sample, shuffling, fuzz marks and the baseline derangement."""
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ScoreConfig:
-        cfg = dataclass_kwargs(cls, cfg, "interpret.score", ignore=("params",))
-        if "scorers" in cfg:
-            cfg["scorers"] = tuple(str(s) for s in cfg["scorers"])
-        return cls(**cfg)
-
-    def __post_init__(self) -> None:
-        bad = [s for s in self.scorers if s not in SCORERS]
-        if bad:
-            raise ValueError(f"interpret.score.scorers: unknown {bad}; valid are {list(SCORERS)}")
-        require_at_least(self, "interpret.score", 1, ("n_test", "batch_size"))
-        require_at_least(self, "interpret.score", 0, ("n_negatives",))
 
 
 class Embedder(Protocol):

@@ -32,7 +32,6 @@ import random
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -40,82 +39,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saeforge.config import DEFAULT_STRENGTHS, STRENGTH_PRESETS, SteeringConfig, parse_strengths  # noqa: F401 (re-exported)
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records, Steering
-from saeforge.config_fields import dataclass_kwargs, require_at_least
 from saeforge.lm.capture import add_to_residual
 from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STRENGTHS = [-2.0, -1.0, 1.0, 2.0]
-STRENGTH_PRESETS = {
-    "default": DEFAULT_STRENGTHS,
-    "wide": [-4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0],
-}
 ORIGINAL = "original"
 EFFECT_MAX_WORDS = 50  # steering_effect looks at the first 50 whitespace tokens of each text
-
-
-# ---- configuration ---------------------------------------------------------------------------
-
-
-@dataclass
-class SteeringConfig:
-    """Settings of the steering stage (`interpret.steering.*`); validated on construction."""
-
-    strengths: Any = field(default_factory=lambda: list(DEFAULT_STRENGTHS))
-    """Multipliers s of A_max × d_f (a list, or the name of a preset: default | wide); a list of floats after init."""
-    n_prompts: int = 2
-    """Prompts sampled from the corpus per run (when no prompts_file is given)."""
-    prompts_file: str | None = None
-    """A .txt file (one prompt per line) or .json list of prompts; overrides corpus sampling."""
-    max_new_tokens: int = 50
-    """Tokens generated per continuation."""
-    do_sample: bool = False
-    """Greedy (false) or sampled (true) generation."""
-    temperature: float = 1.0
-    """Sampling temperature (do_sample only)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (do_sample only)."""
-    seed: int = 0
-    """Seed for prompt sampling and for `torch.manual_seed` before each generate chunk."""
-    max_batch: int = 64
-    """Most rows (prompt × strength, originals included) per `generate` call (memory budget)."""
-
-    def __post_init__(self) -> None:
-        self.strengths = parse_strengths(self.strengths)
-        require_at_least(self, "interpret.steering", 1, ("n_prompts", "max_new_tokens", "max_batch"))
-        if self.temperature <= 0:
-            raise ValueError(f"interpret.steering.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"interpret.steering.top_p must be in (0, 1], got {self.top_p}")
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> SteeringConfig:
-        """From a mapping / DictConfig; missing keys take the defaults, unknown keys raise."""
-        return cls(**dataclass_kwargs(cls, cfg, "interpret.steering"))
-
-
-def parse_strengths(value: Any) -> list[float]:
-    """A preset name or a list of numbers → distinct floats in the given order; ValueError otherwise."""
-    if isinstance(value, str):
-        if value not in STRENGTH_PRESETS:
-            raise ValueError(
-                f"interpret.steering.strengths={value!r}: not a preset ({sorted(STRENGTH_PRESETS)}) or a list of numbers"
-            )
-        value = STRENGTH_PRESETS[value]
-    if value is None or isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"interpret.steering.strengths must be a list of numbers or a preset name, got {value!r}")
-    out: list[float] = []
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, numbers.Real) or not math.isfinite(float(item)):
-            raise ValueError(f"interpret.steering.strengths: {item!r} is not a finite number (got {list(value)!r})")
-        if float(item) not in out:
-            out.append(float(item))
-    if not out:
-        raise ValueError("interpret.steering.strengths is empty: give at least one strength")
-    return out
 
 
 # ---- prompts ---------------------------------------------------------------------------------

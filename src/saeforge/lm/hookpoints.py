@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a module is needed, so name checks stay cheap
+    from torch import nn
 
 LORA_HOOKPOINT = "lora"
 _PATTERNS = [
@@ -31,6 +33,8 @@ class Hookpoint:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (Llama/Gemma `model.layers`, GPT-2 `transformer.h`, ...)."""
+    from torch import nn
+
     config = getattr(model, "config", None)
     text_cfg = getattr(config, "text_config", None) or config
     n_layers = getattr(text_cfg, "num_hidden_layers", None)

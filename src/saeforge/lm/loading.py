@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from saeforge.config import ModelConfig, from_config
 from saeforge.lm.tiny import build_tiny_lm
 from saeforge.paths import installed_package_folder
 
@@ -83,18 +85,20 @@ def model_source(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
     return str(name), None
 
 
-def load_lm(cfg: Mapping[str, Any]) -> LoadedLM:
-    """Load the LM described by a `model` config group node, in eval mode, on its device/dtype."""
-    dtype = resolve_dtype(cfg.get("dtype", "float32"))
-    device = resolve_device(cfg.get("device", "cpu"))
-    if cfg.get("tiny"):
-        model, tokenizer = build_tiny_lm(cfg["tiny"], seed=int(cfg.get("seed", 0)))
-        name = str(cfg.get("name", "tiny"))
+def load_lm(cfg: ModelConfig | Mapping[str, Any]) -> LoadedLM:
+    """Load the LM described by the `model` settings, in eval mode, on its device/dtype."""
+    settings = from_config(ModelConfig, cfg, "model")
+    dtype = resolve_dtype(settings.dtype)
+    device = resolve_device(settings.device)
+    if settings.tiny is not None:
+        model, tokenizer = build_tiny_lm(dataclasses.asdict(settings.tiny), seed=settings.seed)
+        name = str(settings.name or "tiny")
     else:
+        cfg = dataclasses.asdict(settings)
         source, gguf_file = model_source(cfg)
-        kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg.get("trust_remote_code", False))}
-        if cfg.get("revision") and not gguf_file:
-            kwargs["revision"] = cfg["revision"]
+        kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+        if settings.revision and not gguf_file:
+            kwargs["revision"] = settings.revision
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         log.info("loading %s%s", source, f" ({gguf_file})" if gguf_file else "")

@@ -18,6 +18,7 @@ from saeforge.sae.spliced import evaluate_spliced
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.pipelines.run import make_wandb_logger
+from saeforge.pipelines.validate import exclude_first_tokens, validate_evaluate
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,18 @@ def output_dir(cfg: DictConfig, source: SAESource) -> Path:
 
 def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     """Evaluate `cfg.ckpt`; writes <out>/evaluation.json and a W&B summary; returns the metrics."""
-    if cfg.get("compare"):
-        return compare_runs([str(p) for p in cfg.compare], Path(str(cfg.run.get("dir") or "runs/compare")))
-    if not cfg.get("ckpt"):
-        raise ValueError("give ckpt=<run dir | .ckpt | SAE dir> or compare=[run_a,run_b]")
-    source = resolve_sae(cfg.ckpt, cfg.get("hookpoint"))
+    settings = validate_evaluate(cfg)  # first: bad settings fail here, before any load
+    if settings.compare:
+        return compare_runs([str(p) for p in settings.compare], Path(str(settings.run.dir or "runs/compare")))
+    source = resolve_sae(settings.ckpt, settings.hookpoint)
     model_cfg, corpus_cfg, data_cfg = source_configs(cfg, source)
     lm = lm or load_lm(model_cfg)
-    ctx_len = int(cfg.evaluate.ctx_len or (data_cfg.ctx_len if data_cfg is not None else 128))
-    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, int(cfg.evaluate.n_tokens), cache_root(data_cfg and data_cfg.get("cache_dir")))
-    result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, int(cfg.evaluate.batch_size), int(cfg.evaluate.exclude_first_tokens))
-    result.update({"ckpt": str(cfg.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
+    ev = settings.evaluate
+    ctx_len = int(ev.ctx_len or (data_cfg.ctx_len if data_cfg is not None else 128))
+    skip = exclude_first_tokens(source.run_cfg, settings.imported.exclude_first_tokens)
+    tokens = heldout_windows(corpus_cfg, data_cfg, lm, ctx_len, ev.n_tokens, cache_root(data_cfg and data_cfg.get("cache_dir")))
+    result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, ev.batch_size, skip)
+    result.update({"ckpt": str(settings.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})
     out = output_dir(cfg, source)
     atomic_write_json(out / RESULT, result, default=str)

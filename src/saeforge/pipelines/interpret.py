@@ -28,11 +28,21 @@ from saeforge.activations.windows import pack_windows
 from saeforge.lm.hookpoints import hookpoint_layer
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
+from saeforge.config import (
+    STAGES,
+    ExplainConfig,
+    ImportedSAEConfig,
+    LogitLensConfig,
+    MaxActConfig,
+    ScoreConfig,
+    SteeringConfig,
+    from_config,
+)
 from saeforge.pipelines.run import make_wandb_logger
+from saeforge.pipelines.validate import exclude_first_tokens, validate_interpret
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
-STAGES = ("maxact", "logit_lens", "steering", "explain", "score", "dashboard")
 UPSTREAM = {"steering": ["maxact"], "explain": ["maxact", "steering"], "score": ["explain"],
             "dashboard": ["maxact", "logit_lens", "steering", "explain", "score"]}
 OUTPUT = {stage: records_io.stage_output(stage) for stage in STAGES}
@@ -47,6 +57,9 @@ class Context:
         self.model_cfg = run_cfg.model if run_cfg is not None else cfg.model
         self.corpus_cfg = run_cfg.corpus if run_cfg is not None else cfg.corpus
         self.data_cfg = run_cfg.data if run_cfg is not None else None
+        imported = from_config(ImportedSAEConfig, cfg.get("imported"), "imported")
+        self.exclude_first_tokens = exclude_first_tokens(run_cfg, imported.exclude_first_tokens)
+        """The first positions left out of every statistic: the run's data.exclude_first_tokens (imports: imported.*)."""
         self.hookpoint = source.hookpoint
         self.layer = hookpoint_layer(self.hookpoint)
         self.features: list[int] = []
@@ -141,7 +154,7 @@ def firing_frequency(ctx: Context, tokens: torch.Tensor) -> torch.Tensor:
     sae = ctx.source.sae.to(ctx.lm.device)
     counts = torch.zeros(sae.cfg.d_sae)
     rows = 0
-    skip = int(ctx.cfg.interpret.maxact.get("exclude_first_tokens", 2))  # attention sinks, as maxact and training
+    skip = ctx.exclude_first_tokens  # attention sinks, as maxact and training
     for b in range(0, tokens.shape[0], 8):
         ids = tokens[b : b + 8].long().to(ctx.lm.device)
         with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
@@ -174,14 +187,16 @@ def run_maxact(ctx: Context) -> None:
     stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
     if stored is not None:
         log.info("maxact: reading stored activations from %s (no LM forward)", root)
-    result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), ctx.cfg.interpret.maxact, ctx.features, stored)
+    conf = MaxActConfig.from_mapping(ctx.cfg.interpret.maxact)
+    result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), conf, ctx.features, stored,
+                            exclude_first_tokens=ctx.exclude_first_tokens)
     records_io.write_maxact(ctx.out, result.to_records())
 
 
 def run_logit_lens(ctx: Context) -> None:
     from saeforge.interpret.logit_lens import add_logit_lens, logit_lens
 
-    lcfg = ctx.cfg.interpret.logit_lens
+    lcfg = from_config(LogitLensConfig, ctx.cfg.interpret.logit_lens, "interpret.logit_lens")
     records = records_io.Records(hookpoint=ctx.hookpoint, layer=ctx.layer)
     add_logit_lens(records, logit_lens(ctx.lm, ctx.source.sae, ctx.features, int(lcfg.top_n), int(lcfg.n_neighbours)))
     records_io.write_logit_lens(ctx.out, records)
@@ -193,12 +208,12 @@ def read_maxact(ctx: Context) -> records_io.Records:
 
 
 def run_steering_stage(ctx: Context) -> None:
-    from saeforge.interpret.steering import SteeringConfig, resolve_prompts, steer_records
+    from saeforge.interpret.steering import resolve_prompts, steer_records
 
     records = read_maxact(ctx)
     a_max = records.a_max()
     features = [f for f in ctx.features if a_max.get(f, 0) > 0]
-    scfg = SteeringConfig.from_mapping(OmegaConf.to_container(ctx.cfg.interpret.steering, resolve=True))
+    scfg = SteeringConfig.from_mapping(ctx.cfg.interpret.steering)
     corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_root(ctx.data_cfg and ctx.data_cfg.get("cache_dir")))
     prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
     steer_records(ctx.lm, ctx.source.sae, ctx.hookpoint, features, records, prompts, scfg, ctx.out)
@@ -214,7 +229,7 @@ def run_explain_stage(ctx: Context) -> None:
     features = [f for f in ctx.features if f in explainable]
     explain_records(ctx.client(), records, features,
                     load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-                    ctx.hookpoint, ctx.layer, OmegaConf.to_container(ctx.cfg.interpret.explain, resolve=True))
+                    ctx.hookpoint, ctx.layer, ExplainConfig.from_mapping(ctx.cfg.interpret.explain))
 
 
 def run_score_stage(ctx: Context) -> None:
@@ -222,15 +237,15 @@ def run_score_stage(ctx: Context) -> None:
     from saeforge.interpret.score import load_embedder, score_records
     from saeforge.explainers.factory import make_chat_params
 
-    scfg = OmegaConf.to_container(ctx.cfg.interpret.score, resolve=True)
-    scorers = list(scfg["scorers"])
+    scfg = ScoreConfig.from_mapping(ctx.cfg.interpret.score)
+    scorers = list(scfg.scorers)
     needs_llm = any(s != "embedding" for s in scorers)
-    embedder = load_embedder(scfg.get("embedding_model")) if "embedding" in scorers else None
+    embedder = load_embedder(scfg.embedding_model) if "embedding" in scorers else None
     records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
     records_io.read_explanations(ctx.out, ctx.layer, records, required=True)
     score_records(ctx.client() if needs_llm else None, embedder, records, scorers,
                   ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-                  ctx.hookpoint, ctx.layer, int(scfg.get("seed", 0)), scfg)
+                  ctx.hookpoint, ctx.layer, scfg.seed, scfg)
 
 
 def run_dashboard(ctx: Context) -> None:
@@ -248,13 +263,9 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
 
 def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     """Run the configured stages; returns the interpret output directory."""
-    stages = [str(s) for s in cfg.interpret.stages]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"interpret.stages has unknown stages {unknown}; valid: {list(STAGES)}")
-    if not cfg.get("ckpt"):
-        raise ValueError("give ckpt=<run dir | .ckpt | SAE dir>")
-    source = resolve_sae(cfg.ckpt, cfg.get("hookpoint"))
+    settings = validate_interpret(cfg)  # first: bad settings fail here, before any load
+    stages = list(settings.interpret.stages)
+    source = resolve_sae(settings.ckpt, settings.hookpoint)
     out = output_root(cfg, source) / "interpret" / source.hookpoint
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, source, out, lm)

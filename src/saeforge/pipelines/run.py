@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
+
+from saeforge.config import LoggerConfig, from_config
 
 log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)$", re.IGNORECASE)
@@ -39,20 +42,19 @@ def strip_secrets(node: Any) -> Any:
 
 def make_wandb_logger(cfg: DictConfig, directory: Path, job: str) -> Any | None:
     """A Lightning WandbLogger (offline by default) or None for `logger=none`."""
-    logger_cfg = cfg.get("logger") or {}
-    if logger_cfg.get("kind", "none") == "none":
+    settings = from_config(LoggerConfig, cfg.get("logger") or {"kind": "none"}, "logger")
+    if settings.kind == "none":
         return None
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    mode = str(logger_cfg.get("mode", "offline"))
     return WandbLogger(
-        project=logger_cfg.get("project", "saeforge"),
-        entity=logger_cfg.get("entity"),
-        name=logger_cfg.get("name") or f"{job}-{directory.name}",
+        project=settings.project,
+        entity=settings.entity,
+        name=settings.name or f"{job}-{directory.name}",
         save_dir=str(directory),
-        mode=mode,
-        tags=list(logger_cfg.get("tags") or []),
+        mode=settings.mode,
+        tags=list(settings.tags),
         job_type=job,
         config=strip_secrets(cfg),
     )
@@ -64,3 +66,32 @@ def setup_logging() -> None:
     for name in ("httpx", "httpx2", "httpcore", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
+    """Before Hydra composes: every override's key must exist in the schema of `config_name`
+    (`+data.batchsize=16` included); otherwise print one line and exit 2."""
+    import sys
+
+    from saeforge.config import SCHEMAS, ConfigError, check_overrides
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    try:
+        check_overrides(args, SCHEMAS[config_name])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextmanager
+def config_errors_exit() -> Iterator[None]:
+    """A ConfigError (a bad setting, found before any work) becomes one line on stderr and exit status 2."""
+    import sys
+
+    from saeforge.config import ConfigError
+
+    try:
+        yield
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,17 +10,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import build_store
 from saeforge.atomic import atomic_write_json
 from saeforge.pipelines.callbacks import ExportSAECallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
-from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
+from saeforge.lm.hookpoints import hookpoint_layer
 from saeforge.pipelines.run import make_wandb_logger, run_dir, strip_secrets
+from saeforge.pipelines.validate import TrainPlan, trainer_kwargs_from, validate_train
 from saeforge.sae.formats import write_saelens
-from saeforge.sae.module import SAEModule, resolve_sae_config
+from saeforge.sae.module import SAEModule
 
 log = logging.getLogger(__name__)
 INIT_SAMPLE_ROWS = 32768
@@ -35,12 +36,8 @@ def git_sha() -> str | None:
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The `trainer` group as Lightning kwargs; `precision: auto` → bf16-mixed on CUDA, fp32 on CPU."""
-    kwargs = dict(cfg.trainer)
-    if kwargs.get("precision") == "auto":
-        on_gpu = kwargs.get("accelerator") in ("gpu", "cuda") or (kwargs.get("accelerator") == "auto" and torch.cuda.is_available())
-        kwargs["precision"] = "bf16-mixed" if on_gpu else "32-true"
-    return kwargs
+    """The `trainer` group as Lightning kwargs (see `saeforge.pipelines.validate.trainer_kwargs_from`)."""
+    return trainer_kwargs_from(OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
 def resolve_ckpt(cfg: DictConfig, directory: Path) -> str | None:
@@ -66,30 +63,32 @@ def check_ckpt_d_in(ckpt: str, d_in: int) -> None:
         raise ValueError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}")
 
 
-def data_source(cfg: DictConfig) -> tuple[str, str | None, str, str]:
-    """(path, hookpoint within a store, hookpoint name for the export, model name)."""
-    if cfg.data.get("path"):
-        return str(cfg.data.path), None, canonical_name(str(cfg.data.hookpoint)), str(cfg.model.get("name") or "unknown")
-    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=list(cfg.get("overwrite") or []))
-    hookpoint = canonical_name(str(cfg.data.hookpoint))
-    return str(store.root), hookpoint, hookpoint, str(store.manifest.get("model"))
+def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str]:
+    """(path of the rows to train on, model name): a user file, or the activation store (built or reused)."""
+    if plan.settings.data.path:
+        return str(plan.settings.data.path), str(plan.settings.model.name or "unknown")
+    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=list(plan.settings.overwrite))
+    return str(store.root), str(store.manifest.get("model"))
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the final held-out metrics (also written to metrics.json)."""
+def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
+    """Run one training job; returns the final held-out metrics (also written to metrics.json).
+
+    `plan` is `validate_train(cfg)` when the caller already ran it (the entry script does, before importing this).
+    """
+    plan = plan or validate_train(cfg)  # first: bad settings fail here, before any load or extraction
+    settings, hookpoint = plan.settings, plan.hookpoint
     directory = run_dir(cfg)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    path, store_hookpoint, hookpoint, model_name = data_source(cfg)
-    if cfg.get("extract_only"):
+    L.seed_everything(int(settings.seed), workers=True, verbose=False)
+    path, model_name = data_source(cfg, plan)
+    if settings.extract_only:
         print(f"activation store ready: {path}")
         return {"store": path}
 
-    dm = ActivationDataModule(cfg.data, path, store_hookpoint, int(cfg.seed))
+    dm = ActivationDataModule(settings.data, path, plan.store_hookpoint, int(settings.seed))
     d_in = dm.d_in
-    d_sae = resolve_sae_config(cfg.sae, d_in)["d_sae"]
-    if not 0 < float(cfg.sae.k) < d_sae:
-        raise ValueError(f"sae.k={cfg.sae.k} must be positive and smaller than d_sae={d_sae}")
-    module = SAEModule(cfg.sae, d_in)
+    settings.sae.check_k(d_in)
+    module = SAEModule(settings.sae, d_in)
     ckpt = resolve_ckpt(cfg, directory)
     if ckpt:
         check_ckpt_d_in(ckpt, d_in)
@@ -102,16 +101,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                              model_name=model_name, provenance={**provenance, **extra}, sparsity=sparsity)
 
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
-                                 every_n_train_steps=int(cfg.checkpoint_every_n_steps))
+                                 every_n_train_steps=int(settings.checkpoint_every_n_steps))
     logger = make_wandb_logger(cfg, directory, "train")
     callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
-    every = int(cfg.interpret_callback.every_n_steps)
+    every = int(settings.interpret_callback.every_n_steps)
     if every > 0:
         from hydra import compose
 
         from saeforge.pipelines.callbacks import InterpretCallback
 
-        interpret_cfg = compose(config_name="interpret", overrides=list(cfg.interpret_callback.overrides))
+        interpret_cfg = compose(config_name="interpret", overrides=list(settings.interpret_callback.overrides))
         callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=callbacks)
@@ -120,7 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     threshold = module.calibrate(dm.heldout_batches())
     result = heldout_metrics(module, dm)
-    result.update({"threshold": threshold, "k": float(cfg.sae.k), "d_sae": module.c["d_sae"], "d_in": d_in,
+    result.update({"threshold": threshold, "k": float(settings.sae.k), "d_sae": module.c["d_sae"], "d_in": d_in,
                    "steps": trainer.global_step, "hookpoint": hookpoint})
     if trainer.is_global_zero:
         sparsity = torch.log10(result.pop("_frequency").clamp_min(1e-10))

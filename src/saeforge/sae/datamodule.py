@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowChunk, RowSource, open_rows, read_chunk
+from saeforge.config import DataConfig, from_config
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,10 @@ class StreamPosition:
 class ActivationDataModule(L.LightningDataModule):
     """Batches of raw activation rows from a store or a user file (`data.path`)."""
 
-    def __init__(self, data_cfg: Mapping[str, Any], path: str, hookpoint: str | None, seed: int):
+    def __init__(self, data_cfg: DataConfig | Mapping[str, Any], path: str, hookpoint: str | None, seed: int):
         super().__init__()
-        self.cfg, self.path, self.hookpoint, self.seed = data_cfg, path, hookpoint, seed
+        self.cfg = from_config(DataConfig, data_cfg, "data")
+        self.path, self.hookpoint, self.seed = path, hookpoint, seed
         self.position = StreamPosition()
         self.source: RowSource | None = None
         self.train_chunks: list[RowChunk] = []
@@ -187,12 +189,11 @@ class ActivationDataModule(L.LightningDataModule):
         if self.source is not None:
             return
         cfg = self.cfg
-        self.source = open_rows(self.path, self.hookpoint, str(cfg.get("h5_key", "activations")),
-                                int(cfg.get("read_rows", 16384)), verify=bool(cfg.get("verify", False)))
-        self.bad_rows = scan_nonfinite(self.source, bool(cfg.get("skip_nonfinite", False)))
-        self.skip = PositionSkip(self.source.window_len, int(cfg.get("exclude_first_tokens", 2)))
+        self.source = open_rows(self.path, self.hookpoint, cfg.h5_key, cfg.read_rows, verify=cfg.verify)
+        self.bad_rows = scan_nonfinite(self.source, cfg.skip_nonfinite)
+        self.skip = PositionSkip(self.source.window_len, cfg.exclude_first_tokens)
         chunks = self.source.chunks
-        n_val = math.ceil(len(chunks) * float(cfg.get("val_fraction", 0.02))) if len(chunks) > 1 else 0
+        n_val = math.ceil(len(chunks) * float(cfg.val_fraction)) if len(chunks) > 1 else 0
         self.train_chunks, self.val_chunks = chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :]
         n_bad = sum(map(len, self.bad_rows.values()))
         if n_bad == self.source.n_rows:
@@ -200,7 +201,7 @@ class ActivationDataModule(L.LightningDataModule):
                 f"{self.source.description}: no finite rows left — all {n_bad} rows hold NaN/Inf and "
                 "data.skip_nonfinite=true dropped every one; check the file (or the extraction that wrote it)"
             )
-        batch = int(cfg["batch_size"])
+        batch = cfg.batch_size
         train_rows = sum(c.rows - len(self.bad_rows.get(c, ())) for c in self.train_chunks)
         if train_rows < batch:
             raise ValueError(f"{self.source.description}: {train_rows} training rows is fewer than data.batch_size={batch}")
@@ -213,15 +214,15 @@ class ActivationDataModule(L.LightningDataModule):
         _, world = rank_and_world()
         self.position.batches_per_epoch = batches_per_epoch(self._spec(self.train_chunks, True), world)
         if self.position.batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={self.cfg['batch_size']} is larger than each of {world} ranks' share of the data")
+            raise ValueError(f"data.batch_size={self.cfg.batch_size} is larger than each of {world} ranks' share of the data")
 
     def _spec(self, chunks: list[RowChunk], shuffle: bool) -> StreamSpec:
-        return StreamSpec(chunks, int(self.cfg["batch_size"]), int(self.cfg.get("shuffle_buffer", 262144)), self.seed, shuffle,
+        return StreamSpec(chunks, self.cfg.batch_size, self.cfg.shuffle_buffer, self.seed, shuffle,
                           self.bad_rows, self.skip)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ActivationStream(self._spec(self.train_chunks, True), self.position), batch_size=None,
-                          num_workers=int(self.cfg.get("num_workers", 0)))
+                          num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = rank_and_world()

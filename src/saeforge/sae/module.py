@@ -13,6 +13,7 @@ so checkpoints resume exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -23,44 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from saeforge.config import SAESettings, from_config
 from saeforge.sae import metrics
 from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
 
-DEFAULTS: dict[str, Any] = {
-    "d_sae": None,  # number of latents; None → expansion_factor · d_in
-    "expansion_factor": 8,  # used when d_sae is None
-    "k": 32,  # active latents per token (mean over the batch for batchtopk)
-    "architecture": "batchtopk",  # batchtopk | topk
-    "lr": None,  # Adam learning rate; None → 2e-4 / sqrt(d_sae / 2**14)
-    "warmup_steps": 100,  # linear LR warm-up steps
-    "decay_start": 0.8,  # fraction of training after which the LR decays linearly to 0
-    "b_dec_init": "geometric_median",  # geometric_median | mean
-    "normalize_input": True,  # rescale inputs so that E‖x‖ = sqrt(d_in)
-    "mean_center": False,  # subtract the sample mean before scaling
-    "dead_tokens": 10_000_000,  # a latent is dead after this many tokens without firing
-    "k_aux": None,  # dead latents per row in the AuxK loss; None → d_in // 2
-    "auxk_coef": 1 / 32,  # AuxK loss weight
-    "threshold_momentum": 0.01,  # EMA rate of the training threshold towards min_kept
-}
-
-
-def resolve_sae_config(cfg: Mapping[str, Any] | None, d_in: int) -> dict[str, Any]:
-    """Fill defaults, reject unknown keys, derive d_sae and lr. Raises ValueError on bad values."""
-    given = dict(cfg or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown sae config keys {unknown}; allowed: {sorted(DEFAULTS)}")
-    c = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None or k in ("d_sae", "lr", "k_aux")}}
-    if c["d_sae"] is None:
-        c["d_sae"] = int(round(float(c["expansion_factor"]) * d_in))
-    c["d_sae"] = int(c["d_sae"])
-    if c["lr"] is None:
-        c["lr"] = 2e-4 / math.sqrt(c["d_sae"] / 2**14)
-    if not 0.0 <= float(c["decay_start"]) <= 1.0:
-        raise ValueError(f"decay_start must be a fraction in [0, 1], got {c['decay_start']}")
-    if int(c["warmup_steps"]) < 0 or int(c["dead_tokens"]) <= 0 or float(c["lr"]) <= 0:
-        raise ValueError("warmup_steps must be >= 0, dead_tokens > 0 and lr > 0")
-    return c
+def resolve_settings(cfg: SAESettings | Mapping[str, Any] | None, d_in: int) -> dict[str, Any]:
+    """The SAE settings (defaults filled, unknown keys rejected) with d_sae and lr derived, as a dict."""
+    return dataclasses.asdict(from_config(SAESettings, cfg, "sae").resolve(d_in))
 
 
 def _all_reduce_(t: Tensor, op: Any) -> Tensor:
@@ -73,9 +43,9 @@ def _all_reduce_(t: Tensor, op: Any) -> Tensor:
 class SAEModule(L.LightningModule):
     """Trains a batch-TopK / TopK SAE. See the module docstring for the DDP semantics."""
 
-    def __init__(self, cfg: Mapping[str, Any] | None, d_in: int) -> None:
+    def __init__(self, cfg: SAESettings | Mapping[str, Any] | None, d_in: int) -> None:
         super().__init__()
-        self.c = resolve_sae_config(cfg, d_in)
+        self.c = resolve_settings(cfg, d_in)
         self.save_hyperparameters({"sae": self.c, "d_in": d_in})
         self.sae = SparseAutoencoder(SAEConfig(
             d_in=d_in, d_sae=self.c["d_sae"], k=float(self.c["k"]), architecture=self.c["architecture"],

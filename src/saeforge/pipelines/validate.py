@@ -1,0 +1,182 @@
+"""Checks that run first in every pipeline, before any model load, corpus read or extraction.
+
+Each `validate_*` turns the composed Hydra config into its typed settings (saeforge.config) and
+raises `ConfigError` — one line naming the full key — for unknown keys and out-of-range values.
+Checks that need the model's depth or width read it cheaply (see saeforge.lm.dimensions).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from saeforge.config import (
+    ConfigError,
+    EvaluateConfig,
+    InterpretConfig,
+    TrainConfig,
+    check_trainer_key,
+    from_config,
+)
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, canonical_name, check_hookpoint
+
+
+@dataclass
+class TrainPlan:
+    """What `validate_train` found out: the typed settings, the data width and the SAE's export name."""
+
+    settings: TrainConfig
+    d_in: int
+    hookpoint: str
+    """Name the SAE is exported under: the (canonical) hookpoint, or for a user file without
+    data.hookpoint a name derived from the file."""
+    store_hookpoint: str | None
+    """Hookpoint to read inside an activation store (None for a user file)."""
+
+
+def file_hookpoint_name(path: str) -> str:
+    """An export name for a user activation file: its stem, with anything but [A-Za-z0-9._-] → `_`."""
+    p = Path(path).expanduser()
+    stem = p.name if p.is_dir() else p.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "activations"
+
+
+def hookpoint_given(cfg: DictConfig) -> bool:
+    """True when data.hookpoint was set (not the default `${model.hookpoint}`)."""
+    return not OmegaConf.is_interpolation(cfg.data, "hookpoint") and cfg.data.get("hookpoint") is not None
+
+
+def check_trainer(trainer: dict[str, Any]) -> None:
+    for key in trainer:
+        check_trainer_key(str(key))
+
+
+def _store_d_in(cfg: DictConfig, hookpoint: str) -> int | None:
+    """d_in from a complete cached store with this config's cache key (no model needed), else None."""
+    from saeforge.activations.extract import store_root
+    from saeforge.activations.store import is_complete, read_manifest
+
+    root = store_root(cfg.model, cfg.corpus, cfg.data)
+    if not is_complete(root):
+        return None
+    d_in = (read_manifest(root) or {}).get("d_in", {}).get(hookpoint)
+    return int(d_in) if d_in is not None else None
+
+
+def validate_train(cfg: DictConfig) -> TrainPlan:
+    """Typed settings of a training run, checked against the data/model dimensions (read cheaply).
+
+    Fills in derived values in `cfg` itself: a hub model's default hookpoint (its middle layer).
+    """
+    dims = None
+    if not cfg.data.get("path") and _hookpoint_unset(cfg):
+        dims = _dimensions(cfg)  # a hub model without a hookpoint: its middle layer
+        cfg.model.hookpoint = f"layers.{dims.n_layers // 2}"
+    settings = from_config(TrainConfig, cfg, "")
+    check_trainer(settings.trainer)
+    data = settings.data
+    if data.path:
+        from saeforge.activations.readers import open_rows
+
+        try:
+            source = open_rows(data.path, None, data.h5_key, data.read_rows)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise ConfigError(f"data.path={data.path!r}: {str(err).splitlines()[0]}") from err
+        d_in = source.d_in
+        hookpoint = canonical_name(str(data.hookpoint)) if hookpoint_given(cfg) else file_hookpoint_name(data.path)
+        settings.sae.check_k(d_in)
+        return TrainPlan(settings, d_in, hookpoint, None)
+
+    from saeforge.lm.dimensions import lora_width
+
+    hookpoint = canonical_name(str(data.hookpoint))
+    hookpoints = [str(h) for h in (data.hookpoints or [hookpoint])]
+    if hookpoint not in [canonical_name(h) for h in hookpoints]:
+        raise ConfigError(f"data.hookpoint={data.hookpoint} is not among data.hookpoints={hookpoints}")
+    if LORA_HOOKPOINT in hookpoints and not (data.lora and data.lora.adapter):
+        raise ConfigError("data.lora.adapter is required for hookpoint `lora` (a peft LoRA adapter folder)")
+    # a complete cached store knows d_in without the model (hub models need no AutoConfig then);
+    # the tiny model's dimensions are in its config, cheaper than computing a cache key
+    d_in = None if cfg.model.get("tiny") is not None else _store_d_in(cfg, hookpoint)
+    if d_in is None:
+        dims = dims or _dimensions(cfg)
+        for h in hookpoints:
+            try:
+                check_hookpoint(h, dims.n_layers)
+            except ValueError as err:
+                key = "data.hookpoint" if canonical_name(h) == hookpoint else "data.hookpoints"
+                raise ConfigError(f"{key}={h}: {err}") from err
+        if hookpoint == LORA_HOOKPOINT:
+            assert data.lora is not None and data.lora.adapter
+            try:
+                d_in = lora_width(data.lora.adapter, data.lora.types, dims.n_layers)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+        else:
+            d_in = dims.d_model
+    settings.sae.check_k(d_in)
+    return TrainPlan(settings, d_in, hookpoint, hookpoint)
+
+
+def _hookpoint_unset(cfg: DictConfig) -> bool:
+    """data.hookpoint resolves to nothing (model.hookpoint null and data.hookpoint not given)."""
+    try:
+        return cfg.data.get("hookpoint") is None
+    except Exception:  # an interpolation that cannot resolve: from_config reports it
+        return False
+
+
+def _dimensions(cfg: DictConfig) -> Any:
+    from saeforge.lm.dimensions import model_dimensions
+
+    try:
+        return model_dimensions(cfg.model)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.name={cfg.model.get('name')!r}: {str(err).splitlines()[0]}") from err
+
+
+def trainer_kwargs_from(trainer: dict[str, Any]) -> dict[str, Any]:
+    """Lightning kwargs from the `trainer` group: `max_steps` alone trains that many steps; with neither
+    max_steps nor max_epochs one pass over the data; `precision: auto` → bf16-mixed on CUDA, else 32-true."""
+    import torch
+
+    kwargs = dict(trainer)
+    steps = kwargs.get("max_steps")
+    if kwargs.get("max_epochs") is None:
+        kwargs["max_epochs"] = -1 if steps not in (None, -1) else 1
+    if kwargs.get("precision") == "auto":
+        accelerator = kwargs.get("accelerator")
+        on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        kwargs["precision"] = "bf16-mixed" if on_gpu else "32-true"
+    return kwargs
+
+
+def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
+    """Typed settings of `evaluate.py` (unknown keys and bad values fail here, before any load)."""
+    settings = from_config(EvaluateConfig, cfg, "")
+    if not settings.compare and not settings.ckpt:
+        raise ConfigError("ckpt is required: give ckpt=<run dir | .ckpt | SAE dir> or compare=[run_a,run_b]")
+    return settings
+
+
+def validate_interpret(cfg: DictConfig) -> InterpretConfig:
+    """Typed settings of `interpret.py` (unknown keys and bad values fail here, before any load)."""
+    settings = from_config(InterpretConfig, cfg, "")
+    if not settings.ckpt:
+        raise ConfigError("ckpt is required: give ckpt=<run dir | .ckpt | SAE dir>")
+    return settings
+
+
+def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
+    """Excluded first positions: the training run's data.exclude_first_tokens, else `imported.exclude_first_tokens`."""
+    if run_cfg is not None and run_cfg.get("data") is not None:
+        return int(run_cfg.data.get("exclude_first_tokens", 2))
+    return int(imported)
+
+
+__all__ = ["TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "trainer_kwargs_from", "validate_evaluate",
+           "validate_interpret", "validate_train"]
