@@ -528,9 +528,11 @@ def run_steering(
     `prompts` None → `cfg.prompts_file`. `a_max` maps a feature (int or str key) to its A_max
     (a number, or a max-act entry dict with "a_max"), or is the feature records. A feature whose
     text files all exist and whose KL is in the effects file is skipped (resume): its effect is
-    recomputed from the files and its KL read back. A feature with texts but no KL (a run killed
-    between the two) is generated again, so texts, effect and KL always come from one generation.
-    The effects file is rewritten after every feature. `steer_records` is the same stage on records.
+    recomputed from the files and its KL read back. A generated feature's effect and KL are
+    written (the effects file, rewritten after every feature) before its texts, so complete texts
+    have their KL; a feature with texts but no KL (from older versions) or KL but incomplete texts
+    (a run killed between the two) is generated again, so texts, effect and KL always come from one
+    generation. `steer_records` is the same stage on records.
     """
     recs = a_max if isinstance(a_max, Records) else None
     records = steer_records(lm, sae, hookpoint, features, recs or Records(), prompts, cfg, out_dir,
@@ -579,17 +581,20 @@ def steer_records(
             rec.steering = Steering(texts, True, steering_effect(texts), previous.kl)
         else:
             run = generate_steered(lm, sae, hookpoint, feature, amax[feature], prompts, cfg.strengths, cfg)
-            for index, prompt in enumerate(prompts):
-                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt])
             steered = [i for i, key in enumerate(run.row_keys) if key != ORIGINAL and float(key) != 0.0]
             kl = steering_kl(
                 lm, hookpoint, [run.row_prompts[i] for i in steered], [run.continuations[i] for i in steered],
                 run.vectors[steered], max_batch=cfg.max_batch,
             ) if steered else 0.0
             rec.steering = Steering(dict(run.texts), True, steering_effect(run.texts), kl)
+            # effect and KL first, then the texts: complete texts on disk always have their KL
+            records_io.write_effects(out_dir, records)
+            for index, prompt in enumerate(prompts):
+                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt])
             n_tokens += sum(len(c) for c in run.continuations)
             seconds += run.seconds
             bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")
+            continue
         records_io.write_effects(out_dir, records)
     if seconds:
         log.info("steering %s: %d features, %d generated tokens in %.1f s (%.0f tokens/s)",
