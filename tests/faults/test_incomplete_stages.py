@@ -93,7 +93,7 @@ def test_dead_explainer_raises_with_the_url_and_the_count_fast(tmp_path, sae_dir
     # default explainer.max_retries=5 (1 s backoff doubling): ~31 s of retries without the fail-fast
     assert time.monotonic() - start < 20
     message = str(info.value)
-    assert f"explain: 6/6 failed: {url}: server unreachable" in message, message
+    assert f"explain: 6/6 failed: {url}: server unreachable (connection refused)" in message, message
     record = stages_json(tmp_path)
     assert record["explain"]["complete"] is False
     assert sorted(sum(record["explain"]["failures"].values(), [])) == sorted(int(f) for f in explanations(tmp_path))
@@ -106,7 +106,7 @@ def test_allow_partial_exits_normally_but_reports(tmp_path, sae_dir, corpus, tin
     cfg = make_cfg(tmp_path, sae_dir, corpus, url, "interpret.stages=[maxact,explain]", "interpret.allow_partial=true")
     out = interpret(cfg, lm=tiny_lm)
     printed = capsys.readouterr().out
-    assert f"explain: 6/6 failed: {url}: server unreachable" in printed and "allow_partial" in printed
+    assert f"explain: 6/6 failed: {url}: server unreachable (connection refused)" in printed and "allow_partial" in printed
     assert out == tmp_path / "out" / "interpret" / HP
     assert stages_json(tmp_path)["explain"]["complete"] is False
 
@@ -157,7 +157,7 @@ def test_dead_explainer_exits_nonzero_from_the_entry_script(tmp_path, sae_dir, c
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == EXIT_INCOMPLETE, (done.stdout + done.stderr)[-4000:]
-    assert f"explain: 6/6 failed: {url}: server unreachable" in done.stdout, (done.stdout + done.stderr)[-4000:]
+    assert f"explain: 6/6 failed: {url}: server unreachable (connection refused)" in done.stdout, (done.stdout + done.stderr)[-4000:]
 
 
 def test_steering_killed_before_the_effects_gets_the_same_kl(tmp_path, sae_dir, corpus, tiny_lm):

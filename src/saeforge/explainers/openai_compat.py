@@ -71,6 +71,18 @@ def _could_not_connect(err: BaseException) -> bool:
     return type(err.__cause__).__name__ == "ConnectError"
 
 
+def _connect_detail(err: BaseException) -> str:
+    """"connection refused" when that is the root cause, else the transport's message."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return f"connection error: {err.__cause__ or err}"
+
+
 class BadReply(ValueError):
     """A reply with status 200 that is not a usable chat completion (retried like a 5xx)."""
 
@@ -111,7 +123,7 @@ class OpenAICompatClient:
     Fail-fast: once ``UNREACHABLE_AFTER`` attempts could not connect at all (connection refused,
     unknown host) and the server has never answered this client, the server counts as
     unreachable: every pending and later request returns ``"<base_url>: server unreachable
-    (connection error: …)"`` without further attempts. A server that answered once (any status)
+    (connection refused)"`` (or the transport's message) without further attempts. A server that answered once (any status)
     never counts as unreachable, so transient errors keep their retries.
 
     With ``prefill`` (for vLLM servers) a request whose last message is from the assistant is sent
@@ -255,7 +267,7 @@ class OpenAICompatClient:
             except openai.APIConnectionError as err:
                 reason = f"connection error: {err.__cause__ or err}"
                 if _could_not_connect(err) and not self._reached:
-                    reason = f"server unreachable ({reason})"
+                    reason = f"server unreachable ({_connect_detail(err)})"
                     self._connect_failures += 1
                     if self._connect_failures >= UNREACHABLE_AFTER:
                         if self._unreachable is None:
