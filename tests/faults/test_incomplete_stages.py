@@ -185,3 +185,76 @@ def test_steering_killed_before_the_effects_gets_the_same_kl(tmp_path, sae_dir, 
     for f in features:
         assert resumed[f] == pytest.approx(uninterrupted[f], rel=1e-5), f
     assert {p.name: p.read_text() for p in (out / records_io.STEERING_DIR).glob("generated_texts_*.json")} == texts
+
+
+def scorer_reply(body: dict) -> str:
+    from tests.interpret.chat_server import example_lines
+
+    lines = example_lines(body) or ["x"]
+    return continuation(body, "[" + ", ".join("1" if " dog" in line else "0" for line in lines) + "]")
+
+
+def is_explain(body: dict) -> bool:
+    return "LABEL" in json.dumps(body["messages"])
+
+
+def scored(tmp: Path) -> list[int]:
+    """Features with a detection result (its headline may be blank: one class absent on a random SAE)."""
+    return records_io.read_scores(tmp / "out" / "interpret" / HP, ["detection"]).ids()
+
+
+def labelled(n: int) -> str:
+    return LABEL.replace("the feature", f"feature number {n}")  # distinct labels: distinct baseline requests
+
+
+def test_score_waits_for_explain_to_complete(tmp_path, sae_dir, corpus, tiny_lm):
+    phase = {"n": 1, "explain": 0}
+
+    def script(n: int, body: dict) -> Reply:
+        if is_explain(body):
+            phase["explain"] += 1
+            if phase["n"] == 1 and phase["explain"] <= 2:
+                return Reply(500)
+            return Reply(text=continuation(body, LABEL))
+        return Reply(text=scorer_reply(body))
+
+    with ChatCompletionsServer(script) as server:
+        cfg = make_cfg(tmp_path, sae_dir, corpus, server.base_url, "interpret.stages=[maxact,explain,score]",
+                       "explainer.max_retries=0")
+        with pytest.raises(IncompleteStages, match=r"explain: 2/6 failed"):
+            interpret(cfg, lm=tiny_lm)
+        ok = [int(f) for f, e in explanations(tmp_path).items() if e["status"] == "ok"]
+        assert len(ok) == 4 and scored(tmp_path) == sorted(ok)  # the labelled features are scored
+        phase["n"] = 2
+        interpret(cfg, lm=tiny_lm)  # explain completes, so score (which read partial labels) reruns
+    assert len(scored(tmp_path)) == 6
+    record = stages_json(tmp_path)
+    assert "complete" not in record["explain"] and "complete" not in record["score"]
+
+
+def test_score_request_errors_are_retried(tmp_path, sae_dir, corpus, tiny_lm):
+    phase = {"n": 1}
+    failed: list[dict] = []
+
+    def script(n: int, body: dict) -> Reply:
+        if is_explain(body):
+            return Reply(text=continuation(body, labelled(n)))
+        if phase["n"] == 1 and n % 3 == 0:
+            failed.append(body)
+            return Reply(500)
+        return Reply(text=scorer_reply(body))
+
+    with ChatCompletionsServer(script) as server:
+        cfg = make_cfg(tmp_path, sae_dir, corpus, server.base_url, "interpret.stages=[maxact,explain,score]",
+                       "explainer.max_retries=0", f"explainer.cache_dir={tmp_path / 'llm-cache'}")
+        with pytest.raises(IncompleteStages, match=r"score: \d/6 failed: detection: .*HTTP 500") as info:
+            interpret(cfg, lm=tiny_lm)
+        assert server.base_url in str(info.value)
+        before = len(server.seen)
+        phase["n"] = 2
+        interpret(cfg, lm=tiny_lm)
+        again = [seen.body for seen in server.seen[before:]]
+        assert again and all(body in failed for body in again)  # the cache answers every batch that succeeded
+    assert len(scored(tmp_path)) == 6 and "complete" not in stages_json(tmp_path)["score"]
+    results = records_io.read_scores(tmp_path / "out" / "interpret" / HP, ["detection"])
+    assert all(results[f].scores["detection"]["n_errors"] == 0 for f in results.ids())
