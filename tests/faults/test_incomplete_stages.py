@@ -42,7 +42,7 @@ def continuation(body: dict, full: str) -> str:
     """The reply after the assistant prefill the client sends (explainer=vllm: prefill on)."""
     last = body["messages"][-1]
     prefill = last["content"] if last["role"] == "assistant" else ""
-    return full[len(prefill):] if full.startswith(prefill) else full
+    return full.removeprefix(prefill)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def sae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    words = "the dog ran to the park while a cat sat on the mat and watched birds fly over old houses".split()
+    words = ["the", "dog", "ran", "to", "the", "park", "while", "a", "cat", "sat", "on", "the", "mat", "and",
+             "watched", "birds", "fly", "over", "old", "houses"]
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(60)]
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -96,7 +97,8 @@ def test_dead_explainer_raises_with_the_url_and_the_count_fast(tmp_path, sae_dir
     assert f"explain: 6/6 failed: {url}: server unreachable (connection refused)" in message, message
     record = stages_json(tmp_path)
     assert record["explain"]["complete"] is False
-    assert sorted(sum(record["explain"]["failures"].values(), [])) == sorted(int(f) for f in explanations(tmp_path))
+    failed = sorted(f for features in record["explain"]["failures"].values() for f in features)
+    assert failed == sorted(int(f) for f in explanations(tmp_path))
     assert {e["status"] for e in explanations(tmp_path).values()} == {"error"}
     assert record["maxact"].get("complete", True) and "complete" not in record["score"]  # nothing to score: complete
 
@@ -155,7 +157,7 @@ def test_dead_explainer_exits_nonzero_from_the_entry_script(tmp_path, sae_dir, c
             "interpret.max_latents=6", "interpret.n_tokens=2048", "interpret.ctx_len=32",
             "interpret.stages=[maxact,explain]", f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(args, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == EXIT_INCOMPLETE, (done.stdout + done.stderr)[-4000:]
     assert f"explain: 6/6 failed: {url}: server unreachable (connection refused)" in done.stdout, (done.stdout + done.stderr)[-4000:]
 
