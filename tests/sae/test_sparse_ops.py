@@ -84,3 +84,25 @@ def test_select_batch_topk_is_exact_with_skewed_rows():
     torch.testing.assert_close(vals.sort().values, expected)
     assert (rows == 0).sum() == 40
     assert torch.all(rows[1:] >= rows[:-1])
+
+
+def test_sparse_path_runs_under_bf16_autocast_like_the_dense_path():
+    """Mixed precision (trainer precision bf16-mixed): the encoder GEMM gives bf16 values while the
+    weights stay float32; the sparse kernels must accept that and give the dense path's gradients."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=32, d_sae=128, k=4.0, architecture="batchtopk", k_aux=8)
+    base = SparseAutoencoder(cfg)
+    x = torch.randn(64, 32)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::7] = True
+    grads = []
+    for sparse in (True, False):
+        sae = SparseAutoencoder(cfg, sparse_kernels=sparse)
+        sae.load_state_dict(base.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x, dead_mask=dead)
+            (out.mse + out.auxk_loss).backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sae.parameters())
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=2e-2, rtol=2e-2, msg=n)

@@ -51,14 +51,21 @@ def csr_transposed(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, i
     )
 
 
+def _full_precision(t: Tensor) -> Any:
+    """Autocast off inside the kernels: they compute in the weights' dtype (sparse matmuls have no bf16 on CPU)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, rows: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+        vals = vals.to(W_dec.dtype)  # under autocast the kept values may be bf16; compute in W_dec's dtype
         ctx.save_for_backward(rows, cols, vals, W_dec)
         ctx.n_rows = n_rows
         if rows.numel() == 0:
             return W_dec.new_zeros(n_rows, W_dec.shape[1])
-        return csr(rows, cols, vals, (n_rows, W_dec.shape[0])) @ W_dec
+        with _full_precision(W_dec):
+            return csr(rows, cols, vals, (n_rows, W_dec.shape[0])) @ W_dec
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -67,14 +74,15 @@ class _SparseDecode(torch.autograd.Function):
         grad_vals = grad_W_dec = None
         if rows.numel() == 0:
             return None, None, torch.zeros_like(vals), torch.zeros_like(W_dec), None
-        grad_out = grad_out.contiguous()
-        if ctx.needs_input_grad[2]:
-            pattern = csr(rows, cols, torch.zeros_like(vals), shape)
-            grad_vals = torch.sparse.sampled_addmm(
-                pattern, grad_out, W_dec.t().contiguous(), beta=0.0
-            ).values()
-        if ctx.needs_input_grad[3]:
-            grad_W_dec = csr_transposed(rows, cols, vals, shape) @ grad_out
+        grad_out = grad_out.to(W_dec.dtype).contiguous()
+        with _full_precision(W_dec):
+            if ctx.needs_input_grad[2]:
+                pattern = csr(rows, cols, torch.zeros_like(vals), shape)
+                grad_vals = torch.sparse.sampled_addmm(
+                    pattern, grad_out, W_dec.t().contiguous(), beta=0.0
+                ).values()
+            if ctx.needs_input_grad[3]:
+                grad_W_dec = csr_transposed(rows, cols, vals, shape) @ grad_out
         return None, None, grad_vals, grad_W_dec, None
 
 
@@ -90,17 +98,18 @@ class _SparseEncodeGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_vals: Tensor) -> tuple[Tensor | None, ...]:
         x, W_enc, b_dec, rows, cols, pre_kept = ctx.saved_tensors
-        g = grad_vals * (pre_kept > 0)  # ReLU
+        g = (grad_vals * (pre_kept > 0)).to(W_enc.dtype)  # ReLU; under autocast grads may be bf16: use W_enc's dtype
         shape = (x.shape[0], W_enc.shape[1])
         grad_b_enc = torch.zeros_like(W_enc[0]).index_add_(0, cols, g)
         grad_x = grad_W_enc = grad_b_dec = None
-        if ctx.needs_input_grad[1]:
-            xc = x - b_dec
-            grad_W_enc = (csr_transposed(rows, cols, g, shape) @ xc).t().contiguous()
-        if ctx.needs_input_grad[3]:
-            grad_b_dec = -(W_enc @ grad_b_enc)
-        if ctx.needs_input_grad[0]:
-            grad_x = csr(rows, cols, g, shape) @ W_enc.t().contiguous()
+        with _full_precision(W_enc):
+            if ctx.needs_input_grad[1]:
+                xc = (x - b_dec).to(W_enc.dtype)
+                grad_W_enc = (csr_transposed(rows, cols, g, shape) @ xc).t().contiguous()
+            if ctx.needs_input_grad[3]:
+                grad_b_dec = -(W_enc @ grad_b_enc)
+            if ctx.needs_input_grad[0]:
+                grad_x = csr(rows, cols, g, shape) @ W_enc.t().contiguous()
         b_enc_grad = grad_b_enc if ctx.needs_input_grad[2] else None
         return grad_x, grad_W_enc, b_enc_grad, grad_b_dec, None, None, None
 
