@@ -1,4 +1,11 @@
-"""Interpret an SAE's features: `python interpret.py ckpt=<run dir|.ckpt|SAE dir> interpret.stages=[...]`."""
+"""Interpret an SAE's features: `python interpret.py ckpt=<run dir|.ckpt|SAE dir> interpret.stages=[...]`.
+
+Exits with `EXIT_INCOMPLETE` (3) when a stage left features failed (e.g. the explainer was
+unreachable) and `interpret.allow_partial` is false; the outputs are written and a rerun retries
+only the failed features.
+"""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -13,9 +20,12 @@ def main(cfg: DictConfig) -> None:
         from saeforge.pipelines.validate import validate_interpret
 
         validate_interpret(cfg)  # cheap: before torch and the LM stack are imported
-        from saeforge.pipelines.interpret import interpret
+        from saeforge.pipelines.interpret import EXIT_INCOMPLETE, IncompleteStages, interpret
 
-        interpret(cfg)
+        try:
+            interpret(cfg)
+        except IncompleteStages:  # the summary of the failures is already printed
+            sys.exit(EXIT_INCOMPLETE)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 from tests.chat_completions_server import HOSTILE, ChatCompletionsServer, Reply, hostile_script
@@ -78,3 +79,21 @@ def test_closed_port_error_names_the_url() -> None:
         url = server.base_url  # the port is free again once the server is closed
     result = asyncio.run(OpenAICompatClient(url, "m", max_retries=1, **FAST).chat(msgs("x"), ChatParams()))
     assert result.status == "error" and url in (result.error or "") and "connection" in (result.error or "").lower()
+
+
+def test_unreachable_server_fails_fast_and_a_reached_one_keeps_its_retries() -> None:
+    with ChatCompletionsServer() as server:
+        url = server.base_url  # closed again: connections are refused
+    client = OpenAICompatClient(url, "m", max_retries=5, backoff_base_s=1.0)  # ~31 s of backoff per request
+    start = time.monotonic()
+    results = asyncio.run(client.chat_many([(msgs(f"r{i}"), ChatParams(seed=i)) for i in range(6)], progress=False))
+    later = asyncio.run(client.chat(msgs("later"), ChatParams()))
+    assert time.monotonic() - start < 5
+    errors = {r.error for r in results + [later]}
+    assert errors == {f"{url}: server unreachable (connection refused)"}, errors
+
+    with ChatCompletionsServer() as server:
+        client = OpenAICompatClient(server.base_url, "m", max_retries=3, **FAST)
+        assert asyncio.run(client.chat(msgs("up"), ChatParams())).ok
+    gone = asyncio.run(client.chat(msgs("down"), ChatParams(seed=1)))  # the server answered once: no fail-fast
+    assert gone.status == "error" and "unreachable" not in (gone.error or "") and "connection error" in (gone.error or "")

@@ -606,6 +606,9 @@ class InterpretSettings:
     """Tokens of windows for the max-act pass (the run's store tokens when present)."""
     ctx_len: int = 64
     """Window length when windows are packed from the corpus."""
+    allow_partial: bool = False
+    """true: exit 0 when features failed (e.g. explainer down); false: exit 3. Either way the failures
+    are summarised and a rerun retries only them."""
     maxact: MaxActConfig = field(default_factory=lambda: MaxActConfig(seed="${seed}"))  # type: ignore[arg-type]
     """Max-activating examples."""
     logit_lens: LogitLensConfig = field(default_factory=LogitLensConfig)

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 """HTTP statuses worth retrying; any other 4xx fails at once."""
+UNREACHABLE_AFTER = 3
+"""Failed connection attempts (nothing listening, unknown host), with no reply from the server
+ever, after which every request of the client fails at once as "server unreachable"."""
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -62,6 +65,24 @@ def _parse_logprobs(choice: Any) -> list[TokenLogprob] | None:
     ]
 
 
+def _could_not_connect(err: BaseException) -> bool:
+    """True when the connection itself failed (httpx's ConnectError: refused, unknown host), not
+    a connection dropped by a server that accepted it."""
+    return type(err.__cause__).__name__ == "ConnectError"
+
+
+def _connect_detail(err: BaseException) -> str:
+    """"connection refused" when that is the root cause, else the transport's message."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return f"connection error: {err.__cause__ or err}"
+
+
 class BadReply(ValueError):
     """A reply with status 200 that is not a usable chat completion (retried like a 5xx)."""
 
@@ -98,6 +119,12 @@ class OpenAICompatClient:
     errors and malformed 200 replies). A request that still fails returns
     ``ChatResult(status="error")`` whose ``error`` names ``base_url``; nothing a server sends
     ends the run.
+
+    Fail-fast: once ``UNREACHABLE_AFTER`` attempts could not connect at all (connection refused,
+    unknown host) and the server has never answered this client, the server counts as
+    unreachable: every pending and later request returns ``"<base_url>: server unreachable
+    (connection refused)"`` (or the transport's message) without further attempts. A server that answered once (any status)
+    never counts as unreachable, so transient errors keep their retries.
 
     With ``prefill`` (for vLLM servers) a request whose last message is from the assistant is sent
     with ``extra_body={"continue_final_message": True, "add_generation_prompt": False}``, so the
@@ -142,6 +169,9 @@ class OpenAICompatClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._reached = False  # the server answered at least once (any status)
+        self._connect_failures = 0  # attempts that could not connect, while never reached
+        self._unreachable: str | None = None  # the reason once the server counts as unreachable
 
     def __repr__(self) -> str:
         return (
@@ -216,12 +246,18 @@ class OpenAICompatClient:
         kwargs = self._request_kwargs(messages, params)
         reason = "no attempt made"
         for attempt in range(self.max_retries + 1):
+            if self._unreachable is not None:
+                return self._error(self._unreachable)
             retry_after: float | None = None
             try:
                 async with semaphore:
+                    if self._unreachable is not None:
+                        return self._error(self._unreachable)
                     response = await asyncio.wait_for(client.chat.completions.create(**kwargs), self.timeout_s)
+                self._reached = True
                 return _result_from(response)
             except openai.APIStatusError as err:
+                self._reached = True
                 reason = f"HTTP {err.status_code}: {err.message}"
                 if err.status_code not in RETRYABLE_STATUS:
                     return self._error(reason)
@@ -230,7 +266,16 @@ class OpenAICompatClient:
                 reason = f"timed out after {self.timeout_s} s"
             except openai.APIConnectionError as err:
                 reason = f"connection error: {err.__cause__ or err}"
+                if _could_not_connect(err) and not self._reached:
+                    reason = f"server unreachable ({_connect_detail(err)})"
+                    self._connect_failures += 1
+                    if self._connect_failures >= UNREACHABLE_AFTER:
+                        if self._unreachable is None:
+                            self._unreachable = reason
+                            log.warning("%s: %s; failing every remaining request at once", self.base_url, reason)
+                        return self._error(self._unreachable)
             except Exception as err:  # noqa: BLE001 — malformed replies: bad JSON, HTML, no choices, ...
+                self._reached = True
                 reason = f"bad reply: {type(err).__name__}: {_clip(str(err))}"
             if attempt == self.max_retries:
                 break

@@ -15,8 +15,11 @@ Prompts may carry a `prefill` (e.g. `LABEL:`): for clients that continue a final
 
 A reply that cannot be parsed gets one repair turn (the reply, then a message asking for the
 format); if that fails too the entry is `status: parse_error` (raw reply kept, no label). A failed
-request is `status: error` with the client's reason. Only `status: ok` entries carry a label, and
-only they are scored. Requests go through the client in one `chat_many` per round (first round: all
+request is `status: error` with the client's reason; a feature with nothing to show (no activating
+examples, no max-act entry, no steered texts) is `status: skipped`. Only `status: ok` entries carry
+a label, and only they are scored. `ok`, `parse_error` and `skipped` are final
+(`records.FINAL_STATUSES`); `error` and `missing` are retried by the next run (`unfinished` lists
+them; the pipeline counts the stage complete only when there are none). Requests go through the client in one `chat_many` per round (first round: all
 features; second round: all repairs) — concurrency and retries are the client's job.
 
 The train/test split of the examples is defined here only (`split_examples`) and recorded in each
@@ -297,7 +300,7 @@ def _build_job(
     """The request of one feature, or a finished (not ok) entry when there is nothing to show."""
     if source == "maxact":
         if not rec.has_maxact:
-            return {"status": "error", "error": f"feature {feature} has no max-act record"}
+            return {"status": "skipped", "error": f"feature {feature} has no max-act record"}
         entry = rec.maxact_json()
         split = split_examples(entry, feature, conf.n_shown, conf.seed, conf.shown_top_fraction)
         if not split.shown:
@@ -308,7 +311,7 @@ def _build_job(
                     {"split": split.record(conf.seed), "n_examples_in_prompt": min(len(split.shown), conf.max_examples_in_prompt)})
     texts = rec.steering.texts if rec.steering is not None else {}
     if not texts:
-        return {"status": "error", "error": f"no steering outputs for layer {layer} feature {feature}"}
+        return {"status": "skipped", "error": f"no steering outputs for layer {layer} feature {feature}"}
     text = format_steering(texts, conf.n_steering_prompts, conf.max_chars)
     return _Job(feature, source, prompts["explain_steering"].messages(text, prefill=prefill), {})
 
@@ -353,12 +356,15 @@ def explain_records(
     hookpoint: str,
     layer: int | None,
     cfg: ExplainConfig | Mapping[str, Any] | None = None,
+    keep: Sequence[str] = ("ok",),
 ) -> Records:
     """The stage on records: fill `explanation` of `features` (None: every feature with max-act
     examples), write the explanations file and label txt files, and return the records.
 
-    Resumable: features whose earlier explanation (in `out_dir`) is `ok` for the same source are
-    not asked again.
+    Resumable: features whose earlier explanation (in `out_dir`) for the same source has a status
+    in `keep` are not asked again — `ok` by default (settings changed: everything else is asked
+    anew); `records.FINAL_STATUSES` when resuming an unfinished run with the same settings, so
+    only failed (`error`) and missing features are asked.
     """
     conf = cfg if isinstance(cfg, ExplainConfig) else ExplainConfig.from_mapping(cfg)
     out_dir = Path(out_dir)
@@ -372,8 +378,8 @@ def explain_records(
         if old is None:
             return False
         if source == sources[0]:
-            return old.status == "ok" and old.source == source
-        return (old.extra.get("steering") or {}).get("status") == "ok"
+            return old.status in keep and old.source == source
+        return (old.extra.get("steering") or {}).get("status") in keep
 
     finished: dict[tuple[int, str], dict[str, Any]] = {}
     jobs: list[_Job] = []
@@ -444,7 +450,24 @@ def explain_records(
     return records
 
 
+def unfinished(records: Records, features: Iterable[int], source: str = "maxact") -> dict[int, str]:
+    """`{feature: reason}` for each of `features` whose explanation is not final (an `error`, or
+    missing); with `source: both` the steering explanation must be final too."""
+    out: dict[int, str] = {}
+    for f in features:
+        rec = records.features.get(int(f))
+        expl = rec.explanation if rec is not None else None
+        if expl is None or not expl.final:
+            out[int(f)] = str((expl.extra.get("error") if expl is not None else None) or "not explained")
+        elif source == "both":
+            steer = expl.extra.get("steering") or {}
+            if steer.get("status") not in records_io.FINAL_STATUSES:
+                out[int(f)] = f"steering explanation: {steer.get('error') or 'not explained'}"
+    return out
+
+
 __all__ = [
     "ExampleSplit", "ExplainConfig", "as_records", "example_key", "explain_records", "format_maxact_examples",
     "format_steering", "highlight", "marked_positions", "parse_reply", "plain_text", "run_explain", "split_examples",
+    "unfinished",
 ]

@@ -22,7 +22,9 @@ Files under one hookpoint's interpret directory (README.md, "Interpretation outp
   `scores/<scorer>/<hookpoint>_latent_<F>.txt` (the per-example results)
 - `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS`, one row per (layer, feature); rows and
   columns of other runs are kept.
-- `STAGES` `{format_version, "<stage>": {fingerprint, finished}}`
+- `STAGES` `{format_version, "<stage>": {fingerprint, finished, complete, failures}}` (`complete`
+  false, with `failures` `{reason: [features]}`, when some features of the stage failed; files
+  without `complete` count as complete)
 
 `format_version` is `FORMAT_VERSION`; files without it (older runs) read the same. All writes go
 through `saeforge.atomic`.
@@ -137,6 +139,15 @@ class Steering:
         return {"steering_effect": self.effect, "steering_kl": self.kl}
 
 
+FINAL_STATUSES = ("ok", "parse_error", "skipped")
+"""Explanation statuses that a rerun with the same settings keeps: `ok`; `parse_error` (the reply,
+after one repair turn, is not in the asked format — asking again gives the same answer); `skipped`
+(nothing to show the explainer: no activating examples, no max-act entry or no steered texts)."""
+RETRYABLE_STATUSES = ("error", "missing")
+"""Explanation statuses a rerun asks again: `error` (the request failed: transport, HTTP, a
+malformed reply — the error names the server) and `missing` (never asked)."""
+
+
 @dataclass
 class Explanation:
     """A feature's label: the explainer's answer, or why there is none."""
@@ -144,7 +155,8 @@ class Explanation:
     label: str = ""
     interpretation: str = ""
     status: str = "missing"
-    """ok | parse_error | error | skipped | missing; only `ok` labels are scored."""
+    """ok | parse_error | error | skipped | missing; only `ok` labels are scored. `FINAL_STATUSES`
+    end a feature's explain stage; `RETRYABLE_STATUSES` leave it to be asked again."""
     source: str = "maxact"
     """What the explainer saw: maxact | steering."""
     layer: int | None = None
@@ -154,6 +166,11 @@ class Explanation:
     @property
     def ok(self) -> bool:
         return self.status == "ok" and bool(self.label.strip())
+
+    @property
+    def final(self) -> bool:
+        """True when the status is one a rerun keeps (`FINAL_STATUSES`)."""
+        return self.status in FINAL_STATUSES
 
     def to_json(self, feature: int) -> dict[str, Any]:
         return {"feature_number": feature, "layer": self.layer, "interpretation": self.interpretation,
@@ -619,7 +636,7 @@ def summary_by_feature(rows: Iterable[Mapping[str, str]], layer: int | None) -> 
 
 # ------------------------------------------------------------------------------ stages + all
 def read_stages(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """`{stage: {fingerprint, finished}}` of earlier runs (empty when none)."""
+    """`{stage: {fingerprint, finished, complete, failures}}` of earlier runs (empty when none)."""
     return _read_json(Path(out_dir) / STAGES) or {}
 
 
@@ -649,8 +666,8 @@ def load_records(out_dir: str | Path, strict: bool = False) -> Records:
 
 
 __all__ = [
-    "DASHBOARD", "EFFECTS", "EXPLANATIONS", "EXPLANATIONS_DIR", "EXTRA_COLUMNS", "FORMAT_VERSION", "LOGIT_LENS",
-    "MAXACT", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord",
+    "DASHBOARD", "EFFECTS", "EXPLANATIONS", "EXPLANATIONS_DIR", "EXTRA_COLUMNS", "FINAL_STATUSES", "FORMAT_VERSION", "LOGIT_LENS",
+    "MAXACT", "RETRYABLE_STATUSES", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord",
     "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "load_records",
     "read_explanations", "read_logit_lens", "read_maxact", "read_scores", "read_stages", "read_steering",
     "read_steering_texts", "read_summary", "scores_path", "stage_output", "steering_text_path",

@@ -278,6 +278,8 @@ def _score_classifier(
             probs = [r["probability"] for r in rows] if conf.logprobs else None
             m = classification_metrics(labels, [r["prediction"] for r in rows], probs)
             m["n_errors"] = sum(r["error"] is not None for r in rows)
+            if m["n_errors"]:
+                m["error"] = next(r["error"] for r in rows if r["error"] is not None)
             return m
 
         res = metrics(by_which["own"])
@@ -412,7 +414,24 @@ def score_records(
     return records
 
 
+def unfinished(records: Records, features: Sequence[int], scorers: Sequence[str]) -> dict[int, str]:
+    """`{feature: reason}` for each of `features` with an `ok` label whose result of an LLM scorer
+    (`CLASSIFIERS`) counts failed requests (`n_errors`, own or baseline): those batches are asked
+    again by the next run (the response cache answers the rest)."""
+    out: dict[int, str] = {}
+    for f in features:
+        rec = records.features.get(int(f))
+        if rec is None or not rec.has_maxact or not rec.label:
+            continue
+        for scorer in scorers:
+            result = rec.scores.get(scorer) if scorer in CLASSIFIERS else None
+            for part in (result, (result or {}).get("baseline")):
+                if part and part.get("n_errors"):
+                    out.setdefault(int(f), f"{scorer}: {part.get('error') or 'request failed'}")
+    return out
+
+
 __all__ = [
     "ScoreConfig", "classification_metrics", "derangement", "load_embedder", "parse_predictions",
-    "parse_probabilities", "roc_auc", "run_score", "score_records",
+    "parse_probabilities", "roc_auc", "run_score", "score_records", "unfinished",
 ]

@@ -460,9 +460,12 @@ def run_steering(
 
     `prompts` None → `cfg.prompts_file`. `a_max` maps a feature (int or str key) to its A_max
     (a number, or a max-act entry dict with "a_max"), or is the feature records. A feature whose
-    files already all exist is skipped (resume): its effect is recomputed from the files and its
-    KL read back from the effects file (None if absent). The effects file is rewritten after
-    every feature. `steer_records` is the same stage on records.
+    text files all exist and whose KL is in the effects file is skipped (resume): its effect is
+    recomputed from the files and its KL read back. A generated feature's effect and KL are
+    written (the effects file, rewritten after every feature) before its texts, so complete texts
+    have their KL; a feature with texts but no KL (from older versions) or KL but incomplete texts
+    (a run killed between the two) is generated again, so texts, effect and KL always come from one
+    generation. `steer_records` is the same stage on records.
     """
     recs = a_max if isinstance(a_max, Records) else None
     records = steer_records(lm, sae, hookpoint, features, recs or Records(), prompts, cfg, out_dir,
@@ -505,24 +508,39 @@ def steer_records(
     for feature in bar:
         rec = records.get(feature)
         previous = rec.steering if rec.steering is not None and rec.steering.measured else None
-        if records_io.steering_texts_complete(out_dir, layer, feature, len(prompts)):
+        measured = previous is not None and previous.kl is not None  # texts without KL: generate again
+        if measured and records_io.steering_texts_complete(out_dir, layer, feature, len(prompts)):
             texts = records_io.read_steering_texts(out_dir, layer, feature)
-            rec.steering = Steering(texts, True, steering_effect(texts), previous.kl if previous else None)
+            rec.steering = Steering(texts, True, steering_effect(texts), previous.kl)
         else:
             run = generate_steered(lm, sae, hookpoint, feature, amax[feature], prompts, cfg.strengths, cfg)
-            for index, prompt in enumerate(prompts):
-                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt])
             steered = [i for i, key in enumerate(run.row_keys) if key != ORIGINAL and float(key) != 0.0]
             kl = steering_kl(
                 lm, hookpoint, [run.row_prompts[i] for i in steered], [run.continuations[i] for i in steered],
                 run.vectors[steered], max_batch=cfg.max_batch,
             ) if steered else 0.0
             rec.steering = Steering(dict(run.texts), True, steering_effect(run.texts), kl)
+            # effect and KL first, then the texts: complete texts on disk always have their KL
+            records_io.write_effects(out_dir, records)
+            for index, prompt in enumerate(prompts):
+                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt])
             n_tokens += sum(len(c) for c in run.continuations)
             seconds += run.seconds
             bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")
+            continue
         records_io.write_effects(out_dir, records)
     if seconds:
         log.info("steering %s: %d features, %d generated tokens in %.1f s (%.0f tokens/s)",
                  hookpoint, len(features), n_tokens, seconds, n_tokens / seconds)
     return records
+
+
+def unfinished(records: Records, features: Sequence[int]) -> dict[int, str]:
+    """`{feature: reason}` for each of `features` without a measured steering effect and KL."""
+    out: dict[int, str] = {}
+    for f in features:
+        rec = records.features.get(int(f))
+        steer = rec.steering if rec is not None else None
+        if steer is None or not steer.measured or steer.effect is None or steer.kl is None:
+            out[int(f)] = "no steering effect/KL recorded"
+    return out

@@ -6,6 +6,17 @@ through `saeforge.interpret.records`; stages pass `Records` between them. The st
 fingerprints of the stages it reads; a rerun skips a stage whose fingerprint is unchanged and
 whose output exists, and the per-feature stages (steering, explain) skip finished features on
 their own. The LM is loaded once, lazily, and shared by every stage that needs it.
+
+Completeness: after steering, explain and score, `CHECKS` lists the features that did not reach a
+final state (steering: no effect/KL; explain: an `error` or missing explanation — `ok`,
+`parse_error` and `skipped` are final, see records.FINAL_STATUSES; score: an LLM scorer's failed
+requests). Such a stage is recorded `complete: false` with its failures, is not skipped by the
+next run, and that run asks again only the failed and missing features (explain keeps the final
+statuses; score rescores, the response cache answering what already succeeded). A stage that
+reads an incomplete stage gets a different fingerprint, so it reruns once that stage completes.
+The run goes on through the later stages, prints a summary of the failures grouped by reason, and
+then raises `IncompleteStages` (`python interpret.py` exits with `EXIT_INCOMPLETE`) unless
+`interpret.allow_partial=true`.
 """
 
 from __future__ import annotations
@@ -46,6 +57,16 @@ log = logging.getLogger(__name__)
 UPSTREAM = {"steering": ["maxact"], "explain": ["maxact", "steering"], "score": ["explain"],
             "dashboard": ["maxact", "logit_lens", "steering", "explain", "score"]}
 OUTPUT = {stage: records_io.stage_output(stage) for stage in STAGES}
+EXIT_INCOMPLETE = 3
+"""Exit status of `python interpret.py` when a stage ended with failed features (outputs written)."""
+
+
+class IncompleteStages(RuntimeError):
+    """Some features of some stages failed (the message is the summary); a rerun retries them."""
+
+    def __init__(self, message: str, out: Path, failures: dict[str, dict[str, list[int]]]):
+        super().__init__(message)
+        self.out, self.failures = out, failures
 
 
 class Context:
@@ -63,6 +84,8 @@ class Context:
         self.hookpoint = source.hookpoint
         self.layer = hookpoint_layer(self.hookpoint)
         self.features: list[int] = []
+        self.resuming = False
+        """True while a stage reruns because its last run with the same fingerprint was incomplete."""
         self._client: Any = None
 
     @property
@@ -229,7 +252,8 @@ def run_explain_stage(ctx: Context) -> None:
     features = [f for f in ctx.features if f in explainable]
     explain_records(ctx.client(), records, features,
                     load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-                    ctx.hookpoint, ctx.layer, ExplainConfig.from_mapping(ctx.cfg.interpret.explain))
+                    ctx.hookpoint, ctx.layer, ExplainConfig.from_mapping(ctx.cfg.interpret.explain),
+                    keep=records_io.FINAL_STATUSES if ctx.resuming else ("ok",))
 
 
 def run_score_stage(ctx: Context) -> None:
@@ -261,8 +285,83 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
 }
 
 
+# ---- completeness ----------------------------------------------------------------------------
+def check_steering(ctx: Context) -> tuple[int, dict[int, str]]:
+    from saeforge.interpret.steering import unfinished
+
+    records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
+    a_max = records.a_max()
+    features = [f for f in ctx.features if a_max.get(f, 0) > 0]
+    return len(features), unfinished(records, features)
+
+
+def check_explain(ctx: Context) -> tuple[int, dict[int, str]]:
+    from saeforge.interpret.explain import unfinished
+
+    records = read_maxact(ctx)
+    records_io.read_explanations(ctx.out, ctx.layer, records)
+    explainable = set(records.with_maxact())
+    features = [f for f in ctx.features if f in explainable]
+    return len(features), unfinished(records, features, str(ctx.cfg.interpret.explain.get("source", "maxact")))
+
+
+def check_score(ctx: Context) -> tuple[int, dict[int, str]]:
+    from saeforge.interpret.score import unfinished
+
+    scorers = [str(s) for s in ctx.cfg.interpret.score.scorers]
+    records = read_maxact(ctx)
+    records_io.read_explanations(ctx.out, ctx.layer, records)
+    records_io.read_scores(ctx.out, scorers, records)
+    scored = [f for f in ctx.features if f in records.features and records[f].label]
+    return len(scored), unfinished(records, scored, scorers)
+
+
+CHECKS: dict[str, Callable[[Context], tuple[int, dict[int, str]]]] = {
+    "steering": check_steering, "explain": check_explain, "score": check_score,
+}
+"""Per-feature stages: (features the stage handled, {feature: why it has no final result})."""
+
+
+def group_failures(failures: dict[int, str]) -> dict[str, list[int]]:
+    """`{reason: [features]}`, most frequent reason first."""
+    groups: dict[str, list[int]] = {}
+    for feature, reason in sorted(failures.items()):
+        groups.setdefault(reason, []).append(feature)
+    return dict(sorted(groups.items(), key=lambda item: -len(item[1])))
+
+
+def failure_line(stage: str, n_total: int, groups: dict[str, list[int]]) -> str:
+    """`explain: 6/6 failed: <reason>` (several reasons: each with its count and features)."""
+    n_failed = sum(len(v) for v in groups.values())
+    if len(groups) == 1:
+        return f"{stage}: {n_failed}/{n_total} failed: {next(iter(groups))}"
+    parts = [f"{len(fs)} × {reason} (features {', '.join(map(str, fs[:10]))}{', …' if len(fs) > 10 else ''})"
+             for reason, fs in groups.items()]
+    return f"{stage}: {n_failed}/{n_total} failed: " + "; ".join(parts)
+
+
+def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The fingerprint of every stage: its settings, the features, the SAE and its upstream stages'
+    fingerprints — an upstream stage recorded incomplete under its current fingerprint counts as
+    different ("+partial"), so a stage that read partial outputs reruns once they are complete."""
+    prints: dict[str, str] = {}
+    for stage in STAGES:
+        upstream = []
+        for u in UPSTREAM.get(stage, []):
+            fp = prints[u]
+            if record.get(u, {}).get("fingerprint") == fp and record[u].get("complete", True) is False:
+                fp += "+partial"
+            upstream.append(fp)
+        prints[stage] = fingerprint(stage, stage_settings(cfg, stage), features, str(cfg.ckpt), upstream)
+    return prints
+
+
 def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
-    """Run the configured stages; returns the interpret output directory."""
+    """Run the configured stages; returns the interpret output directory.
+
+    Raises `IncompleteStages` after the last stage when a stage left features without a final
+    result, unless `interpret.allow_partial` (then the failures are only reported).
+    """
     settings = validate_interpret(cfg)  # first: bad settings fail here, before any load
     stages = list(settings.interpret.stages)
     source = resolve_sae(settings.ckpt, settings.hookpoint)
@@ -278,20 +377,40 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
 
     record = records_io.read_stages(out)
-    prints: dict[str, str] = {}
-    for stage in STAGES:
-        upstream = [prints.get(u) or record.get(u, {}).get("fingerprint") for u in UPSTREAM.get(stage, [])]
-        prints[stage] = fingerprint(stage, stage_settings(cfg, stage), ctx.features, str(cfg.ckpt), upstream)
+    failed: dict[str, dict[str, list[int]]] = {}
+    lines: list[str] = []
     for stage in stages:
-        done = record.get(stage, {}).get("fingerprint") == prints[stage] and (out / OUTPUT[stage]).exists()
-        if done and stage != "dashboard":
+        prints = stage_prints(cfg, ctx.features, record)  # again per stage: upstream completeness may change
+        previous = record.get(stage, {})
+        same = previous.get("fingerprint") == prints[stage] and (out / OUTPUT[stage]).exists()
+        complete = previous.get("complete", True) is not False
+        if same and complete and stage != "dashboard":
             log.info("stage %s: up to date, skipped", stage)
             continue
-        log.info("stage %s: running", stage)
+        ctx.resuming = same and not complete
+        log.info("stage %s: %s", stage, "retrying the failed features" if ctx.resuming else "running")
         RUNNERS[stage](ctx)
-        record[stage] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+        entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+        if stage in CHECKS:
+            n_total, failures = CHECKS[stage](ctx)
+            if failures:
+                groups = group_failures(failures)
+                entry.update(complete=False, failures=groups)
+                failed[stage] = groups
+                lines.append(failure_line(stage, n_total, groups))
+                log.warning("%s", lines[-1])
+        record[stage] = entry
         records_io.write_stages(out, record)
+    ctx.resuming = False
     log_to_wandb(cfg, out)
+    if failed:
+        allow = settings.interpret.allow_partial
+        message = "\n".join(["interpret finished with failures (a rerun retries only the failed features):", *lines,
+                              "interpret.allow_partial=true: exiting 0 with these failures" if allow
+                              else "pass interpret.allow_partial=true to accept partial results"])
+        print(message)
+        if not allow:
+            raise IncompleteStages(message, out, failed)
     return out
 
 
