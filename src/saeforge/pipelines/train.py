@@ -101,8 +101,9 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         return write_saelens(pl_module.export_sae(), export_dir, hook_name=hookpoint, hook_layer=hookpoint_layer(hookpoint),
                              model_name=model_name, provenance={**provenance, **extra}, sparsity=sparsity)
 
+    # a resumed run re-saves the steps after its last.ckpt under the same names (no "-v1" copies beside them)
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
-                                 every_n_train_steps=int(settings.checkpoint_every_n_steps))
+                                 every_n_train_steps=int(settings.checkpoint_every_n_steps), enable_version_counter=False)
     logger = make_wandb_logger(cfg, directory, "train")
     callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
     every = int(settings.interpret_callback.every_n_steps)
