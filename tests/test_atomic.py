@@ -39,7 +39,8 @@ def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     host = socket.gethostname()
     killed = tmp_path / f".sae.{host}-{int(dead.stdout)}.abc123.tmp"
     killed_old = tmp_path / f".sae.{host}-{int(dead.stdout)}.old-0123abcd"

@@ -11,11 +11,20 @@ reference moved aside first.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
-from tests.faults.entry import HP, at_least, content_hashes, diff, interpret_args, printed, run, run_and_kill, train_args
+from tests.faults.entry import (
+    HP,
+    at_least,
+    content_hashes,
+    diff,
+    interpret_args,
+    printed,
+    run,
+    run_and_kill,
+    train_args,
+)
 
 SEED = 11
 pytestmark = pytest.mark.slow
@@ -41,8 +50,8 @@ def test_extract_and_train_killed_three_times_each_resume_identical(tmp_path):
         assert not (tmp_path / "run" / "metrics.json").exists()
     run(args, tmp_path)
     got = {"run": content_hashes(tmp_path / "run"), "cache": content_hashes(tmp_path / "cache")}
-    for where in reference:
-        assert not diff(reference[where], got[where]), (where, diff(reference[where], got[where]))
+    for where, hashes in reference.items():
+        assert not diff(hashes, got[where]), (where, diff(hashes, got[where]))
 
 
 def test_interpret_killed_in_each_stage_resumes_identical(tmp_path):

@@ -16,7 +16,7 @@ KEY = "sk-FAKE0123456789abcdefSECRET"
 def answer(body: dict) -> str:
     prefill = body["messages"][-1]["content"] if body["messages"][-1]["role"] == "assistant" else ""
     reply = "LABEL: words near the feature\nDESCRIPTION: fires on a few tokens."
-    return reply[len(prefill):] if reply.startswith(prefill) else reply
+    return reply.removeprefix(prefill)
 
 
 def hits(root: Path, needle: str) -> list[str]:

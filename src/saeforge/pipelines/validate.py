@@ -145,12 +145,15 @@ def check_resume_d_in(cfg: DictConfig, d_in: int) -> None:
     ckpt = resume_checkpoint(cfg)
     if ckpt is None:
         return
+    import pickle
+
     import torch
 
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
         ckpt_d_in = int(state["sae.W_enc"].shape[0])
-    except Exception:  # unreadable or foreign: training reports it with the full error
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError, pickle.UnpicklingError):
+        return  # unreadable or foreign: training reports it with the full error
         return
     if ckpt_d_in != d_in:
         raise ConfigError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}: "
