@@ -31,3 +31,24 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
         raise RuntimeError("killed mid-write")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["sae"]
+
+
+def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    host = socket.gethostname()
+    killed = tmp_path / f".sae.{host}-{int(dead.stdout)}.abc123.tmp"
+    killed_old = tmp_path / f".sae.{host}-{int(dead.stdout)}.old-0123abcd"
+    running = tmp_path / f".sae.{host}-{os.getppid()}.def456.tmp"
+    foreign = tmp_path / ".sae.xyz789.tmp"  # no writer mark: left alone
+    for folder in (killed, killed_old, running, foreign):
+        folder.mkdir()
+    with atomic_dir(tmp_path / "sae") as tmp:
+        (tmp / "cfg.json").write_text("{}")
+    assert not killed.exists() and not killed_old.exists()
+    assert running.exists() and foreign.exists() and (tmp_path / "sae" / "cfg.json").is_file()

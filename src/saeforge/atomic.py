@@ -6,9 +6,12 @@ final name holds either the old content or the whole new content, never an empty
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -59,6 +62,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _owner() -> str:
+    """Marks atomic_dir's temp folders with their writer, so a later writer can remove those of a killed one."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_dead_leftovers(path: Path) -> None:
+    """Delete temp/old folders beside `path` left by a writer on this host that no longer runs (kill -9)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>.+)-(?P<pid>\d+)\.(old-[0-9a-f]+|[^.]+\.tmp)$")
+    host = socket.gethostname()
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = pattern.match(sibling.name)
+        if not match or match["host"] != host or not sibling.is_dir():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass  # dead: its folder is garbage
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it takes `path`'s name, on error it is deleted.
@@ -67,7 +96,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_dead_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -76,7 +106,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 fsync_file(file)
         fsync_dir(tmp)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = path.parent / f".{path.name}.{_owner()}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old)

@@ -2,11 +2,16 @@
 with Hydra's ConfigStore. The bottom layer: imports nothing from saeforge but `saeforge.paths`."""
 
 from saeforge.config.checks import (
+    ENV_NAME,
     ConfigError,
+    check_env_name,
     check_key_path,
     check_overrides,
+    check_secret_overrides,
     check_trainer_key,
     from_config,
+    looks_like_key,
+    mask,
     require,
     require_at_least,
 )
@@ -66,10 +71,10 @@ except ImportError:  # pragma: no cover - hydra not installed
 
 
 __all__ = [
-    "CORPUS_KINDS", "DEFAULT_STRENGTHS", "EXPLAIN_SOURCES", "EXPLAINER_KINDS", "SCHEMAS", "SCORERS", "STAGES", "STRENGTH_PRESETS", "ChatParamsConfig", "ConfigError", "CorpusConfig",
+    "CORPUS_KINDS", "DEFAULT_STRENGTHS", "EXPLAIN_SOURCES", "EXPLAINER_KINDS", "SCHEMAS", "SCORERS", "STAGES", "STRENGTH_PRESETS", "ChatParamsConfig", "ConfigError", "ENV_NAME", "CorpusConfig",
     "DataConfig", "EvaluateConfig", "EvaluateSettings", "ExplainConfig", "ExplainerConfig", "ImportedSAEConfig",
     "InterpretConfig", "InterpretSettings", "LoggerConfig", "LogitLensConfig", "LoraConfig", "MaxActConfig", "ModelConfig",
-    "PromptsConfig", "SAESettings", "ScoreConfig", "SteeringConfig", "TinyModelConfig", "TrainConfig", "check_key_path", "check_overrides",
+    "PromptsConfig", "SAESettings", "ScoreConfig", "SteeringConfig", "TinyModelConfig", "TrainConfig", "check_env_name", "check_key_path", "check_overrides", "check_secret_overrides", "looks_like_key", "mask",
     "check_trainer_key", "corpus_identity", "from_config", "parse_strengths", "register_configs", "require",
     "require_at_least",
 ]

@@ -7,6 +7,7 @@ This module and `schema.py` are the bottom layer of saeforge: they import nothin
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -207,3 +208,58 @@ def check_overrides(overrides: Iterable[str], root: type) -> None:
         if "." not in key and key in GROUPS and not override.is_add():
             continue  # a group selection: Hydra checks the option name
         check_key_path(root, key, {"trainer": check_trainer_key})
+
+
+SECRET_KEY_PATTERN = r"(api[_-]?key|token|secret|password|authorization)$"
+"""A setting whose last key component matches this holds a secret (`explainer.api_key`, `auth_token`)."""
+_SECRET_KEY = re.compile(SECRET_KEY_PATTERN, re.IGNORECASE)
+_KEY_PREFIX = re.compile(r"^\s*(sk-|sk_|bearer\s|ghp_|hf_[A-Za-z0-9]{20}|xox[abp]-)", re.IGNORECASE)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_HINT = ("secrets are not accepted on the command line (they would be written to the run's files); "
+               "put the key in an environment variable and name that variable with explainer.api_key_env=VAR_NAME")
+
+
+def mask(value: str) -> str:
+    """What may be printed of a value that could be a secret: its first 3 characters, then ***."""
+    return f"{str(value)[:3]}***"
+
+
+def looks_like_key(value: str) -> bool:
+    """A value shaped like an API key or token: an sk-/Bearer/hf_/ghp_… prefix."""
+    return bool(_KEY_PREFIX.match(str(value).strip().strip("'\"")))
+
+
+def _high_entropy(value: str) -> bool:
+    """A long mixed-case-and-digits (or long hex) string: a key, not an environment-variable name."""
+    value = str(value)
+    mixed = len(value) >= 20 and all(any(test(c) for c in value) for test in (str.islower, str.isupper, str.isdigit))
+    return mixed or bool(re.fullmatch(r"[0-9a-f]{32,}", value))
+
+
+def check_env_name(key: str, value: str | None) -> None:
+    """`*_env` settings name an environment variable; a key pasted there is refused without echoing it."""
+    if value is None or value == "":
+        return
+    if looks_like_key(value) or _high_entropy(value) or not ENV_NAME.fullmatch(str(value)):
+        raise ConfigError(f"{key}={mask(value)}: must be the NAME of an environment variable (like OPENAI_API_KEY), "
+                          "not the key itself; put the key in that variable")
+
+
+def check_secret_overrides(overrides: Iterable[str]) -> None:
+    """Refuse command-line overrides that carry a secret, before Hydra writes them anywhere.
+
+    A key that names a secret (`+explainer.api_key=...`, `...token=...`), a value shaped like a key, or a
+    `*_env` value that is not an environment-variable name. The message never holds the value.
+    """
+    for arg in overrides:
+        key, sep, value = str(arg).partition("=")
+        key = key.lstrip("+~").strip()
+        leaf = key.rsplit(".", 1)[-1].split("@", 1)[0]
+        if not sep:
+            continue
+        if _SECRET_KEY.search(leaf) and value.strip() not in ("", "null"):
+            raise ConfigError(f"{key}: {SECRET_HINT}")
+        if leaf.endswith("_env"):
+            check_env_name(key, value.strip().strip("'\"") if value.strip() not in ("", "null") else None)
+        elif looks_like_key(value):
+            raise ConfigError(f"{key}={mask(value)}: the value looks like an API key; {SECRET_HINT}")

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from saeforge.config.checks import ConfigError, from_config, require, require_at_least
+from saeforge.config.checks import ConfigError, check_env_name, from_config, require, require_at_least
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -336,6 +336,7 @@ class ExplainerConfig:
         require_at_least(self, "explainer", 1, ("max_in_flight", "max_batch"))
         require_at_least(self, "explainer", 0, ("max_retries",))
         require(self.timeout_s > 0, "explainer.timeout_s", f"must be > 0, got {self.timeout_s}")
+        check_env_name("explainer.api_key_env", self.api_key_env)  # a key pasted here is refused, never echoed
 
 
 @dataclass

@@ -164,7 +164,7 @@ class OpenAICompatClient:
         self.supports_prefill = bool(prefill)
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
         if api_key_env is not None and not os.environ.get(api_key_env):
-            raise ValueError(f"environment variable {api_key_env} (the explainer API key) is not set")
+            raise ValueError(f"environment variable {_shown(api_key_env)} (the explainer API key) is not set")
         # Per event loop: the httpx pool and the semaphore belong to the loop that made them.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
@@ -176,7 +176,7 @@ class OpenAICompatClient:
     def __repr__(self) -> str:
         return (
             f"OpenAICompatClient(base_url={self.base_url!r}, model={self.model!r}, "
-            f"api_key_env={self.api_key_env!r}, max_in_flight={self.max_in_flight}, "
+            f"api_key_env={_shown(self.api_key_env)!r}, max_in_flight={self.max_in_flight}, "
             f"max_retries={self.max_retries}, timeout_s={self.timeout_s}, prefill={self.supports_prefill}, "
             f"cache={self.cache!r})"
         )
@@ -319,3 +319,11 @@ class OpenAICompatClient:
         log_throughput(log, results, time.perf_counter() - start)
         return list(results)
 
+
+def _shown(name: str | None) -> str | None:
+    """The env-var name as it may be printed: masked when it looks like a key pasted in by mistake."""
+    from saeforge.config import ENV_NAME, looks_like_key, mask
+
+    if name is None or (ENV_NAME.fullmatch(name) and not looks_like_key(name)):
+        return name
+    return mask(name)

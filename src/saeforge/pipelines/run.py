@@ -12,9 +12,10 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from saeforge.config import LoggerConfig, from_config
+from saeforge.config.checks import SECRET_KEY_PATTERN, looks_like_key, mask
 
 log = logging.getLogger(__name__)
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)$", re.IGNORECASE)
+SECRET_KEY = re.compile(SECRET_KEY_PATTERN, re.IGNORECASE)
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -48,6 +49,7 @@ def make_wandb_logger(cfg: DictConfig, directory: Path, job: str) -> Any | None:
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    scrub_argv()  # W&B records sys.argv in the run's metadata
     return WandbLogger(
         project=settings.project,
         entity=settings.entity,
@@ -57,7 +59,29 @@ def make_wandb_logger(cfg: DictConfig, directory: Path, job: str) -> Any | None:
         tags=list(settings.tags),
         job_type=job,
         config=strip_secrets(cfg),
+        save_code=False,
+        settings=_wandb_settings(),
     )
+
+
+def _wandb_settings() -> Any:
+    import wandb
+
+    return wandb.Settings(disable_code=True, save_code=False)
+
+
+def scrub_argv() -> None:
+    """Mask secret-looking command-line values in place (`key=sk-…` → `key=sk-***`), so nothing that
+    records sys.argv (W&B's run metadata) keeps them. The command line refuses such values already."""
+    import sys
+
+    for i, arg in enumerate(sys.argv):
+        key, sep, value = arg.partition("=")
+        leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+        if sep and value and (SECRET_KEY.search(leaf) or looks_like_key(value)):
+            sys.argv[i] = f"{key}={mask(value)}"
+        elif not sep and looks_like_key(arg):
+            sys.argv[i] = mask(arg)
 
 
 def setup_logging() -> None:
@@ -69,14 +93,16 @@ def setup_logging() -> None:
 
 
 def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
-    """Before Hydra composes: every override's key must exist in the schema of `config_name`
-    (`+data.batchsize=16` included); otherwise print one line and exit 2."""
+    """Before Hydra composes: no override may carry a secret (an API key belongs in the environment
+    variable that explainer.api_key_env names), and every override's key must exist in the schema of
+    `config_name` (`+data.batchsize=16` included); otherwise print one line and exit 2."""
     import sys
 
-    from saeforge.config import SCHEMAS, ConfigError, check_overrides
+    from saeforge.config import SCHEMAS, ConfigError, check_overrides, check_secret_overrides
 
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     try:
+        check_secret_overrides(args)  # first: Hydra would write a secret into .hydra/ and its log
         check_overrides(args, SCHEMAS[config_name])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

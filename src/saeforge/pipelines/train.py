@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import build_store
-from saeforge.atomic import atomic_write_json
+from saeforge.atomic import atomic_write_json, atomic_write_text
 from saeforge.pipelines.callbacks import ExportSAECallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
@@ -22,6 +22,7 @@ from saeforge.pipelines.run import make_wandb_logger, run_dir, strip_secrets
 from saeforge.pipelines.validate import TrainPlan, trainer_kwargs_from, validate_train
 from saeforge.sae.formats import write_saelens
 from saeforge.sae.module import SAEModule
+from saeforge.sae.source import RUN_CONFIG
 
 log = logging.getLogger(__name__)
 INIT_SAMPLE_ROWS = 32768
@@ -100,8 +101,9 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         return write_saelens(pl_module.export_sae(), export_dir, hook_name=hookpoint, hook_layer=hookpoint_layer(hookpoint),
                              model_name=model_name, provenance={**provenance, **extra}, sparsity=sparsity)
 
+    # a resumed run re-saves the steps after its last.ckpt under the same names (no "-v1" copies beside them)
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
-                                 every_n_train_steps=int(settings.checkpoint_every_n_steps))
+                                 every_n_train_steps=int(settings.checkpoint_every_n_steps), enable_version_counter=False)
     logger = make_wandb_logger(cfg, directory, "train")
     callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
     every = int(settings.interpret_callback.every_n_steps)
@@ -114,6 +116,7 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=callbacks)
+    record_run_config(cfg, directory)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)
 
@@ -133,6 +136,19 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     else:
         result.pop("_frequency")
     return result
+
+
+def record_run_config(cfg: DictConfig, directory: Path) -> None:
+    """Write <run dir>/run_config.yaml (atomically, rank 0) as training starts: the config these checkpoints
+    come from, which interpret and evaluate read. A rerun that fails before this point leaves it as it was."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    plain = strip_secrets(OmegaConf.to_container(cfg, resolve=False))
+    if isinstance(plain.get("run"), dict):
+        plain["run"]["dir"] = str(directory)  # not the unresolved `${now:...}` default
+    atomic_write_text(directory / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
 @torch.no_grad()

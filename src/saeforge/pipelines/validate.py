@@ -89,6 +89,7 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         d_in = source.d_in
         hookpoint = canonical_name(str(data.hookpoint)) if hookpoint_given(cfg) else file_hookpoint_name(data.path)
         settings.sae.check_k(d_in)
+        check_resume_d_in(cfg, d_in)
         return TrainPlan(settings, d_in, hookpoint, None)
 
     from saeforge.lm.dimensions import lora_width
@@ -119,7 +120,44 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         else:
             d_in = dims.d_model
     settings.sae.check_k(d_in)
+    check_resume_d_in(cfg, d_in)
     return TrainPlan(settings, d_in, hookpoint, hookpoint)
+
+
+def _train_run_dir(cfg: DictConfig) -> Path:
+    """The directory a training run writes to (as `pipelines.run.run_dir`, without creating it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(str(cfg.run.dir))
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint a training run would resume from, if it exists: ckpt_path, else <run dir>/checkpoints/last.ckpt."""
+    ckpt_path = cfg.get("ckpt_path")
+    path = _train_run_dir(cfg) / "checkpoints" / "last.ckpt" if ckpt_path in (None, "last") else Path(str(ckpt_path))
+    return path if path.is_file() else None
+
+
+def check_resume_d_in(cfg: DictConfig, d_in: int) -> None:
+    """A checkpoint to resume must have the data's width: checked before training writes anything into the run."""
+    ckpt = resume_checkpoint(cfg)
+    if ckpt is None:
+        return
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        ckpt_d_in = int(state["sae.W_enc"].shape[0])
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError, pickle.UnpicklingError):
+        return  # unreadable or foreign: training reports it with the full error
+        return
+    if ckpt_d_in != d_in:
+        raise ConfigError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}: "
+                          "train into another run.dir, or point data at what this run was trained on")
 
 
 def _hookpoint_unset(cfg: DictConfig) -> bool:

@@ -29,10 +29,22 @@ class SAESource:
     description: str
 
 
+RUN_CONFIG = "run_config.yaml"
+"""The config that trained a run's checkpoints, written by training when it starts (`pipelines/train.py`)."""
+
+
+def run_config_path(run: Path) -> Path | None:
+    """The run's recorded config: run_config.yaml, else (older runs) Hydra's .hydra/config.yaml."""
+    for candidate in (run / RUN_CONFIG, run / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def find_run_dir(path: Path) -> Path | None:
-    """The nearest ancestor (or self) holding `.hydra/config.yaml` — one of our training runs."""
+    """The nearest ancestor (or self) holding a run config (run_config.yaml or .hydra/config.yaml) — one of our training runs."""
     for candidate in [path, *path.parents]:
-        if (candidate / ".hydra" / "config.yaml").is_file():
+        if run_config_path(candidate) is not None:
             return candidate
     return None
 
@@ -55,7 +67,8 @@ def resolve_sae(ckpt: str | Path, hookpoint: str | None = None) -> SAESource:
     if not path.exists():
         raise FileNotFoundError(f"ckpt={str(ckpt)!r} does not exist")
     run = find_run_dir(path)
-    run_cfg = OmegaConf.load(run / ".hydra" / "config.yaml") if run else None
+    config_file = run_config_path(run) if run else None
+    run_cfg = OmegaConf.load(config_file) if config_file else None
     if path.is_dir() and run == path:
         exported = sorted((path / "sae").glob("*/cfg.json"))
         if not exported:
