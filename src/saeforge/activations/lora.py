@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-LORA_TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
-MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+from saeforge.lm.hookpoints import LORA_MODULE_NAMES, LORA_TYPE_ORDER
+
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -61,7 +61,7 @@ def lora_sites(model: nn.Module, types: Sequence[str]) -> list[LoraSite]:
         if not isinstance(lora_a, nn.ModuleDict) or not len(lora_a):
             continue
         match = _LAYER_RE.search(name + ".")
-        kind = next((k for k, v in MODULE_NAMES.items() if name.endswith(v)), None)
+        kind = next((k for k, v in LORA_MODULE_NAMES.items() if name.endswith(v)), None)
         if match is None or kind is None or kind not in types:
             continue
         linear = next(iter(lora_a.values()))

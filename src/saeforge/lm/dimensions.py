@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from saeforge.lm.hookpoints import LORA_MODULE_NAMES
 from saeforge.paths import installed_package_folder
 
 
@@ -71,7 +72,6 @@ def model_dimensions(cfg: Mapping[str, Any]) -> ModelDimensions:
 
 def lora_width(adapter: str | os.PathLike[str], types: Sequence[str], n_layers: int) -> int:
     """d_in of the `lora` hookpoint: adapted layers × captured types × rank, from adapter_config.json."""
-    from saeforge.activations.lora import MODULE_NAMES
 
     cfg_path = Path(adapter).expanduser() / "adapter_config.json"
     if not cfg_path.is_file():
@@ -79,7 +79,7 @@ def lora_width(adapter: str | os.PathLike[str], types: Sequence[str], n_layers: 
     adapter_cfg = json.loads(cfg_path.read_text())
     targets = adapter_cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    n_types = sum(1 for t in types if MODULE_NAMES.get(t) in targets) if targets else len(types)
+    n_types = sum(1 for t in types if LORA_MODULE_NAMES.get(t) in targets) if targets else len(types)
     layers = adapter_cfg.get("layers_to_transform")
     n = len(layers) if isinstance(layers, list) else (1 if isinstance(layers, int) else n_layers)
     return n * n_types * int(adapter_cfg.get("r", 8))

@@ -15,6 +15,10 @@ if TYPE_CHECKING:  # torch is imported where a module is needed, so name checks 
     from torch import nn
 
 LORA_HOOKPOINT = "lora"
+LORA_TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
+"""LoRA adapter types in the fixed order the `lora` hookpoint concatenates them per layer."""
+LORA_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+"""The module each LoRA type adapts (HF Llama-style names)."""
 _PATTERNS = [
     re.compile(r"^layers\.(\d+)$"),
     re.compile(r"^blocks\.(\d+)\.hook_resid_post$"),
