@@ -114,10 +114,10 @@ def logit_lens(
 
 
 def lens_records(lm: Any, sae: Any, records: Records, cfg: LogitLensConfig | None = None) -> Records:
-    """The stage: fill `logit_lens` of every record (all of `records`' features) and return them
-    (`cfg` None: the defaults)."""
+    """The stage: fill `logit_lens` of every record (all of `records`' features, in their order) and
+    return them (`cfg` None: the defaults)."""
     cfg = cfg if cfg is not None else LogitLensConfig()
-    result = logit_lens(lm, sae, records.ids(), int(cfg.top_n), int(cfg.n_neighbours))
+    result = logit_lens(lm, sae, list(records.features), int(cfg.top_n), int(cfg.n_neighbours))
     for f, entry in result["features"].items():
         records.get(int(f)).logit_lens = LogitLens.from_json(entry)
     return records
