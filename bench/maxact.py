@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from saeforge.config import MaxActConfig  # noqa: E402
 from saeforge.interpret import maxact as maxact_mod  # noqa: E402
 from saeforge.interpret.maxact import collect_maxact  # noqa: E402
 from saeforge.lm.capture import capture_residual, run_until_captured  # noqa: E402
@@ -65,8 +66,8 @@ def bare_loop(lm, sae, hookpoint: str, tokens: torch.Tensor, batch: int) -> floa
     return tokens.numel() / (time.perf_counter() - start)
 
 
-def maxact_cfg(args: argparse.Namespace) -> dict:
-    return {"batch_size": args.batch, "progress": False}
+def maxact_cfg(args: argparse.Namespace) -> MaxActConfig:
+    return MaxActConfig(batch_size=args.batch, progress=False)
 
 
 def _status_mib(field: str) -> float | None:

@@ -12,6 +12,7 @@ prints the wall times and the ratio (goal >= 5x).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from saeforge.activations.corpus import load_corpus
+from saeforge.config import SteeringConfig
 from saeforge.interpret.steering import generate_steered, sample_prompts
 from saeforge.lm.loading import load_lm
 from saeforge.sae.model import SAEConfig, SparseAutoencoder
@@ -53,7 +55,7 @@ def main() -> None:
     hookpoint = args.hookpoint or f"layers.{lm.n_layers // 2}"
     corpus = load_corpus(cfg.corpus, Path(cfg.data.cache_dir))
     prompts = sample_prompts(corpus, cfg.corpus.column, args.prompts, seed=0)
-    gen = {"max_new_tokens": args.max_new_tokens}
+    gen = SteeringConfig(max_new_tokens=args.max_new_tokens)
     steer = lambda ps, ss: generate_steered(lm, sae, hookpoint, args.feature, args.a_max, ps, ss, gen).texts  # noqa: E731
     steer(prompts[:1], args.strengths[:1])  # warm-up
 
@@ -63,7 +65,7 @@ def main() -> None:
 
     start = time.perf_counter()
     looped = generate_steered(lm, sae, hookpoint, args.feature, args.a_max, prompts, args.strengths,
-                              {**gen, "max_batch": 1}).texts  # max_batch 1: one generate call per row
+                              dataclasses.replace(gen, max_batch=1)).texts  # max_batch 1: one generate call per row
     t_loop = time.perf_counter() - start
 
     n_calls = len(prompts) * (len(args.strengths) + 1)

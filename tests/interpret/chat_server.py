@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from saeforge.interpret.records import Records
 from tests.chat_completions_server import ChatCompletionsServer, Reply
 
 Script = Callable[[dict], "str | int"]
@@ -89,3 +90,8 @@ def make_maxact(features: dict[int, str] | None = None, n_top: int = 8, n_quant:
         non = [{"tokens": neg, "token_ids": list(range(6)), "seq": base + 500 + i, "start": 0} for i in range(n_non)]
         out[str(f)] = {"a_max": 10.0, "frequency": 0.01, "top": top, "quantile_examples": quant, "non_activating": non}
     return {"hookpoint": "layers.2", "layer": 2, "d_sae": 16, "features": out}
+
+
+def records_of(maxact: dict) -> Records:
+    """The records of a max-act document (what the max-act file gives the later stages)."""
+    return Records.from_maxact_json(maxact)

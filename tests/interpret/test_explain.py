@@ -8,12 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from saeforge.interpret.explain import ExplainConfig, example_key, parse_reply, run_explain, split_examples
+from saeforge.config import ExplainConfig
+from saeforge.interpret import records as records_io
+from saeforge.interpret.explain import example_key, explain_records, parse_reply, split_examples
 from saeforge.interpret.prompts import load_prompts
 from saeforge.explainers.base import ChatParams
-from tests.interpret.chat_server import ScriptedChat, last_user, make_maxact
+from tests.interpret.chat_server import ScriptedChat, last_user, make_maxact, records_of
 
 PARAMS = ChatParams(max_tokens=64)
+SHOWN4 = ExplainConfig(n_shown=4)
+
+
+def explain(client, records, features, out_dir, cfg=None, prompts=None) -> dict:
+    """Run the stage on `records` and return this layer's explanations document (what the file holds)."""
+    records = explain_records(client, records, features, prompts or load_prompts(), PARAMS, out_dir, "layers.2", 2, cfg)
+    return records_io.explanations_json(records, 2)
 
 
 def good(body: dict) -> str:
@@ -72,11 +81,10 @@ def test_split_has_no_overlap_and_is_recorded() -> None:
     assert split_examples(entry, 0, n_shown=6, seed=3).shown_keys == split.shown_keys  # deterministic
 
 
-def test_run_explain_writes_and_resumes(tmp_path: Path) -> None:
+def test_explain_records_writes_and_resumes(tmp_path: Path) -> None:
     maxact = make_maxact()
     with ScriptedChat(good) as server:
-        out = run_explain(server.client(), maxact, None, [0, 1], load_prompts(), PARAMS, tmp_path, "layers.2", 2,
-                          cfg={"n_shown": 4})
+        out = explain(server.client(), records_of(maxact), [0, 1], tmp_path, SHOWN4)
         assert len(server.requests) == 2
         doc = json.loads((tmp_path / "explanations.json").read_text())
         assert doc.pop("format_version") == 1 and doc == out
@@ -88,7 +96,7 @@ def test_run_explain_writes_and_resumes(tmp_path: Path) -> None:
         assert "Example 1: The<< dog>> ran to the park" in prompt
         assert re.search(r'Activations: \(" dog", \d+\)', prompt)
         assert json.loads((tmp_path / "explanations" / "layers.2_latent_0.txt").read_text()) == "mentions of dogs"
-        run_explain(server.client(), maxact, None, [0, 1], load_prompts(), PARAMS, tmp_path, "layers.2", 2)
+        explain(server.client(), records_of(maxact), [0, 1], tmp_path)
         assert len(server.requests) == 2  # resumed: nothing asked again
 
 
@@ -105,8 +113,7 @@ def test_repair_retry_then_parse_error_and_error_status(tmp_path: Path) -> None:
     for ex in maxact["features"]["2"]["top"] + maxact["features"]["2"]["quantile_examples"]:
         ex["tokens"] = ["X", " hound", "Y", "Z", "W", "V"]  # feature 2: its request gets a 500
     with ScriptedChat(script) as server:
-        out = run_explain(server.client(), maxact, None, None, load_prompts(), PARAMS, tmp_path, "layers.2", 2,
-                          cfg={"n_shown": 4})
+        out = explain(server.client(), records_of(maxact), None, tmp_path, SHOWN4)
     by = out["2"]
     assert by["0"]["status"] == "ok" and by["0"]["repaired"] is True and by["0"]["label"] == "mentions of dogs"
     assert by["1"]["status"] == "parse_error" and by["1"]["label"] == "" and by["1"]["raw_repair"] == "still rambling"
@@ -130,8 +137,8 @@ def test_steering_source(tmp_path: Path) -> None:
         return "SUMMARY: the sea\nDETAILED ANALYSIS: positive strengths add sea words."
 
     with ScriptedChat(script) as server:
-        out = run_explain(server.client(), {"features": {}}, steer, [5], load_prompts(), PARAMS, tmp_path, "layers.2", 2,
-                          cfg=ExplainConfig(source="steering"))
+        steered = records_io.read_steering(tmp_path, records_io.Records(layer=2))  # the steered texts
+        out = explain(server.client(), steered, [5], tmp_path, ExplainConfig(source="steering"))
     entry = out["2"]["5"]
     assert entry["status"] == "ok" and entry["source"] == "steering" and entry["label"] == "the sea"
     assert "Once upon a time" in seen[0] and "The weather today" in seen[0] and "Ignored third" not in seen[0]
@@ -147,8 +154,7 @@ def test_prefill_is_sent_and_parsed_with_the_reply(tmp_path: Path) -> None:
     prompts = load_prompts()
     assert prompts["explain_maxact"].prefill == "LABEL:" and prompts["detection"].prefill == "["
     with ScriptedChat(continuation) as server:
-        out = run_explain(server.client(prefill=True), maxact, None, [0], prompts, PARAMS, tmp_path, "layers.2", 2,
-                          cfg={"n_shown": 4})
+        out = explain(server.client(prefill=True), records_of(maxact), [0], tmp_path, SHOWN4, prompts)
     body = server.requests[0]
     assert body["messages"][-1] == {"role": "assistant", "content": "LABEL:"}
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
@@ -157,8 +163,7 @@ def test_prefill_is_sent_and_parsed_with_the_reply(tmp_path: Path) -> None:
     assert entry["raw"].startswith("LABEL: mentions of dogs")  # raw is prefill + reply
 
     with ScriptedChat(good) as server:  # hosted APIs: no prefill message, no vLLM extensions
-        run_explain(server.client(prefill=False), maxact, None, [0], prompts, PARAMS, tmp_path / "off", "layers.2", 2,
-                    cfg={"n_shown": 4})
+        explain(server.client(prefill=False), records_of(maxact), [0], tmp_path / "off", SHOWN4, prompts)
     body = server.requests[0]
     assert body["messages"][-1]["role"] == "user" and "continue_final_message" not in body
 
@@ -171,8 +176,7 @@ def test_prefill_repair_turn_carries_the_whole_first_reply(tmp_path: Path) -> No
                 " It is a feature of the language model that is called")  # one 40-word line: no label
 
     with ScriptedChat(script) as server:
-        out = run_explain(server.client(prefill=True), make_maxact(), None, [0], load_prompts(), PARAMS, tmp_path,
-                          "layers.2", 2, cfg={"n_shown": 4})
+        out = explain(server.client(prefill=True), records_of(make_maxact()), [0], tmp_path, SHOWN4)
     first, repair = server.requests
     assert repair["messages"][-1] == {"role": "assistant", "content": "LABEL:"}
     history = repair["messages"][-3]

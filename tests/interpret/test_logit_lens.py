@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from saeforge.interpret.logit_lens import find_final_norm, final_norm_scale, logit_lens, write_logit_lens
+from saeforge.config import LogitLensConfig
+from saeforge.interpret import records as records_io
+from saeforge.interpret.logit_lens import find_final_norm, final_norm_scale, lens_records, logit_lens
 from saeforge.interpret.maxact import TokenDecoder
 from saeforge.sae.model import SAEConfig, SparseAutoencoder
 
@@ -48,9 +50,13 @@ def test_logit_lens_equals_brute_force(lm_and_sae, tmp_path):
         nb = c.argsort(descending=True)[:4]
         assert [i for i, _ in entry["neighbours"]] == nb.tolist()
         torch.testing.assert_close(torch.tensor([v for _, v in entry["neighbours"]]), c[nb], atol=1e-4, rtol=0)
-    path = write_logit_lens(res, tmp_path / "out")
+    records = records_io.Records()
+    for f in feats:
+        records.get(f)
+    lens_records(lm, sae, records, LogitLensConfig(top_n=6, n_neighbours=4))  # the stage: one chunk
+    path = records_io.write_logit_lens(tmp_path / "out", records)
     doc = json.loads(path.read_text())
-    assert doc.pop("format_version") == 1 and doc == res
+    assert doc.pop("format_version") == 1 and doc == logit_lens(lm, sae, feats, top_n=6, n_neighbours=4)
     assert len(logit_lens(lm, sae, None, top_n=2, n_neighbours=1)["features"]) == 40
     with pytest.raises(ValueError, match="features"):
         logit_lens(lm, sae, [40])

@@ -9,7 +9,9 @@ import torch
 
 from saeforge.activations.readers import open_rows
 from saeforge.activations.store import save_safetensors_atomic
-from saeforge.interpret.maxact import MaxActConfig, TokenDecoder, collect_maxact, write_maxact
+from saeforge.config import MaxActConfig
+from saeforge.interpret import records as records_io
+from saeforge.interpret.maxact import TokenDecoder, collect_maxact
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
 
@@ -17,6 +19,7 @@ HOOK = "layers.2"
 N_SEQ, CTX = 24, 32
 CFG = {"batch_size": 5, "n_examples": 6, "n_quantiles": 4, "examples_per_quantile": 3, "hist_bins": 8,
        "context_left": 4, "context_right": 3, "n_non_activating": 4, "seed": 3, "progress": False}
+CONF = MaxActConfig.from_mapping(CFG)
 
 
 def residual(lm, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,7 +49,7 @@ def setup(tiny_lm):
 @pytest.fixture(scope="module")
 def result(tiny_lm, setup):
     tokens, sae, _ = setup
-    return collect_maxact(tiny_lm, sae, HOOK, tokens, CFG)
+    return collect_maxact(tiny_lm, sae, HOOK, tokens, CONF)
 
 
 def test_frequency_and_a_max_equal_brute_force(result, setup):
@@ -72,7 +75,8 @@ def test_frequency_and_a_max_equal_brute_force(result, setup):
 @pytest.mark.parametrize("one_per_window", [True, False])
 def test_top_examples_equal_brute_force(tiny_lm, setup, result, one_per_window):
     tokens, sae, acts = setup
-    res = result if one_per_window else collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "one_per_window": False})
+    conf = MaxActConfig.from_mapping({**CFG, "one_per_window": False})
+    res = result if one_per_window else collect_maxact(tiny_lm, sae, HOOK, tokens, conf)
     N = CFG["n_examples"]
     for f, entry in res.features.items():
         a = acts[..., f]
@@ -164,7 +168,7 @@ def test_non_activating_windows_have_zero_activation(setup, result):
 def test_first_positions_count_only_when_not_excluded(tiny_lm, setup, result):
     """Position 1 (the first token after BOS, an attention sink) is in the statistics only with exclude_first_tokens=0."""
     tokens, sae, acts = setup
-    kept = collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, features=list(range(8)), exclude_first_tokens=0)
+    kept = collect_maxact(tiny_lm, sae, HOOK, tokens, CONF, features=list(range(8)), exclude_first_tokens=0)
     assert kept.n_tokens == result.n_tokens + N_SEQ  # BOS (position 0) is still excluded by exclude_bos
     x = residual(tiny_lm, tokens)
     with torch.no_grad():
@@ -174,19 +178,19 @@ def test_first_positions_count_only_when_not_excluded(tiny_lm, setup, result):
         assert kept.features[f]["a_max"] == pytest.approx(max(float(acts[..., f].max()), float(first[:, f].max())), abs=1e-4)
     assert any((first[:, f] > 0).any() for f in range(8))  # the case is exercised
     with pytest.raises(ValueError, match="data.exclude_first_tokens must be >= 0"):
-        collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, exclude_first_tokens=-1)
+        collect_maxact(tiny_lm, sae, HOOK, tokens, CONF, exclude_first_tokens=-1)
     with pytest.raises(ValueError, match="unknown key interpret.maxact.exclude_first_tokens"):
-        collect_maxact(tiny_lm, sae, HOOK, tokens, {**CFG, "exclude_first_tokens": 0})  # one home: data.exclude_first_tokens
+        MaxActConfig.from_mapping({**CFG, "exclude_first_tokens": 0})  # one home: data.exclude_first_tokens
 
 
 def test_features_subset_and_written_json(tiny_lm, setup, result, tmp_path):
     tokens, sae, _ = setup
-    sub = collect_maxact(tiny_lm, sae, "blocks.2.hook_resid_post", tokens, CFG, features=[7, 3, 7])
+    sub = collect_maxact(tiny_lm, sae, "blocks.2.hook_resid_post", tokens, CONF, features=[7, 3, 7])
     assert list(sub.features) == [7, 3] and sub.hookpoint == HOOK
     for f in (7, 3):
         assert sub.features[f]["top"] == result.features[f]["top"]
         assert sub.features[f]["n_fired"] == result.features[f]["n_fired"]
-    path = write_maxact(sub, tmp_path / "interpret" / HOOK)
+    path = records_io.write_maxact(tmp_path / "interpret" / HOOK, sub.to_records())
     doc = json.loads(path.read_text())
     assert doc["hookpoint"] == HOOK and doc["layer"] == 2 and doc["ctx_len"] == CTX
     assert set(doc["features"]) == {"7", "3"} and doc["features"]["3"]["feature"] == 3
@@ -194,9 +198,9 @@ def test_features_subset_and_written_json(tiny_lm, setup, result, tmp_path):
             "non_activating"} <= set(doc["features"]["3"])
     assert not list(path.parent.glob(".*tmp*"))
     with pytest.raises(ValueError, match="unknown key interpret.maxact.n_exampels"):
-        collect_maxact(tiny_lm, sae, HOOK, tokens, {"n_exampels": 3})
+        MaxActConfig.from_mapping({"n_exampels": 3})
     with pytest.raises(ValueError, match="features"):
-        collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, features=[48])
+        collect_maxact(tiny_lm, sae, HOOK, tokens, CONF, features=[48])
 
 
 def test_stored_activations_give_the_model_path_result(tiny_lm, setup, result, tmp_path):
@@ -206,7 +210,7 @@ def test_stored_activations_give_the_model_path_result(tiny_lm, setup, result, t
     save_safetensors_atomic({"activations": rows[:333]}, folder / "a.safetensors")
     save_safetensors_atomic({"activations": rows[333:]}, folder / "b.safetensors")
     source = open_rows(folder, read_rows=100)
-    from_store = collect_maxact(tiny_lm, sae, HOOK, tokens, CFG, activations=source)
+    from_store = collect_maxact(tiny_lm, sae, HOOK, tokens, CONF, activations=source)
     assert from_store.n_tokens == result.n_tokens
     for f, a in result.features.items():
         b = from_store.features[f]
@@ -218,4 +222,4 @@ def test_stored_activations_give_the_model_path_result(tiny_lm, setup, result, t
             for ea, eb in zip(a[key], b[key]):
                 assert ea.get("activation", 0) == pytest.approx(eb.get("activation", 0), abs=1e-4)
     with pytest.raises(ValueError, match="rows"):
-        collect_maxact(tiny_lm, sae, HOOK, torch.cat([tokens, tokens]), CFG, activations=source)
+        collect_maxact(tiny_lm, sae, HOOK, torch.cat([tokens, tokens]), CONF, activations=source)

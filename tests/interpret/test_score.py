@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from saeforge.interpret.explain import example_key, run_explain, split_examples
+from saeforge.config import ExplainConfig, ScoreConfig
+from saeforge.interpret import records as records_io
+from saeforge.interpret.explain import example_key, explain_records, split_examples
 from saeforge.interpret.prompts import load_prompts
 from saeforge.interpret.score import (
-    ScoreConfig,
     classification_metrics,
     derangement,
     load_embedder,
     parse_predictions,
     parse_probabilities,
-    run_score,
+    score_records,
 )
 from saeforge.explainers.base import ChatParams
-from tests.interpret.chat_server import ScriptedChat, example_lines, last_user, make_maxact
+from tests.interpret.chat_server import ScriptedChat, example_lines, last_user, make_maxact, records_of
 
 PARAMS = ChatParams(max_tokens=32)
 
@@ -44,9 +45,24 @@ def all_zero(body: dict) -> str:
 
 
 def explained(tmp_path: Path, maxact: dict) -> dict:
+    """The explanations document of every feature of `maxact`."""
     with ScriptedChat(explainer) as server:
-        return run_explain(server.client(), maxact, None, None, load_prompts(), PARAMS, tmp_path, "layers.2", 2,
-                           cfg={"n_shown": 4})
+        records = explain_records(server.client(), records_of(maxact), None, load_prompts(), PARAMS, tmp_path,
+                                  "layers.2", 2, ExplainConfig(n_shown=4))
+    return records_io.explanations_json(records, 2)
+
+
+def score(client, embedder, maxact: dict, expl: dict, features, out_dir: Path, cfg: ScoreConfig,
+          prompts=None, params: ChatParams = PARAMS) -> dict:
+    """Score on the records of a max-act document and an explanations document (with the steering
+    effects of `out_dir`, as the pipeline reads them); returns `{scorer: {"<feature>": result}}`
+    of the scored features (all explained ones when `features` is None)."""
+    records = records_io.explanations_from_json(expl, 2, records_of(maxact))
+    records_io.read_steering(out_dir, records, texts=False)
+    score_records(client, embedder, records, features, prompts or load_prompts(), params, out_dir, "layers.2", 2, cfg)
+    feats = features if features is not None else [f for f in records.ids() if records[f].explanation is not None]
+    return {scorer: {str(f): records[f].scores[scorer] for f in feats if scorer in records[f].scores}
+            for scorer in cfg.scorers}
 
 
 def test_metrics_from_known_answers() -> None:
@@ -71,8 +87,8 @@ def test_oracle_scores_one_all_zero_scores_half(tmp_path: Path) -> None:
     expl = explained(tmp_path, maxact)
     prompts = load_prompts()
     with ScriptedChat(oracle) as server:
-        res = run_score(server.client(), None, maxact, expl, ["detection", "fuzz"], None, prompts, PARAMS,
-                        tmp_path, "layers.2", 2, seed=0, cfg={"n_test": 6, "n_negatives": 6})
+        res = score(server.client(), None, maxact, expl, None, tmp_path,
+                    ScoreConfig(scorers=["detection", "fuzz"], seed=0, n_test=6, n_negatives=6), prompts)
     n_requests = len(server.requests)
     for scorer in ("detection", "fuzz"):
         for f in ("0", "1", "2"):
@@ -88,8 +104,8 @@ def test_oracle_scores_one_all_zero_scores_half(tmp_path: Path) -> None:
     assert all(len(example_lines(b)) <= 5 for b in bodies) and all(b["logprobs"] for b in bodies)
 
     with ScriptedChat(all_zero) as server:
-        res0 = run_score(server.client(), None, maxact, expl, ["detection"], None, prompts, PARAMS,
-                         tmp_path, "layers.2", 2, seed=0, cfg={"n_test": 6, "n_negatives": 6})
+        res0 = score(server.client(), None, maxact, expl, None, tmp_path,
+                     ScoreConfig(scorers=["detection"], seed=0, n_test=6, n_negatives=6), prompts)
     r = res0["detection"]["0"]
     assert r["balanced_accuracy"] == 0.5 and r["recall"] == 0.0 and r["precision"] == 0.0 and r["f1"] == 0.0
 
@@ -120,8 +136,8 @@ def test_scored_examples_never_shown(tmp_path: Path) -> None:
         return all_zero(body)
 
     with ScriptedChat(script) as server:
-        run_score(server.client(), None, maxact, expl, ["detection"], [0], load_prompts(), PARAMS,
-                  tmp_path, "layers.2", 2, seed=0, cfg={"n_test": 100, "n_negatives": 100, "baseline": False})
+        score(server.client(), None, maxact, expl, [0], tmp_path,
+              ScoreConfig(scorers=["detection"], seed=0, n_test=100, n_negatives=100, baseline=False))
     entry = maxact["features"]["0"]
     shown = {tuple(k) for k in expl["2"]["0"]["split"]["shown"]}
     split = split_examples(entry, 0, shown=expl["2"]["0"]["split"]["shown"])
@@ -135,8 +151,7 @@ def test_not_ok_features_are_not_scored(tmp_path: Path) -> None:
     expl = explained(tmp_path, maxact)
     expl["2"]["1"].update(status="parse_error", label="")
     with ScriptedChat(all_zero) as server:
-        res = run_score(server.client(), None, maxact, expl, ["detection"], None, load_prompts(), PARAMS,
-                        tmp_path, "layers.2", 2, seed=0)
+        res = score(server.client(), None, maxact, expl, None, tmp_path, ScoreConfig(scorers=["detection"], seed=0))
     assert set(res["detection"]) == {"0"} and res["detection"]["0"]["baseline"] is None  # one ok feature: no baseline
     assert all("the word cat" not in last_user(b) for b in server.requests)
     with (tmp_path / "summary.csv").open() as fh:
@@ -151,8 +166,7 @@ def test_summary_merges_existing_columns_and_steering(tmp_path: Path) -> None:
     (tmp_path / "steering").mkdir()
     (tmp_path / "steering" / "effects.json").write_text(json.dumps({"0": {"steering_effect": 0.25, "steering_kl": 1.5}}))
     with ScriptedChat(oracle) as server:
-        run_score(server.client(), None, maxact, expl, ["detection"], None, load_prompts(), PARAMS,
-                  tmp_path, "layers.2", 2, seed=0, cfg=ScoreConfig(logprobs=False))
+        score(server.client(), None, maxact, expl, None, tmp_path, ScoreConfig(scorers=["detection"], seed=0, logprobs=False))
     with (tmp_path / "summary.csv").open() as fh:
         rows = {r["feature"]: r for r in csv.DictReader(fh)}
     assert rows["0"]["custom"] == "keep-me" and rows["9"]["custom"] == "other"
@@ -184,8 +198,7 @@ def test_embedding_auroc_with_real_minilm(tmp_path: Path, minilm) -> None:
     maxact = {"features": {"0": entry, "1": entry}}
     expl = {"2": {"0": {"status": "ok", "label": "dogs", "split": {"shown": []}},
                   "1": {"status": "ok", "label": "cats", "split": {"shown": []}}}}
-    res = run_score(None, minilm, maxact, expl, ["embedding"], None, load_prompts(), PARAMS,
-                    tmp_path, "layers.2", 2, seed=0)
+    res = score(None, minilm, maxact, expl, None, tmp_path, ScoreConfig(scorers=["embedding"], seed=0))
     assert res["embedding"]["0"]["auc"] > 0.5 and res["embedding"]["0"]["n"] == 8
     assert res["embedding"]["0"]["baseline"]["auc"] < 0.5  # "cats" ranks the cat sentences higher
     with (tmp_path / "summary.csv").open() as fh:
@@ -218,16 +231,17 @@ def test_label_and_detect_two_features_with_real_vllm(tmp_path: Path, vllm_serve
 
     client = OpenAICompatClient(vllm_server.base_url, "smollm2", max_in_flight=8, max_retries=1, timeout_s=300)
     maxact = make_maxact({0: "dog", 1: "cat"}, n_top=4, n_quant=4, n_non=4)
-    expl = run_explain(client, maxact, None, [0, 1], load_prompts(), ChatParams(max_tokens=64), tmp_path,
-                       "layers.2", 2, cfg={"n_shown": 4})
+    records = explain_records(client, records_of(maxact), [0, 1], load_prompts(), ChatParams(max_tokens=64), tmp_path,
+                              "layers.2", 2, ExplainConfig(n_shown=4))
+    expl = records_io.explanations_json(records, 2)
     entries = expl["2"]
     assert {e["status"] for e in entries.values()} <= {"ok", "parse_error"}, entries  # no request failed
     for e in entries.values():
         assert (e["status"] == "ok") == bool(e["label"])
     if not any(e["status"] == "ok" for e in entries.values()):  # a 135M model may miss the format: score a given label
         entries["0"].update(status="ok", label="the word dog")
-    res = run_score(client, None, maxact, expl, ["detection"], None, load_prompts(), ChatParams(max_tokens=32),
-                    tmp_path, "layers.2", 2, seed=0, cfg={"n_test": 5, "n_negatives": 5})
+    res = score(client, None, maxact, expl, None, tmp_path,
+                ScoreConfig(scorers=["detection"], seed=0, n_test=5, n_negatives=5), params=ChatParams(max_tokens=32))
     scored = res["detection"]
     assert scored and all(r["n"] + r["n_unparsed"] == 8 and r["n_errors"] == 0 for r in scored.values())  # 4 + 4
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "scores" / "detection.json").is_file()
@@ -243,8 +257,8 @@ def test_prefill_bracket_is_sent_and_parsed(tmp_path: Path) -> None:
         return oracle(body).removeprefix("[")
 
     with ScriptedChat(continuation) as server:
-        res = run_score(server.client(prefill=True), None, maxact, expl, ["detection", "fuzz"], None, load_prompts(),
-                        PARAMS, tmp_path, "layers.2", 2, seed=0, cfg={"n_test": 6, "n_negatives": 6})
+        res = score(server.client(prefill=True), None, maxact, expl, None, tmp_path,
+                    ScoreConfig(scorers=["detection", "fuzz"], seed=0, n_test=6, n_negatives=6))
     for scorer in ("detection", "fuzz"):
         r = res[scorer]["0"]
         assert r["balanced_accuracy"] == 1.0 and r["n_unparsed"] == 0 and r["auc"] == 1.0

@@ -1,16 +1,18 @@
+import dataclasses
 import json
 
 import datasets
 import pytest
 import torch
 
+from saeforge.config import SteeringConfig
 from saeforge.interpret import steering
+from saeforge.interpret.records import Records
 from saeforge.interpret.steering import (
-    SteeringConfig,
     generate_steered,
     load_prompts,
-    run_steering,
     sample_prompts,
+    steer_records,
     steering_effect,
     steering_file,
     steering_kl,
@@ -23,7 +25,7 @@ PROMPTS = [
     "Sherlock Holmes took his bottle from the corner of the mantelpiece.",
     "A surgeon",
 ]
-GEN = {"max_new_tokens": 6}
+GEN = SteeringConfig(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_large_strength_moves_next_token_towards_logit_lens_tokens(tiny_lm, sae)
     assert steered.topk(5).indices.tolist() == top.tolist()
     assert int(next_logprobs(-100.0).argmax()) == int(lens.argmin())
     # and through the public generation path: every strongly steered continuation starts there
-    run = generate_steered(tiny_lm, sae, layer, feature, 1.0, PROMPTS, [100.0], {"max_new_tokens": 2})
+    run = generate_steered(tiny_lm, sae, layer, feature, 1.0, PROMPTS, [100.0], SteeringConfig(max_new_tokens=2))
     for key, ids_ in zip(run.row_keys, run.continuations):
         if key == "100.0":
             assert int(ids_[0]) == int(top[0])
@@ -72,12 +74,12 @@ def test_batched_equals_one_by_one(tiny_lm, sae):
     batched = generate_steered(tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, GEN).texts
     # max_batch=1: one batch-1 generate call per (prompt, strength) row, no padding at all
     one_by_one = generate_steered(
-        tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, {**GEN, "max_batch": 1}).texts
+        tiny_lm, sae, "layers.2", 7, 3.0, PROMPTS, strengths, dataclasses.replace(GEN, max_batch=1)).texts
     assert batched == one_by_one
 
 
 def test_sampling_is_seeded(tiny_lm, sae):
-    cfg = {**GEN, "do_sample": True, "temperature": 1.0, "top_p": 0.9, "seed": 3}
+    cfg = dataclasses.replace(GEN, do_sample=True, temperature=1.0, top_p=0.9, seed=3)
     a = generate_steered(tiny_lm, sae, "layers.2", 1, 2.0, PROMPTS, [1.0], cfg).texts
     b = generate_steered(tiny_lm, sae, "layers.2", 1, 2.0, PROMPTS, [1.0], cfg).texts
     assert a == b
@@ -125,29 +127,40 @@ def test_steering_kl_is_zero_without_a_vector_and_positive_with_one(tiny_lm, sae
     assert steering_kl(tiny_lm, "layers.2", prompts, gen, run.vectors[rows]) > 0.01
 
 
-def test_run_steering_writes_files_and_resumes(tiny_lm, sae, tmp_path, monkeypatch):
-    cfg = {"strengths": [-1.0, 1.0], "max_new_tokens": 4}
-    a_max = {"1": 2.0, 2: {"a_max": 3.0}}  # str or int keys; a number or maxact.json's per-feature dict
-    out = run_steering(tiny_lm, sae, "blocks.2.hook_resid_post", [1, 2], a_max, PROMPTS[:2], cfg, tmp_path)
+def maxact_records(a_max):
+    """Records as the max-act file gives them: `{feature: A_max}` → the features' max-act entries."""
+    return Records.from_maxact_json({"features": {str(f): {"a_max": v} for f, v in a_max.items()}})
+
+
+def effects(records, features):
+    """`{feature: {"steering_effect", "steering_kl"}}` of `features` in the records."""
+    return {f: records[f].steering.effects_json() for f in features}
+
+
+def test_steer_records_writes_files_and_resumes(tiny_lm, sae, tmp_path, monkeypatch):
+    cfg = SteeringConfig(strengths=[-1.0, 1.0], max_new_tokens=4)
+    recs = steer_records(tiny_lm, sae, "blocks.2.hook_resid_post", [1, 2], maxact_records({1: 2.0, 2: 3.0}),
+                         PROMPTS[:2], cfg, tmp_path)
+    out = effects(recs, [1, 2])
     assert set(out) == {1, 2} and set(out[1]) == {"steering_effect", "steering_kl"}
     path = tmp_path / "steering" / "generated_texts_layer_2_feature_1_prompt_1.json"
     assert path == steering_file(tmp_path, 2, 1, 1)
     data = json.loads(path.read_text())
     assert list(data) == ["2"] and list(data["2"]) == ["1"] and list(data["2"]["1"]) == [PROMPTS[1]]
     assert list(data["2"]["1"][PROMPTS[1]]) == ["original", "-1.0", "1.0"]
-    effects = json.loads((tmp_path / "steering" / "effects.json").read_text())
-    assert effects["2"] == pytest.approx(out[2])
+    effects_doc = json.loads((tmp_path / "steering" / "effects.json").read_text())
+    assert effects_doc["2"] == pytest.approx(out[2])
 
     calls = []
     real = steering.generate_steered
     monkeypatch.setattr(steering, "generate_steered", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    again = run_steering(tiny_lm, sae, "layers.2", [1, 2], {1: 2.0, 2: 3.0}, PROMPTS[:2], cfg, tmp_path)
-    assert calls == [] and again == out
+    again = steer_records(tiny_lm, sae, "layers.2", [1, 2], maxact_records({1: 2.0, 2: 3.0}), PROMPTS[:2], cfg, tmp_path)
+    assert calls == [] and effects(again, [1, 2]) == out
     (tmp_path / "steering" / "generated_texts_layer_2_feature_2_prompt_0.json").unlink()
-    run_steering(tiny_lm, sae, "layers.2", [1, 2], {1: 2.0, 2: 3.0}, PROMPTS[:2], cfg, tmp_path)
+    steer_records(tiny_lm, sae, "layers.2", [1, 2], maxact_records({1: 2.0, 2: 3.0}), PROMPTS[:2], cfg, tmp_path)
     assert calls == [2]
     with pytest.raises(ValueError, match="no entry for feature 3"):
-        run_steering(tiny_lm, sae, "layers.2", [3], {1: 2.0}, PROMPTS[:2], cfg, tmp_path)
+        steer_records(tiny_lm, sae, "layers.2", [3], maxact_records({1: 2.0}), PROMPTS[:2], cfg, tmp_path)
 
 
 def test_sample_prompts_stratified_and_seeded():

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from saeforge.config import ExplainConfig
 from saeforge.interpret import records as records_io
-from saeforge.interpret.records import Explanation, FeatureRecord, Records, Steering
+from saeforge.interpret.records import Explanation, FeatureRecord, Records
 from saeforge.interpret.prompts import PromptTemplate
 from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
 
@@ -277,16 +277,6 @@ class _Job:
     extra: dict[str, Any]
 
 
-def as_records(maxact: Records | Mapping[str, Any] | str | Path) -> Records:
-    """Records from records, a max-act document, or an interpret directory / its max-act file."""
-    if isinstance(maxact, Records):
-        return maxact
-    if isinstance(maxact, Mapping):
-        return Records.from_maxact_json(maxact)
-    path = Path(maxact)
-    return records_io.read_maxact(path if path.is_dir() else path.parent)
-
-
 def _run_chat(client: ExplainerClient, requests: list[ChatRequest]) -> list[ChatResult]:
     if not requests:
         return []
@@ -316,36 +306,6 @@ def _build_job(
     return _Job(feature, source, prompts["explain_steering"].messages(text, prefill=prefill), {})
 
 
-def run_explain(
-    client: ExplainerClient,
-    maxact: Records | Mapping[str, Any] | str | Path,
-    steering_dir: str | Path | None,
-    features: Sequence[int] | None,
-    prompts: Mapping[str, PromptTemplate],
-    params: ChatParams,
-    out_dir: str | Path,
-    hookpoint: str,
-    layer: int | None,
-    cfg: ExplainConfig | Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Explain `features` (None: every feature with max-act examples) and write the explanations.
-
-    `maxact` is the records, a max-act document or its path; `steering_dir` the steering folder
-    of an interpret directory whose steered texts are read (through `records`) for `source:
-    steering`. Returns this layer's explanations document `{"<layer>": {"<feature>": {feature_number,
-    layer, interpretation, label, status, source, …}}}`. `explain_records` is the stage on records.
-    """
-    records = as_records(maxact)
-    if steering_dir is not None:
-        records.layer = layer if records.layer is None else records.layer
-        for f in (features if features is not None else records.with_maxact()):
-            texts = records_io.read_steering_texts(Path(steering_dir).parent, layer, int(f))
-            if texts:
-                records.get(int(f)).steering = Steering(texts)
-    explain_records(client, records, features, prompts, params, out_dir, hookpoint, layer, cfg)
-    return records_io.explanations_json(records, layer)
-
-
 def explain_records(
     client: ExplainerClient,
     records: Records,
@@ -355,18 +315,19 @@ def explain_records(
     out_dir: str | Path,
     hookpoint: str,
     layer: int | None,
-    cfg: ExplainConfig | Mapping[str, Any] | None = None,
+    cfg: ExplainConfig | None = None,
     keep: Sequence[str] = ("ok",),
 ) -> Records:
-    """The stage on records: fill `explanation` of `features` (None: every feature with max-act
-    examples), write the explanations file and label txt files, and return the records.
+    """The stage: fill `explanation` of `features` (None: every feature with max-act examples),
+    write the explanations file and label txt files, and return the records (`cfg` None: the
+    defaults). For `source: steering` the records carry the steered texts (`records.read_steering`).
 
     Resumable: features whose earlier explanation (in `out_dir`) for the same source has a status
     in `keep` are not asked again — `ok` by default (settings changed: everything else is asked
     anew); `records.FINAL_STATUSES` when resuming an unfinished run with the same settings, so
     only failed (`error`) and missing features are asked.
     """
-    conf = cfg if isinstance(cfg, ExplainConfig) else ExplainConfig.from_mapping(cfg)
+    conf = cfg if cfg is not None else ExplainConfig()
     out_dir = Path(out_dir)
     feats = [int(f) for f in (features if features is not None else records.with_maxact())]
     sources = ["maxact", "steering"] if conf.source == "both" else [conf.source]
@@ -467,7 +428,6 @@ def unfinished(records: Records, features: Iterable[int], source: str = "maxact"
 
 
 __all__ = [
-    "ExampleSplit", "ExplainConfig", "as_records", "example_key", "explain_records", "format_maxact_examples",
-    "format_steering", "highlight", "marked_positions", "parse_reply", "plain_text", "run_explain", "split_examples",
-    "unfinished",
+    "ExampleSplit", "example_key", "explain_records", "format_maxact_examples", "format_steering", "highlight",
+    "marked_positions", "parse_reply", "plain_text", "split_examples", "unfinished",
 ]

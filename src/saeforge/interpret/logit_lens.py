@@ -11,13 +11,12 @@ suppresses, not calibrated logits. W_U = `model.get_output_embeddings().weight` 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from saeforge.interpret import records as records_io
+from saeforge.config import LogitLensConfig
 from saeforge.interpret.maxact import TokenDecoder
 from saeforge.interpret.records import LogitLens, Records
 
@@ -114,19 +113,11 @@ def logit_lens(
     return {"features": out}
 
 
-def lens_records(lm: Any, sae: Any, records: Records, top_n: int = 10, n_neighbours: int = 5) -> Records:
-    """The stage: fill `logit_lens` of every record (all of `records`' features) and return them."""
-    return add_logit_lens(records, logit_lens(lm, sae, records.ids(), top_n, n_neighbours))
-
-
-def add_logit_lens(records: Records, result: Mapping[str, Any]) -> Records:
-    """Put a `logit_lens(...)` result into `records`."""
+def lens_records(lm: Any, sae: Any, records: Records, cfg: LogitLensConfig | None = None) -> Records:
+    """The stage: fill `logit_lens` of every record (all of `records`' features, in their order) and
+    return them (`cfg` None: the defaults)."""
+    cfg = cfg if cfg is not None else LogitLensConfig()
+    result = logit_lens(lm, sae, list(records.features), int(cfg.top_n), int(cfg.n_neighbours))
     for f, entry in result["features"].items():
         records.get(int(f)).logit_lens = LogitLens.from_json(entry)
     return records
-
-
-def write_logit_lens(result: Mapping[str, Any] | Records, out_dir: str | Path) -> Path:
-    """Write the logit-lens file (records.LOGIT_LENS) of a `logit_lens(...)` result or of records. Returns the path."""
-    recs = result if isinstance(result, Records) else add_logit_lens(Records(), result)
-    return records_io.write_logit_lens(out_dir, recs)

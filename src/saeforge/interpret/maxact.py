@@ -38,8 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -47,7 +46,6 @@ from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowSource, read_chunk
 from saeforge.config import ConfigError, MaxActConfig
-from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
@@ -293,7 +291,7 @@ def collect_maxact(
     sae: Any,
     hookpoint: str,
     tokens: Tensor,
-    cfg: Mapping[str, Any] | None = None,
+    cfg: MaxActConfig | None = None,
     features: Sequence[int] | None = None,
     activations: RowSource | None = None,
     exclude_first_tokens: int = 2,
@@ -305,9 +303,9 @@ def collect_maxact(
     a RowSource of the stored rows of this hookpoint in token order, is given). `sae` takes raw
     activations (`encode_inference`). `features=None` means all features. The first
     `exclude_first_tokens` positions of every window (the training run's `data.exclude_first_tokens`)
-    count in no statistic.
+    count in no statistic. `cfg` None: the defaults.
     """
-    conf = MaxActConfig.from_mapping(cfg)
+    conf = cfg if cfg is not None else MaxActConfig()
     if exclude_first_tokens < 0:
         raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {exclude_first_tokens}")
     tokens = torch.as_tensor(tokens)
@@ -500,8 +498,3 @@ def _assemble(state: _State, conf: MaxActConfig, feat_ids: list[int], tokens: Te
         entry["non_activating"] = non
         out[f] = entry
     return out
-
-
-def write_maxact(result: MaxActResult | Records, out_dir: str | Path) -> Path:
-    """Write the max-act file (records.MAXACT) under `out_dir` through `records`. Returns the path."""
-    return records_io.write_maxact(out_dir, result.to_records() if isinstance(result, MaxActResult) else result)

@@ -39,11 +39,10 @@ from typing import Any, Mapping, Protocol, Sequence
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records
 from saeforge.paths import installed_package_folder
-from saeforge.config import SCORERS, ScoreConfig  # noqa: F401 (SCORERS re-exported)
+from saeforge.config import ScoreConfig
 from saeforge.interpret.explain import (
     ExampleSplit,
     highlight,
-    as_records,
     marked_positions,
     plain_text,
     split_examples,
@@ -321,65 +320,26 @@ def _score_embedding(embedder: Embedder, samples: Mapping[int, list[Sample]], ex
     return out
 
 
-def run_score(
-    client: ExplainerClient | None,
-    embedder: Embedder | None,
-    maxact: Records | Mapping[str, Any] | str | Path,
-    explanations: Mapping[str, Any] | None,
-    scorers: Sequence[str] | None,
-    features: Sequence[int] | None,
-    prompts: Mapping[str, PromptTemplate],
-    params: ChatParams,
-    out_dir: str | Path,
-    hookpoint: str,
-    layer: int | None,
-    seed: int = 0,
-    cfg: ScoreConfig | Mapping[str, Any] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Score the `ok` explanations of `features` (None: all explained) with `scorers` (None: cfg's).
-
-    `maxact` is the records (then `explanations` None: theirs) or a max-act document / path, and
-    `explanations` an explanations document `{layer: {feature: entry}}`. The steering effects of
-    `out_dir` are read for the summary. Returns `{scorer: {"<feature>": result}}` for this run's
-    features; `score_records` is the stage on records (and says what it writes).
-    """
-    records = as_records(maxact)
-    if explanations is not None:
-        records_io.explanations_from_json(explanations, layer, records)
-    if not isinstance(maxact, Records):
-        records.layer = layer if records.layer is None else records.layer
-        records_io.read_steering(out_dir, records, texts=False)
-    results: dict[str, dict[str, Any]] = {}
-    score_records(client, embedder, records, scorers, features, prompts, params, out_dir, hookpoint, layer, seed, cfg,
-                  results=results)
-    return results
-
-
 def score_records(
     client: ExplainerClient | None,
     embedder: Embedder | None,
     records: Records,
-    scorers: Sequence[str] | None,
     features: Sequence[int] | None,
     prompts: Mapping[str, PromptTemplate],
     params: ChatParams,
     out_dir: str | Path,
     hookpoint: str,
     layer: int | None,
-    seed: int = 0,
-    cfg: ScoreConfig | Mapping[str, Any] | None = None,
-    results: dict[str, dict[str, Any]] | None = None,
+    cfg: ScoreConfig | None = None,
 ) -> Records:
-    """The stage on records: score the `ok` explanations of `features` (None: all explained), fill
-    `scores`, and return the records.
+    """The stage: score the `ok` explanations of `features` (None: all explained) with `cfg.scorers`,
+    fill `scores`, and return the records (`cfg` None: the defaults).
 
     Writes, through `records`, each scorer's file (merged with earlier runs; features not ok are
     removed) with its per-latent example files (delphi-style), and merges the summary CSV
-    (records.SUMMARY) from the records' labels, steering effects and scores. `results`, when
-    given, receives `{scorer: {"<feature>": result}}` of this run.
+    (records.SUMMARY) from the records' labels, steering effects and scores.
     """
-    conf = cfg if isinstance(cfg, ScoreConfig) else ScoreConfig.from_mapping(cfg)
-    conf = dataclasses.replace(conf, seed=seed, scorers=tuple(scorers) if scorers is not None else conf.scorers)
+    conf = cfg if cfg is not None else ScoreConfig()
     out_dir = Path(out_dir)
     if records.layer is None:
         records.layer = layer
@@ -406,8 +366,6 @@ def score_records(
             embedder = embedder or load_embedder(conf.embedding_model)
             per = _score_embedding(embedder, samples, explanation, baseline_of)
         path = records_io.write_scores(out_dir, scorer, hookpoint, feats, per, records)
-        if results is not None:
-            results[scorer] = {str(f): {k: v for k, v in per[f].items() if k != "examples"} for f in feats if f in per}
         log.info("%s: scored %d features → %s", scorer, len(per), path)
     records_io.read_scores(out_dir, conf.scorers, records)  # the merged files: earlier runs' features too
     records_io.write_summary(out_dir, records, feats, conf.scorers)
@@ -432,6 +390,6 @@ def unfinished(records: Records, features: Sequence[int], scorers: Sequence[str]
 
 
 __all__ = [
-    "ScoreConfig", "classification_metrics", "derangement", "load_embedder", "parse_predictions",
-    "parse_probabilities", "roc_auc", "run_score", "score_records", "unfinished",
+    "classification_metrics", "derangement", "load_embedder", "parse_predictions", "parse_probabilities", "roc_auc",
+    "score_records", "unfinished",
 ]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saeforge.config import DEFAULT_STRENGTHS, STRENGTH_PRESETS, SteeringConfig, parse_strengths  # noqa: F401 (re-exported)
+from saeforge.config import SteeringConfig, parse_strengths
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records, Steering
 from saeforge.lm.capture import add_to_residual
@@ -266,10 +266,23 @@ def generate_steered(
     a_max: float,
     prompts: Sequence[str],
     strengths: Any,
-    gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
+    gen_cfg: SteeringConfig | None = None,
 ) -> SteeredGeneration:
-    """Batched steered generation for one feature, with the token ids (see `steer_feature`)."""
-    gen = gen_cfg if isinstance(gen_cfg, SteeringConfig) else SteeringConfig.from_mapping({**(gen_cfg or {}), "strengths": [1.0]})
+    """Batched steered generation for one feature: the continuations `texts` ({prompt: {"original": ...,
+    str(float(s)): ...}}) with the token ids.
+
+    Adds `s × a_max × W_dec[feature]` to the residual output of the SAE's hookpoint at every
+    position. All prompts × (original + strengths) rows go through one batched, left-padded
+    `generate` call per `max_batch` rows; the "original" rows carry a zero vector. Greedy unless
+    `do_sample`; sampling uses `temperature`, `top_p` (no top-k) and `torch.manual_seed(seed)`
+    before each chunk's generate, so sampled outputs are reproducible for the same batch
+    composition (same prompts, strengths and max_batch) — not across different batchings.
+    Only the continuation is kept, decoded with special tokens skipped. `gen_cfg` None: the defaults.
+
+    Raises ValueError for a feature outside [0, d_sae), an SAE whose d_in is not the model's
+    d_model, empty prompts, or non-numeric strengths.
+    """
+    gen = gen_cfg if gen_cfg is not None else SteeringConfig()
     prompts = _check_prompts(prompts)
     strengths = parse_strengths(strengths)
     feature = _check_feature(sae, feature)
@@ -302,32 +315,6 @@ def generate_steered(
     for prompt, key, text in zip(row_prompts, row_keys, decoded):
         texts[prompt][key] = text
     return SteeredGeneration(texts, row_prompts, row_keys, continuations, vectors.cpu(), seconds)
-
-
-def steer_feature(
-    lm: Any,
-    sae: Any,
-    hookpoint: str,
-    feature: int,
-    a_max: float,
-    prompts: Sequence[str],
-    strengths: Any,
-    gen_cfg: SteeringConfig | Mapping[str, Any] | None = None,
-) -> dict[str, dict[str, str]]:
-    """Steered continuations {prompt: {"original": ..., str(float(s)): ...}} for one feature.
-
-    Adds `s × a_max × W_dec[feature]` to the residual output of the SAE's hookpoint at every
-    position. All prompts × (original + strengths) rows go through one batched, left-padded
-    `generate` call per `max_batch` rows; the "original" rows carry a zero vector. Greedy unless
-    `do_sample`; sampling uses `temperature`, `top_p` (no top-k) and `torch.manual_seed(seed)`
-    before each chunk's generate, so sampled outputs are reproducible for the same batch
-    composition (same prompts, strengths and max_batch) — not across different batchings.
-    Only the continuation is returned, decoded with special tokens skipped.
-
-    Raises ValueError for a feature outside [0, d_sae), an SAE whose d_in is not the model's
-    d_model, empty prompts, or non-numeric strengths.
-    """
-    return generate_steered(lm, sae, hookpoint, feature, a_max, prompts, strengths, gen_cfg).texts
 
 
 # ---- measures --------------------------------------------------------------------------------
@@ -437,40 +424,10 @@ def steering_file(out_dir: Path, layer: int, feature: int, prompt_index: int) ->
     return records_io.steering_text_path(out_dir, layer, feature, prompt_index)
 
 
-def _a_max_of(a_max: Mapping[Any, Any], feature: int) -> float:
-    for key in (feature, str(feature)):
-        if key in a_max:
-            value = a_max[key]
-            value = value.get("a_max") if isinstance(value, Mapping) else value
-            return _check_a_max(value, feature)
+def _a_max_of(a_max: Mapping[int, float], feature: int) -> float:
+    if feature in a_max:
+        return _check_a_max(a_max[feature], feature)
     raise ValueError(f"a_max has no entry for feature {feature} (run the max-activation pass for it first)")
-
-
-def run_steering(
-    lm: Any,
-    sae: Any,
-    hookpoint: str,
-    features: Sequence[int],
-    a_max: Mapping[Any, Any] | Records,
-    prompts: Sequence[str] | None,
-    cfg: SteeringConfig | Mapping[str, Any] | None,
-    out_dir: str | Path,
-) -> dict[int, dict[str, float | None]]:
-    """Steer each feature, write its files, and return {feature: {"steering_effect", "steering_kl"}}.
-
-    `prompts` None → `cfg.prompts_file`. `a_max` maps a feature (int or str key) to its A_max
-    (a number, or a max-act entry dict with "a_max"), or is the feature records. A feature whose
-    text files all exist and whose KL is in the effects file is skipped (resume): its effect is
-    recomputed from the files and its KL read back. A generated feature's effect and KL are
-    written (the effects file, rewritten after every feature) before its texts, so complete texts
-    have their KL; a feature with texts but no KL (from older versions) or KL but incomplete texts
-    (a run killed between the two) is generated again, so texts, effect and KL always come from one
-    generation. `steer_records` is the same stage on records.
-    """
-    recs = a_max if isinstance(a_max, Records) else None
-    records = steer_records(lm, sae, hookpoint, features, recs or Records(), prompts, cfg, out_dir,
-                            a_max=None if recs is not None else a_max)
-    return {f: records[f].steering.effects_json() for f in [_check_feature(sae, f) for f in features]}
 
 
 def steer_records(
@@ -480,24 +437,28 @@ def steer_records(
     features: Sequence[int],
     records: Records,
     prompts: Sequence[str] | None,
-    cfg: SteeringConfig | Mapping[str, Any] | None,
+    cfg: SteeringConfig,
     out_dir: str | Path,
-    a_max: Mapping[Any, Any] | None = None,
 ) -> Records:
-    """The stage on records: fill `steering` (texts, effect, KL) of `features` and return the records.
+    """The stage: fill `steering` (texts, effect, KL) of `features`, write their files, and return the records.
 
-    A_max comes from the records (or from `a_max` when given); see `run_steering` for resume.
+    A_max of each feature comes from its record (the max-act pass). `prompts` None →
+    `cfg.prompts_file`. A feature whose text files all exist and whose KL is in the effects file
+    is skipped (resume): its effect is recomputed from the files and its KL read back. A generated
+    feature's effect and KL are written (the effects file, rewritten after every feature) before
+    its texts, so complete texts have their KL; a feature with texts but no KL (from older
+    versions) or KL but incomplete texts (a run killed between the two) is generated again, so
+    texts, effect and KL always come from one generation.
     """
-    cfg = cfg if isinstance(cfg, SteeringConfig) else SteeringConfig.from_mapping(cfg)
     if prompts is None:
         if not cfg.prompts_file:
-            raise ValueError("run_steering needs prompts: pass them or set steering.prompts_file")
+            raise ValueError("steering needs prompts: pass them or set steering.prompts_file")
         prompts = load_prompts(cfg.prompts_file)
     prompts = _check_prompts(prompts)
     hookpoint = _check_sae_fits(lm, sae, hookpoint)
     layer = hookpoint_layer(hookpoint)
     features = [_check_feature(sae, f) for f in features]
-    a_max = a_max if a_max is not None else records.a_max()
+    a_max = records.a_max()
     amax = {f: _a_max_of(a_max, f) for f in features}
     out_dir = Path(out_dir)
     if records.layer is None:

@@ -217,11 +217,13 @@ def run_maxact(ctx: Context) -> None:
 
 
 def run_logit_lens(ctx: Context) -> None:
-    from saeforge.interpret.logit_lens import add_logit_lens, logit_lens
+    from saeforge.interpret.logit_lens import lens_records
 
     lcfg = from_config(LogitLensConfig, ctx.cfg.interpret.logit_lens, "interpret.logit_lens")
     records = records_io.Records(hookpoint=ctx.hookpoint, layer=ctx.layer)
-    add_logit_lens(records, logit_lens(ctx.lm, ctx.source.sae, ctx.features, int(lcfg.top_n), int(lcfg.n_neighbours)))
+    for f in ctx.features:
+        records.get(f)
+    lens_records(ctx.lm, ctx.source.sae, records, lcfg)
     records_io.write_logit_lens(ctx.out, records)
 
 
@@ -267,9 +269,9 @@ def run_score_stage(ctx: Context) -> None:
     embedder = load_embedder(scfg.embedding_model) if "embedding" in scorers else None
     records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
     records_io.read_explanations(ctx.out, ctx.layer, records, required=True)
-    score_records(ctx.client() if needs_llm else None, embedder, records, scorers,
+    score_records(ctx.client() if needs_llm else None, embedder, records,
                   ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-                  ctx.hookpoint, ctx.layer, scfg.seed, scfg)
+                  ctx.hookpoint, ctx.layer, scfg)
 
 
 def run_dashboard(ctx: Context) -> None:
