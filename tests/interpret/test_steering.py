@@ -134,7 +134,7 @@ def maxact_records(a_max):
 
 def effects(records, features):
     """`{feature: {"steering_effect", "steering_kl"}}` of `features` in the records."""
-    return {f: records[f].steering.effects_json() for f in features}
+    return {f: records[f].steering.effects_entry() for f in features}
 
 
 def test_steer_records_writes_files_and_resumes(tiny_lm, sae, tmp_path, monkeypatch):

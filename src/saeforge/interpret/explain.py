@@ -291,7 +291,7 @@ def _build_job(
     if source == "maxact":
         if not rec.has_maxact:
             return {"status": "skipped", "error": f"feature {feature} has no max-act record"}
-        entry = rec.maxact_json()
+        entry = rec.maxact_entry()
         split = split_examples(entry, feature, conf.n_shown, conf.seed, conf.shown_top_fraction)
         if not split.shown:
             return {"status": "skipped", "error": "feature has no activating examples", "split": split.record(conf.seed)}

@@ -79,7 +79,7 @@ class MaxActResult:
 
     def to_json(self) -> dict[str, Any]:
         """The max-act document (without format_version)."""
-        return self.to_records().maxact_json()
+        return self.to_records().maxact_entry()
 
 
 class TokenDecoder:

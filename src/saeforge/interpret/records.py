@@ -135,7 +135,7 @@ class Steering:
     kl: float | None = None
     """`steering_kl` (mean KL of steered vs. unsteered next-token distributions), None if unknown."""
 
-    def effects_json(self) -> dict[str, Any]:
+    def effects_entry(self) -> dict[str, Any]:
         return {"steering_effect": self.effect, "steering_kl": self.kl}
 
 
@@ -228,7 +228,7 @@ class FeatureRecord:
         """The label when the explanation is ok, else ""."""
         return self.explanation.label.strip() if self.explanation is not None and self.explanation.ok else ""
 
-    def maxact_json(self) -> dict[str, Any]:
+    def maxact_entry(self) -> dict[str, Any]:
         """This feature's entry of the max-act file (the dict explain and score sample from)."""
         return {"feature": self.feature, "frequency": self.frequency, "a_max": self.a_max, "n_fired": self.n_fired,
                 "quantiles": self.quantiles, "histogram": self.histogram, "top": [e.to_json() for e in self.top],
@@ -279,11 +279,11 @@ class Records:
     def a_max(self) -> dict[int, float]:
         return {f: r.a_max for f, r in self.features.items() if r.a_max is not None}
 
-    def maxact_json(self) -> dict[str, Any]:
+    def maxact_entry(self) -> dict[str, Any]:
         """The max-act document without `format_version` (what the max-act file holds)."""
         return {"hookpoint": self.hookpoint, "layer": self.layer, "d_sae": self.d_sae, "n_tokens": self.n_tokens,
                 "ctx_len": self.ctx_len, "quantile_levels": self.quantile_levels,
-                "features": {str(f): self.features[f].maxact_json() for f in self.features if self.features[f].has_maxact}}
+                "features": {str(f): self.features[f].maxact_entry() for f in self.features if self.features[f].has_maxact}}
 
     @classmethod
     def from_maxact_json(cls, doc: Mapping[str, Any]) -> Records:
@@ -353,7 +353,7 @@ def _records(records: Records | None) -> Records:
 def write_maxact(out_dir: str | Path, records: Records) -> Path:
     """Write the max-act file from the records that have a max-act entry. Returns its path."""
     path = Path(out_dir) / MAXACT
-    atomic_write_json(path, _versioned(records.maxact_json()), indent=None, allow_nan=False)
+    atomic_write_json(path, _versioned(records.maxact_entry()), indent=None, allow_nan=False)
     return path
 
 
@@ -371,7 +371,7 @@ def read_maxact(out_dir: str | Path, records: Records | None = None, strict: boo
     for name in ("hookpoint", "layer", "d_sae", "n_tokens", "ctx_len", "quantile_levels"):
         setattr(records, name, getattr(fresh, name))
     for f, rec in fresh.features.items():
-        records.get(f).set_maxact(rec.maxact_json())
+        records.get(f).set_maxact(rec.maxact_entry())
     return records
 
 
@@ -448,7 +448,7 @@ def read_steering_texts(out_dir: str | Path, layer: int | None, feature: int, st
 def write_effects(out_dir: str | Path, records: Records) -> Path:
     """Write the steering effects file from every record that was measured."""
     path = Path(out_dir) / EFFECTS
-    doc = {str(f): r.steering.effects_json() for f, r in sorted(records.features.items())
+    doc = {str(f): r.steering.effects_entry() for f, r in sorted(records.features.items())
            if r.steering is not None and r.steering.measured}
     atomic_write_json(path, _versioned(doc))
     return path

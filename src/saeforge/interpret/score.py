@@ -353,7 +353,7 @@ def score_records(
         recorded = (records[f].explanation.extra.get("split") or {}).get("shown")
         if recorded is None:
             log.warning("feature %d: explanation has no recorded split; recomputing it with seed %d", f, conf.seed)
-        split = split_examples(records[f].maxact_json(), f, seed=conf.seed, shown=recorded)
+        split = split_examples(records[f].maxact_entry(), f, seed=conf.seed, shown=recorded)
         splits[f] = _test_sets(split, conf, f)
     for scorer in conf.scorers:
         samples = {f: build_samples(scorer, *splits[f], conf, f) for f in ok}

@@ -80,14 +80,14 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
         "layer": recs.layer,
         "d_sae": recs.d_sae,
         "n_tokens": recs.n_tokens,
-        "maxact": {f: feats[f].maxact_json() for f in recs.with_maxact()},
+        "maxact": {f: feats[f].maxact_entry() for f in recs.with_maxact()},
         "logit_lens": {f: feats[f].logit_lens.to_json() for f in recs.ids() if feats[f].logit_lens is not None},
         "explanations": {f: feats[f].explanation.to_json(f) for f in recs.ids() if feats[f].explanation is not None},
         "scores": {name: scores[name] for name in sorted(scores)},
         "summary": records_io.summary_by_feature(records_io.read_summary(interpret_dir, strict=False), recs.layer),
         "steering": {f: feats[f].steering.texts for f in recs.ids()
                      if feats[f].steering is not None and feats[f].steering.texts},
-        "steering_effects": {f: feats[f].steering.effects_json() for f in recs.ids()
+        "steering_effects": {f: feats[f].steering.effects_entry() for f in recs.ids()
                              if feats[f].steering is not None and feats[f].steering.measured},
     }
 
