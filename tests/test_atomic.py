@@ -52,3 +52,27 @@ def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
         (tmp / "cfg.json").write_text("{}")
     assert not killed.exists() and not killed_old.exists()
     assert running.exists() and foreign.exists() and (tmp_path / "sae" / "cfg.json").is_file()
+
+
+def test_atomic_write_removes_temp_files_of_a_killed_writer_only(tmp_path):
+    """A kill -9 between a temp file's creation and its rename leaves the temp; the next write of the
+    same file removes it when its writer (marked in the name) no longer runs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from saeforge.atomic import atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    host = socket.gethostname()
+    killed = tmp_path / f".maxact.json.{host}-{int(dead.stdout)}.abc123.tmp"
+    running = tmp_path / f".maxact.json.{host}-{os.getppid()}.def456.tmp"
+    other_file = tmp_path / f".other.json.{host}-{int(dead.stdout)}.abc123.tmp"
+    for path in (killed, running, other_file):
+        path.write_text("half")
+    atomic_write_text(tmp_path / "maxact.json", "{}")
+    assert not killed.exists()
+    assert running.exists() and other_file.exists() and (tmp_path / "maxact.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other_file.name, "maxact.json"])

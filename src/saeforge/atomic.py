@@ -48,7 +48,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in `path`'s folder; rename it over `path` on success, delete it on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_leftovers(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -63,17 +64,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _owner() -> str:
-    """Marks atomic_dir's temp folders with their writer, so a later writer can remove those of a killed one."""
+    """Marks temp files and folders with their writer, so a later writer can remove those of a killed one."""
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _remove_dead_leftovers(path: Path) -> None:
-    """Delete temp/old folders beside `path` left by a writer on this host that no longer runs (kill -9)."""
+    """Delete temp files / temp and old folders beside `path` left by a writer on this host that no longer runs (kill -9)."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>.+)-(?P<pid>\d+)\.(old-[0-9a-f]+|[^.]+\.tmp)$")
     host = socket.gethostname()
     for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
         match = pattern.match(sibling.name)
-        if not match or match["host"] != host or not sibling.is_dir():
+        if not match or match["host"] != host:
             continue
         pid = int(match["pid"])
         if pid == os.getpid():
@@ -85,7 +86,10 @@ def _remove_dead_leftovers(path: Path) -> None:
             pass  # dead: its folder is garbage
         except PermissionError:
             continue  # alive, another user's
-        shutil.rmtree(sibling, ignore_errors=True)
+        if sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
 
 
 @contextmanager
