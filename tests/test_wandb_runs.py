@@ -113,3 +113,11 @@ def test_flatten_gives_dotted_keys():
     from saeforge.pipelines.run import flatten
 
     assert flatten({"sae": {"k": 8, "aux": {"a": 1}}, "tags": [1], "e": {}}) == {"sae.k": 8, "sae.aux.a": 1, "tags": [1], "e": {}}
+
+
+def test_compare_point_names_drop_the_overrides_every_run_shares():
+    from saeforge.pipelines.evaluate import point_names
+
+    sweep = ["/t/sw/c=6,d=/t/cache,sae.k=4,z=1", "/t/sw/c=6,d=/t/cache,sae.k=16,z=1"]
+    assert point_names(sweep) == ["sae.k=4", "sae.k=16"]
+    assert point_names(["runs/a", "runs/b"]) == ["a", "b"] and point_names(["runs/a"]) == ["a"]

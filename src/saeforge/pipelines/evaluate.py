@@ -156,14 +156,19 @@ def compare_runs(paths: list[str], out: Path, cfg: DictConfig | None = None) -> 
     import matplotlib.pyplot as plt
 
     rows = sorted((row for p in paths for row in collect_results(p)), key=lambda r: r["l0"])
-    print(format_table(rows))
+    names = point_names([str(r["run"]) for r in rows])
+    print(format_table([{**r, "run": name} for r, name in zip(rows, names)]))  # compare.json keeps the full paths
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "fvu", "FVU (lower is better)"), (axes[1], "ce_loss_recovered", "CE loss recovered")):
         points = [r for r in rows if r.get(key) is not None]  # CE recovered is undefined when ablation does not hurt
         ax.plot([r["l0"] for r in points], [r[key] for r in points], "o-")
-        for r in points:
-            ax.annotate(Path(str(r["run"])).name, (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r, name in zip(rows, names):
+            if r.get(key) is not None:
+                ax.annotate(name, (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not points:
+            ax.text(0.5, 0.5, "undefined: ablation does not raise the loss", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="gray")
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -177,6 +182,23 @@ def compare_runs(paths: list[str], out: Path, cfg: DictConfig | None = None) -> 
     if cfg is not None:
         log_compare(cfg, out, rows, png)
     return {"rows": rows, "plot": str(png)}
+
+
+def point_names(runs: list[str]) -> list[str]:
+    """Short plot labels: each run's path below the runs' common folder, without the comma-separated
+    parts that every run shares (a sweep's `data.ctx_len=64,...,sae.k=16,...` → `sae.k=16`)."""
+    import os
+
+    if len(runs) < 2:
+        return [Path(r).name for r in runs]
+    try:
+        common = os.path.commonpath(runs)
+        names = [os.path.relpath(r, common) if r != common else Path(r).name for r in runs]
+    except ValueError:  # mixed absolute and relative paths
+        names = [Path(r).name for r in runs]
+    parts = [n.split(",") for n in names]
+    shared = set.intersection(*(set(q) for q in parts))
+    return [",".join(x for x in q if x not in shared) or n for q, n in zip(parts, names)]
 
 
 def log_compare(cfg: DictConfig, out: Path, rows: list[dict[str, Any]], png: Path) -> None:
