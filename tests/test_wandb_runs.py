@@ -75,7 +75,7 @@ def test_sweep_is_one_group_with_flat_config_columns_and_compare_reads_it(tmp_pa
     assert {r["group"] for r in runs} == {str(sweep)}
     assert sorted(r["config"]["sae.k"] for r in runs) == [4, 8]
     assert all(r["config"]["data.hookpoint"] == HP and "sae.expansion_factor" in r["config"] for r in runs)
-    assert all("sae.k=" in r["name"] for r in runs)
+    assert sorted(r["name"] for r in runs) == ["sae.k=4", "sae.k=8"]  # the swept overrides only
 
     run_dirs = sorted(p.parent for p in sweep.rglob("wandb_run.json"))  # job dirs: override_dirname
     assert len(run_dirs) == 2
@@ -121,3 +121,10 @@ def test_compare_point_names_drop_the_overrides_every_run_shares():
     sweep = ["/t/sw/c=6,d=/t/cache,sae.k=4,z=1", "/t/sw/c=6,d=/t/cache,sae.k=16,z=1"]
     assert point_names(sweep) == ["sae.k=4", "sae.k=16"]
     assert point_names(["runs/a", "runs/b"]) == ["a", "b"] and point_names(["runs/a"]) == ["a"]
+
+
+def test_swept_keys_are_the_multirun_sweeps():
+    from saeforge.pipelines.run import swept_keys
+
+    argv = ["-m", "model=tiny", "sae.k=4,8", "x=[1,2]", "y=range(1,3)", "+z=choice(a,b)", "w=glob(*)"]
+    assert swept_keys(argv) == {"sae.k", "y", "z", "w"}

@@ -86,8 +86,8 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def sweep_identity() -> tuple[str | None, str | None]:
-    """(group, name) under a Hydra multirun: the sweep directory and the job's override_dirname
-    (e.g. `sae.k=16`); (None, None) otherwise."""
+    """(group, name) under a Hydra multirun: the sweep directory and the job's values of the swept keys
+    (e.g. `sae.k=16`; else Hydra's override_dirname); (None, None) otherwise."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -98,7 +98,29 @@ def sweep_identity() -> tuple[str | None, str | None]:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None, None
-    return str(hc.sweep.dir), (hc.job.override_dirname or None)
+    import sys
+
+    swept = swept_keys(sys.argv[1:])
+    own = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    return str(hc.sweep.dir), (",".join(own) or hc.job.override_dirname or None)
+
+
+def swept_keys(argv: list[str]) -> set[str]:
+    """The keys a multirun command line sweeps (`sae.k=16,32`, `x=range(1,4)`, `y=choice(a,b)`, `z=glob(*)`):
+    the run names keep only these of the job's overrides (`sae.k=16`), the rest being shared."""
+    keys = set()
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        depth, top_comma = 0, False
+        for ch in value:
+            depth += ch in "[({"
+            depth -= ch in "])}"
+            top_comma |= ch == "," and depth == 0
+        if top_comma or value.startswith(("range(", "choice(", "glob(")):
+            keys.add(key.lstrip("+~"))
+    return keys
 
 
 def make_wandb_logger(cfg: DictConfig, directory: Path, job: str, attach: Path | None = None,
