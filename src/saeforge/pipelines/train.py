@@ -104,7 +104,8 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     # a resumed run re-saves the steps after its last.ckpt under the same names (no "-v1" copies beside them)
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
                                  every_n_train_steps=int(settings.checkpoint_every_n_steps), enable_version_counter=False)
-    logger = make_wandb_logger(cfg, directory, "train", attach=directory)  # a resumed training keeps its W&B run
+    # a training resumed from a checkpoint keeps its W&B run; a fresh one (overwrite=true too) starts a new run
+    logger = make_wandb_logger(cfg, directory, "train", attach=directory if ckpt else None)
     write_wandb_run(logger, directory)  # evaluate.py and interpret.py attach to this W&B run
     callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
     every = int(settings.interpret_callback.every_n_steps)
