@@ -80,7 +80,7 @@ def test_bad_overrides_fail_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_metrics_config_and_no_secrets(tmp_path):
-    from tests.wandb_records import read_run
+    from saeforge.pipelines.wandb_records import read_run
 
     cmd = [c for c in train_cmd(tmp_path, "wb") if c != "logger=none"] + ["logger=wandb", "trainer.log_every_n_steps=5"]
     env_secret = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "OPENROUTER_API_KEY": "sk-SECRET-123"}

@@ -17,7 +17,7 @@ from saeforge.activations.windows import pack_windows
 from saeforge.sae.spliced import evaluate_spliced
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
-from saeforge.pipelines.run import make_wandb_logger
+from saeforge.pipelines.run import make_wandb_logger, read_wandb_run
 from saeforge.pipelines.validate import exclude_first_tokens, validate_evaluate
 from saeforge.sae.source import SAESource, resolve_sae
 
@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     """Evaluate `cfg.ckpt`; writes <out>/evaluation.json and a W&B summary; returns the metrics."""
     settings = validate_evaluate(cfg)  # first: bad settings fail here, before any load
     if settings.compare:
-        return compare_runs([str(p) for p in settings.compare], Path(str(settings.run.dir or "runs/compare")))
+        return compare_runs([str(p) for p in settings.compare], Path(str(settings.run.dir or "runs/compare")), cfg)
     source = resolve_sae(settings.ckpt, settings.hookpoint)
     model_cfg, corpus_cfg, data_cfg = source_configs(cfg, source)
     lm = lm or load_lm(model_cfg)
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})
     out = output_dir(cfg, source)
     atomic_write_json(out / RESULT, result, default=str)
-    logger = make_wandb_logger(cfg, out, "evaluate")
+    logger = make_wandb_logger(cfg, out, "evaluate", attach=source.run_dir)  # the training run's W&B run, if any
     if logger is not None:
         logger.experiment.summary.update({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         logger.experiment.finish()
@@ -94,31 +94,81 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def load_result(path: str) -> dict[str, Any]:
-    """A run's evaluation.json (the run dir, its eval/ dir, or the file itself)."""
-    p = Path(path)
+def _result_file(p: Path) -> Path | None:
     for candidate in (p, p / RESULT, p / "eval" / RESULT):
         if candidate.is_file():
-            return {"run": path, **json.loads(candidate.read_text())}
-    raise FileNotFoundError(f"compare: no {RESULT} under {path} (run `python evaluate.py ckpt={path}` first)")
+            return candidate
+    return None
 
 
-def compare_runs(paths: list[str], out: Path) -> dict[str, Any]:
-    """Print a table and write a PNG (FVU and CE recovered against L0) for several evaluated runs."""
+def _run_dir_of(result: Path) -> Path:
+    """The run directory an evaluation.json belongs to (`<run>/eval/evaluation.json` → `<run>`)."""
+    return result.parent.parent if result.parent.name == "eval" else result.parent
+
+
+def rows_from_wandb(root: Path) -> list[dict[str, Any]]:
+    """Evaluation rows from the offline W&B run files under `root` (no server): each run whose summary
+    holds eval/* values gives one row, named after the W&B run, with its group."""
+    from saeforge.pipelines.wandb_records import read_file, read_runs
+
+    runs = [{**read_file(root), "files": [root]}] if root.is_file() else read_runs(root)
+    rows = []
+    for run in runs:
+        values = {k.removeprefix("eval/"): v for k, v in run["summary"].items() if k.startswith("eval/")}
+        if values.get("l0") is not None:
+            rows.append({"run": run.get("name") or run["id"], "wandb_id": run["id"], "group": run.get("group"), **values})
+    return rows
+
+
+def collect_results(path: str) -> list[dict[str, Any]]:
+    """Rows for one `compare=` entry: a run dir or evaluation.json; a sweep directory (every run dir
+    under it that holds eval/evaluation.json); else the offline W&B run files under it (or a .wandb file)."""
+    p = Path(path)
+    direct = _result_file(p)
+    if direct is not None:
+        group = (read_wandb_run(_run_dir_of(direct)) or {}).get("group")
+        return [{"run": path, "group": group, **json.loads(direct.read_text())}]
+    if p.is_dir():
+        found = sorted(f for f in p.rglob(RESULT) if "wandb" not in f.parts)
+        if found:
+            rows = []
+            for f in found:
+                run = _run_dir_of(f)
+                rows.append({"run": str(run), "group": (read_wandb_run(run) or {}).get("group"), **json.loads(f.read_text())})
+            return rows
+    if p.exists():
+        rows = rows_from_wandb(p)
+        if rows:
+            return rows
+    raise FileNotFoundError(f"compare: no {RESULT} and no offline W&B run with eval/* under {path} "
+                            f"(run `python evaluate.py ckpt=<run dir>` first)")
+
+
+def compare_runs(paths: list[str], out: Path, cfg: DictConfig | None = None) -> dict[str, Any]:
+    """Print a table and write a PNG (FVU and CE recovered against L0) for several evaluated runs.
+
+    Each path is a run dir, a sweep directory or a directory of offline W&B runs (`collect_results`).
+    With a W&B logger in `cfg`, the plot and table go to a `compare` run in the runs' group (when
+    they share one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((load_result(p) for p in paths), key=lambda r: r["l0"])
-    print(format_table(rows))
+    rows = sorted((row for p in paths for row in collect_results(p)), key=lambda r: r["l0"])
+    names = point_names([str(r["run"]) for r in rows])
+    print(format_table([{**r, "run": name} for r, name in zip(rows, names)]))  # compare.json keeps the full paths
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "fvu", "FVU (lower is better)"), (axes[1], "ce_loss_recovered", "CE loss recovered")):
         points = [r for r in rows if r.get(key) is not None]  # CE recovered is undefined when ablation does not hurt
         ax.plot([r["l0"] for r in points], [r[key] for r in points], "o-")
-        for r in points:
-            ax.annotate(Path(str(r["run"])).name, (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r, name in zip(rows, names):
+            if r.get(key) is not None:
+                ax.annotate(name, (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not points:
+            ax.text(0.5, 0.5, "undefined: ablation does not raise the loss", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="gray")
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -129,4 +179,40 @@ def compare_runs(paths: list[str], out: Path) -> dict[str, Any]:
         fig.savefig(tmp, dpi=120, format="png")
     atomic_write_json(out / "compare.json", rows, default=str)
     print(f"written {png}")
+    if cfg is not None:
+        log_compare(cfg, out, rows, png)
     return {"rows": rows, "plot": str(png)}
+
+
+def point_names(runs: list[str]) -> list[str]:
+    """Short plot labels: each run's path below the runs' common folder, without the comma-separated
+    parts that every run shares (a sweep's `data.ctx_len=64,...,sae.k=16,...` → `sae.k=16`)."""
+    import os
+
+    if len(runs) < 2:
+        return [Path(r).name for r in runs]
+    try:
+        common = os.path.commonpath(runs)
+        names = [os.path.relpath(r, common) if r != common else Path(r).name for r in runs]
+    except ValueError:  # mixed absolute and relative paths
+        names = [Path(r).name for r in runs]
+    parts = [n.split(",") for n in names]
+    shared = set.intersection(*(set(q) for q in parts))
+    return [",".join(x for x in q if x not in shared) or n for q, n in zip(parts, names)]
+
+
+def log_compare(cfg: DictConfig, out: Path, rows: list[dict[str, Any]], png: Path) -> None:
+    """The frontier plot and the table as a `compare` W&B run in the runs' shared group (if any)."""
+    groups = {r.get("group") for r in rows}
+    group = groups.pop() if len(groups) == 1 else None
+    logger = make_wandb_logger(cfg, out, "compare", group=group)
+    if logger is None:
+        return
+    import wandb
+
+    columns = [name for name, _ in COLUMNS]
+    run = logger.experiment
+    run.log({"compare/frontier": wandb.Image(str(png)),
+             "compare/table": wandb.Table(columns=columns, data=[[r.get(c) if c != "run" else str(r["run"]) for c in columns]
+                                                                  for r in rows])})
+    run.finish()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -404,7 +405,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         record[stage] = entry
         records_io.write_stages(out, record)
     ctx.resuming = False
-    log_to_wandb(cfg, out)
+    log_to_wandb(cfg, out, source.run_dir)
     if failed:
         allow = settings.interpret.allow_partial
         message = "\n".join(["interpret finished with failures (a rerun retries only the failed features):", *lines,
@@ -416,14 +417,52 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     return out
 
 
-def log_to_wandb(cfg: DictConfig, out: Path) -> None:
-    """Labels and scores as a table, score histograms, and the dashboard as an HTML artifact."""
-    logger = make_wandb_logger(cfg, out, "interpret")
+GENERIC_WORDS = frozenset({"the", "a", "an", "this", "that", "feature", "features", "label", "latent", "neuron", "concept",
+                           "pattern", "unknown", "none", "na", "n", "various", "misc", "miscellaneous", "text", "token",
+                           "tokens", "word", "words", "is", "of", "it", "and", "or"})
+"""Words that say nothing about what a feature detects (see `is_generic_label`)."""
+
+
+def is_generic_label(label: str) -> bool:
+    """A label that names no concept. The rule: lower-case the label and keep only letters, digits and
+    spaces; it is generic when every word is in `GENERIC_WORDS` ("The feature", "The LABEL", "a
+    pattern"), when it holds "feature" twice ("The feature is a feature of ..."), or when it is a
+    template placeholder left unfilled (`<label>`, `[LABEL]`, `{label}`)."""
+    text = label.strip()
+    if re.search(r"[<\[{]\s*label\s*[>\]}]", text, re.IGNORECASE):
+        return True
+    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
+    return not words or all(w in GENERIC_WORDS for w in words) or words.count("feature") + words.count("features") >= 2
+
+
+def interpret_summary(out: Path) -> dict[str, float]:
+    """The run-level interpret/* numbers: the mean of each scorer and of its baseline, the mean
+    steering effect, and the numbers of labelled, failed and generic features."""
+    records = records_io.load_records(out, strict=False)
+    explanations = [r.explanation for r in records.features.values() if r.explanation is not None]
+    labels = [e.label.strip() for e in explanations if e.ok]
+    summary: dict[str, float] = {"interpret/n_features": len(records.features), "interpret/n_labelled": len(labels),
+                                 "interpret/n_failed": sum(1 for e in explanations if e.status in ("error", "parse_error")),
+                                 "interpret/n_generic": sum(1 for label in labels if is_generic_label(label))}
+    rows = records_io.read_summary(out, strict=False)
+    for col in ("detection", "fuzz", "embedding", "steering_effect"):
+        for key in (col, f"{col}_baseline"):
+            values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+            if values:
+                summary[f"interpret/{key}_mean"] = sum(values) / len(values)
+    return summary
+
+
+def log_to_wandb(cfg: DictConfig, out: Path, run_dir: Path | None = None) -> None:
+    """interpret/* summary numbers, labels and scores as a table, score histograms, and the dashboard
+    as an HTML artifact; into the training run's W&B run when `run_dir` recorded one."""
+    logger = make_wandb_logger(cfg, out, "interpret", attach=run_dir)
     if logger is None:
         return
     import wandb
 
     run = logger.experiment
+    run.summary.update(interpret_summary(out))
     rows = records_io.read_summary(out)
     if rows:
         columns = list(rows[0].keys())
@@ -432,7 +471,6 @@ def log_to_wandb(cfg: DictConfig, out: Path) -> None:
             values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
             if values:
                 run.log({f"interpret/{col}_hist": wandb.Histogram(values)})
-                run.summary[f"interpret/{col}_mean"] = sum(values) / len(values)
     dashboard = out / records_io.DASHBOARD
     if dashboard.is_file():
         artifact = wandb.Artifact(f"dashboard-{out.name.replace('.', '_')}", type="dashboard")

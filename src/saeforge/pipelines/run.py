@@ -41,8 +41,97 @@ def strip_secrets(node: Any) -> Any:
     return node
 
 
-def make_wandb_logger(cfg: DictConfig, directory: Path, job: str) -> Any | None:
-    """A Lightning WandbLogger (offline by default) or None for `logger=none`."""
+WANDB_RUN = "wandb_run.json"
+"""`<run.dir>/wandb_run.json`: the training run's W&B id, project, entity, group and name, written by
+train; evaluate and interpret attach to that W&B run (one W&B run per SAE)."""
+
+
+def read_wandb_run(directory: Path | None) -> dict[str, Any] | None:
+    """The W&B identity recorded in a run directory, or None."""
+    import json
+
+    path = directory / WANDB_RUN if directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("unreadable %s: logging to a new W&B run", path)
+        return None
+    return doc if isinstance(doc, dict) and doc.get("id") else None
+
+
+def write_wandb_run(logger: Any, directory: Path) -> None:
+    """Record the logger's W&B run identity in `<directory>/wandb_run.json` (atomically, rank 0 only)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from saeforge.atomic import atomic_write_json
+
+    if logger is None or getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    run = logger.experiment
+    atomic_write_json(directory / WANDB_RUN, {"id": run.id, "project": run.project, "entity": getattr(run, "entity", None),
+                                              "group": run.group or None, "name": run.name})
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"sae": {"k": 8}}` → `{"sae.k": 8}` (lists stay values), for flat, sortable W&B config columns."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def sweep_identity() -> tuple[str | None, str | None]:
+    """(group, name) under a Hydra multirun: the sweep directory and the job's values of the swept keys
+    (e.g. `sae.k=16`; else Hydra's override_dirname); (None, None) otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return None, None
+    if not HydraConfig.initialized():
+        return None, None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None, None
+    import sys
+
+    swept = swept_keys(sys.argv[1:])
+    own = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    return str(hc.sweep.dir), (",".join(own) or hc.job.override_dirname or None)
+
+
+def swept_keys(argv: list[str]) -> set[str]:
+    """The keys a multirun command line sweeps (`sae.k=16,32`, `x=range(1,4)`, `y=choice(a,b)`, `z=glob(*)`):
+    the run names keep only these of the job's overrides (`sae.k=16`), the rest being shared."""
+    keys = set()
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        depth, top_comma = 0, False
+        for ch in value:
+            depth += ch in "[({"
+            depth -= ch in "])}"
+            top_comma |= ch == "," and depth == 0
+        if top_comma or value.startswith(("range(", "choice(", "glob(")):
+            keys.add(key.lstrip("+~"))
+    return keys
+
+
+def make_wandb_logger(cfg: DictConfig, directory: Path, job: str, attach: Path | None = None,
+                      group: str | None = None) -> Any | None:
+    """A Lightning WandbLogger (offline by default) or None for `logger=none`.
+
+    `attach`: a run directory; when it holds `wandb_run.json` (written by train) the logger resumes
+    that W&B run (same id, group and name; files under `attach`) instead of starting a new one, and
+    adds no config (the training config is already there). Under a Hydra multirun a new run joins
+    the sweep's group and is named after its overrides; `group` sets the group of a new run. The config is logged nested and flattened
+    (`sae.k`), secrets stripped either way; argv is scrubbed before W&B records it."""
     settings = from_config(LoggerConfig, cfg.get("logger") or {"kind": "none"}, "logger")
     if settings.kind == "none":
         return None
@@ -50,17 +139,25 @@ def make_wandb_logger(cfg: DictConfig, directory: Path, job: str) -> Any | None:
 
     os.environ.setdefault("WANDB_SILENT", "true")
     scrub_argv()  # W&B records sys.argv in the run's metadata
+    known = read_wandb_run(attach)
+    common = dict(mode=settings.mode, tags=list(settings.tags), save_code=False, settings=_wandb_settings())
+    if known is not None:
+        log.info("W&B: attaching %s to run %s (%s)", job, known["id"], attach)
+        return WandbLogger(project=known.get("project") or settings.project, entity=known.get("entity") or settings.entity,
+                           id=known["id"], resume="allow", name=known.get("name"), group=known.get("group"),
+                           save_dir=str(attach), **common)
+    sweep_group, name = sweep_identity()
+    group = group or sweep_group
+    plain = strip_secrets(cfg)
     return WandbLogger(
         project=settings.project,
         entity=settings.entity,
-        name=settings.name or f"{job}-{directory.name}",
+        name=settings.name or name or f"{job}-{directory.name}",
+        group=group,
         save_dir=str(directory),
-        mode=settings.mode,
-        tags=list(settings.tags),
         job_type=job,
-        config=strip_secrets(cfg),
-        save_code=False,
-        settings=_wandb_settings(),
+        config={**plain, **flatten(plain)},
+        **common,
     )
 
 

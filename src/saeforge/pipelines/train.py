@@ -18,7 +18,7 @@ from saeforge.pipelines.callbacks import ExportSAECallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
 from saeforge.lm.hookpoints import hookpoint_layer
-from saeforge.pipelines.run import make_wandb_logger, run_dir, strip_secrets
+from saeforge.pipelines.run import make_wandb_logger, run_dir, strip_secrets, write_wandb_run
 from saeforge.pipelines.validate import TrainPlan, trainer_kwargs_from, validate_train
 from saeforge.sae.formats import write_saelens
 from saeforge.sae.module import SAEModule
@@ -104,7 +104,9 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     # a resumed run re-saves the steps after its last.ckpt under the same names (no "-v1" copies beside them)
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
                                  every_n_train_steps=int(settings.checkpoint_every_n_steps), enable_version_counter=False)
-    logger = make_wandb_logger(cfg, directory, "train")
+    # a training resumed from a checkpoint keeps its W&B run; a fresh one (overwrite=true too) starts a new run
+    logger = make_wandb_logger(cfg, directory, "train", attach=directory if ckpt else None)
+    write_wandb_run(logger, directory)  # evaluate.py and interpret.py attach to this W&B run
     callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
     every = int(settings.interpret_callback.every_n_steps)
     if every > 0:
@@ -126,16 +128,29 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
                    "steps": trainer.global_step, "hookpoint": hookpoint})
     if trainer.is_global_zero:
         sparsity = torch.log10(result.pop("_frequency").clamp_min(1e-10))
+        amax = result.pop("_amax")
         write(module, {"step": trainer.global_step, "threshold": "calibrated on held-out rows"}, sparsity)
         atomic_write_json(directory / "metrics.json", result)
         if logger is not None:
             logger.experiment.summary.update({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+            log_feature_histograms(logger, sparsity, amax)
+            logger.experiment.finish()  # the next job of a multirun (same process) starts its own W&B run
         print(f"SAE exported to {export_dir}")
         print(f"held-out: FVU {result['fvu']:.4f}  MSE {result['mse']:.4g}  L0 {result['l0']:.1f}  "
               f"dead {100 * result['dead_frac']:.1f}%  ({result['rows']} rows)")
     else:
         result.pop("_frequency")
+        result.pop("_amax")
     return result
+
+
+def log_feature_histograms(logger: Any, log10_frequency: torch.Tensor, amax: torch.Tensor) -> None:
+    """Histograms of log10 firing frequency (dead latents at -10) and of A_max (each latent's largest
+    activation on the held-out rows) at the end of training."""
+    import wandb
+
+    logger.experiment.log({"final/log10_feature_frequency": wandb.Histogram(log10_frequency.double().cpu().numpy()),
+                           "final/feature_amax": wandb.Histogram(amax.double().cpu().numpy())})
 
 
 def record_run_config(cfg: DictConfig, directory: Path) -> None:
@@ -173,7 +188,9 @@ def heldout_metrics(module: SAEModule, dm: ActivationDataModule) -> dict[str, An
     """Inference-mode metrics on raw held-out rows with the exported SAE (what users will load)."""
     sae = module.export_sae()
     totals = metrics.ReconstructionTotals(sae.cfg.d_sae)
+    amax = torch.zeros(sae.cfg.d_sae)
     for batch in dm.heldout_batches():
         acts = sae.encode_inference(batch)
         totals.update(batch, sae.decode(acts), acts)
-    return {**totals.summary(), "_frequency": totals.fire_counts.double() / totals.rows}
+        amax = torch.maximum(amax, acts.detach().float().amax(dim=0).cpu())
+    return {**totals.summary(), "_frequency": totals.fire_counts.double() / totals.rows, "_amax": amax}
