@@ -64,6 +64,7 @@ def main() -> None:
     print(f"  interpretation        {out}")
     print(f"  dashboard             {out / 'dashboard.html'}")
     print(f"  W&B offline runs      {RUN}/**/wandb (upload with `wandb sync`)")
+    print_wandb_run()
     print(f"\nSAE: held-out FVU {train['fvu']:.3f}, L0 {train['l0']:.1f}, dead {100 * train['dead_frac']:.1f}%;"
           f" in the LM: CE clean {evaluation['ce_clean']:.3f}, with SAE {evaluation['ce_sae']:.3f},"
           f" CE loss recovered {evaluation['ce_loss_recovered']:.3f}, KL {evaluation['kl_div']:.3f}")
@@ -75,6 +76,19 @@ def main() -> None:
             print(f"{r['feature']:>7}  {cells[0]:>9}  {cells[1]:>6}  {cells[2]:>6}  {cells[3]:>6}  {(r.get('label') or '')[:70]}")
         print(f"\nmean detection {mean([r.get('detection') for r in rows])}, fuzz {mean([r.get('fuzz') for r in rows])},"
               f" embedding {mean([r.get('embedding') for r in rows])}")
+
+
+def print_wandb_run() -> None:
+    """Read the offline W&B files back: train, evaluate and interpret all logged into one run."""
+    from saeforge.pipelines.wandb_records import read_runs
+
+    runs = read_runs(RUN / "wandb")
+    if not runs:
+        return
+    for run in runs:
+        summary = run.get("summary", {})
+        groups = {g: sum(k.startswith(g + "/") for k in summary) for g in ("train", "final", "eval", "interpret")}
+        print(f"  W&B run {run.get('id')} ({run.get('name')}): " + ", ".join(f"{g}/* {n} keys" for g, n in groups.items()))
 
 
 if __name__ == "__main__":
