@@ -33,7 +33,8 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sae"]
 
 
-def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
+def writer_marks() -> tuple[str, str]:
+    """(mark of a writer that has exited, mark of one that still runs: pytest's parent) as `host-pid`."""
     import os
     import socket
     import subprocess
@@ -42,9 +43,14 @@ def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     host = socket.gethostname()
-    killed = tmp_path / f".sae.{host}-{int(dead.stdout)}.abc123.tmp"
-    killed_old = tmp_path / f".sae.{host}-{int(dead.stdout)}.old-0123abcd"
-    running = tmp_path / f".sae.{host}-{os.getppid()}.def456.tmp"
+    return f"{host}-{int(dead.stdout)}", f"{host}-{os.getppid()}"
+
+
+def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
+    dead, alive = writer_marks()
+    killed = tmp_path / f".sae.{dead}.abc123.tmp"
+    killed_old = tmp_path / f".sae.{dead}.old-0123abcd"
+    running = tmp_path / f".sae.{alive}.def456.tmp"
     foreign = tmp_path / ".sae.xyz789.tmp"  # no writer mark: left alone
     for folder in (killed, killed_old, running, foreign):
         folder.mkdir()
@@ -57,19 +63,12 @@ def test_atomic_dir_removes_leftovers_of_a_killed_writer_only(tmp_path):
 def test_atomic_write_removes_temp_files_of_a_killed_writer_only(tmp_path):
     """A kill -9 between a temp file's creation and its rename leaves the temp; the next write of the
     same file removes it when its writer (marked in the name) no longer runs."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from saeforge.atomic import atomic_write_text
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    host = socket.gethostname()
-    killed = tmp_path / f".maxact.json.{host}-{int(dead.stdout)}.abc123.tmp"
-    running = tmp_path / f".maxact.json.{host}-{os.getppid()}.def456.tmp"
-    other_file = tmp_path / f".other.json.{host}-{int(dead.stdout)}.abc123.tmp"
+    dead, alive = writer_marks()
+    killed = tmp_path / f".maxact.json.{dead}.abc123.tmp"
+    running = tmp_path / f".maxact.json.{alive}.def456.tmp"
+    other_file = tmp_path / f".other.json.{dead}.abc123.tmp"
     for path in (killed, running, other_file):
         path.write_text("half")
     atomic_write_text(tmp_path / "maxact.json", "{}")
