@@ -153,16 +153,13 @@ def trainer_arguments() -> list[str]:
 
 def _trainer_arguments_from_source() -> list[str] | None:
     import ast
-    import importlib.util
-    from pathlib import Path
+
+    from saeforge.paths import installed_package_folder
 
     try:
-        spec = importlib.util.find_spec("lightning")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        source = Path(list(spec.submodule_search_locations)[0]) / "pytorch" / "trainer" / "trainer.py"
+        source = installed_package_folder("lightning", "training needs it") / "pytorch" / "trainer" / "trainer.py"
         tree = ast.parse(source.read_text())
-    except (OSError, SyntaxError, ImportError):
+    except (OSError, SyntaxError, ImportError):  # FileNotFoundError (not installed) is an OSError
         return None
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "Trainer":

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeforge.config import (
     ConfigError,
+    DataConfig,
     EvaluateConfig,
     InterpretConfig,
     TrainConfig,
@@ -212,7 +213,7 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
 def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
     """Excluded first positions: the training run's data.exclude_first_tokens, else `imported.exclude_first_tokens`."""
     if run_cfg is not None and run_cfg.get("data") is not None:
-        return int(run_cfg.data.get("exclude_first_tokens", 2))
+        return int(run_cfg.data.get("exclude_first_tokens", DataConfig.exclude_first_tokens))  # older runs: the default
     return int(imported)
 
 
