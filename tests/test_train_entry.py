@@ -47,9 +47,12 @@ def test_extract_only_then_killed_run_resumes_bit_identical(tmp_path):
     proc = subprocess.Popen(train_cmd(tmp_path, "killed"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
+    sizes = [-1, -2]
+    while time.time() < deadline and proc.poll() is None:  # kill once the first checkpoint is written whole
+        sizes = [sizes[-1], last.stat().st_size if last.exists() else -1]
+        if sizes[0] == sizes[1] > 0:
+            break
         time.sleep(0.05)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.exists() and not (tmp_path / "killed" / "metrics.json").exists(), "the run finished before it was killed"
