@@ -95,7 +95,7 @@ def hookpoint_layer(name: str) -> int | None:
 
 
 def layer_label(name: str) -> int | str:
-    """The `layer` of an SAE's features in interpretation outputs (JSON keys, summary.csv, steering file
+    """The `layer` of an SAE's features in interpretation outputs (JSON keys, the summary CSV, steering file
     names): the block index N of `layers.N`; otherwise the canonical hookpoint name itself, so a `lora`
     feature (which spans every adapted layer) is labelled "lora", never None or blank."""
     layer = hookpoint_layer(name)

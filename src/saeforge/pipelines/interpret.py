@@ -72,7 +72,7 @@ class IncompleteStages(RuntimeError):
 
 class NotApplicable(Exception):
     """A stage cannot run on this SAE (the message says why, in one line); it is skipped, not failed:
-    the log says `stage X: not applicable: <why>`, stages.json records the reason under
+    the log says `stage X: not applicable: <why>`, the stages file records the reason under
     `NOT_APPLICABLE`, the stages that read its output are skipped too, and the dashboard shows it."""
 
 
