@@ -119,12 +119,29 @@ class Context:
         root = cache_root(self.data_cfg and self.data_cfg.get("cache_dir")) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
         return root if is_complete(root) else None
 
+    def user_file(self) -> str | None:
+        """data.path of a run trained on the user's own activation file, else None."""
+        return str(self.data_cfg.path) if self.data_cfg is not None and self.data_cfg.get("path") else None
+
+    def user_tokens(self) -> torch.Tensor:
+        """The token windows of the user's file (NotApplicable, saying exactly what to add, when it has none)."""
+        from saeforge.activations.readers import missing_tokens_message, open_rows, read_user_tokens
+
+        path = self.user_file()
+        assert path is not None
+        n_rows = open_rows(path, None, self.data_cfg.get("h5_key", "activations")).n_rows
+        tokens = read_user_tokens(path, n_rows, len(self.lm.tokenizer))
+        if tokens is None:
+            raise NotApplicable(missing_tokens_message(path))
+        return tokens
+
     def windows(self) -> torch.Tensor:
-        """Token windows for the max-act pass: the store's (first n_tokens) or packed from the corpus."""
+        """Token windows for the max-act pass: the store's or the user file's (first n_tokens), or packed
+        from the corpus."""
         n_tokens = int(self.cfg.interpret.n_tokens)
         root = self.store_root()
-        if root is not None:
-            tokens = read_tokens(root)
+        if root is not None or self.user_file():
+            tokens = read_tokens(root) if root is not None else self.user_tokens()
             return tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
         ctx_len = int(self.cfg.interpret.ctx_len)
         corpus = load_corpus(self.corpus_cfg, cache_root(self.data_cfg and self.data_cfg.get("cache_dir")))
@@ -232,6 +249,8 @@ def run_maxact(ctx: Context) -> None:
 
     root = ctx.store_root()
     stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
+    if ctx.user_file():  # the user's own file: its rows, linked to text by its `tokens`
+        root, stored = ctx.user_file(), open_rows(ctx.user_file(), None, ctx.data_cfg.get("h5_key", "activations"))
     if stored is not None:
         log.info("maxact: reading stored activations from %s (no LM forward)", root)
     conf = MaxActConfig.from_mapping(ctx.cfg.interpret.maxact)
