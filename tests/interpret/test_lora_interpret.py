@@ -172,3 +172,19 @@ def test_lora_logit_lens_per_type_equals_brute_force(lora_lm):
     assert layout["types"] == ["q", "k", "v", "o", "gate", "up", "down"] and layout["layers"] == [0, 1, 2, 3]
     assert layout["norms"][1][3] == pytest.approx(abs(float(w[1 * 7 + 3])), abs=1e-4)
     assert sum(layout["share"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_lora_sae_without_its_run_is_skipped_not_crashed(tmp_path, tiny_lm):
+    from saeforge.pipelines.interpret import interpret
+    from saeforge.sae.formats import write_saelens
+
+    sae = SparseAutoencoder(SAEConfig(d_in=28, d_sae=8, k=2))
+    write_saelens(sae, tmp_path / "sae", hook_name="lora")
+    cfg = compose_config("interpret", [f"ckpt={tmp_path / 'sae'}", "model=tiny", "logger=none", f"run.dir={tmp_path / 'out'}",
+                                       "interpret.features=[0,1]"])
+    out = interpret(cfg, lm=tiny_lm)
+    stages = json.loads((out / "stages.json").read_text())
+    assert "needs its LoRA adapter" in stages["maxact"]["not_applicable"]
+    assert "needs its LoRA adapter" in stages["logit_lens"]["not_applicable"]
+    assert stages["score"]["not_applicable"].startswith("needs explain, which is not applicable: a `lora` SAE")
+    assert "not applicable" in (out / "dashboard.html").read_text()

@@ -93,8 +93,8 @@ def test_user_hdf5_without_tokens_says_what_to_add(tmp_path, store_rows, tiny_lm
     stages = json.loads((out / "stages.json").read_text())
     reason = stages["maxact"]["not_applicable"]
     assert "add a dataset `tokens` to mine.h5" in reason and "[n_seq, ctx_len]" in reason and "model=" in reason
-    assert stages["steering"]["not_applicable"].startswith("needs maxact")
-    assert stages["explain"]["not_applicable"].startswith("needs maxact")
+    assert stages["steering"]["not_applicable"].startswith("needs maxact, which is not applicable: data.path=")
+    assert stages["explain"]["not_applicable"].startswith("needs maxact, which is not applicable: data.path=")
     assert "not_applicable" not in stages["logit_lens"] and (out / "logit_lens.json").is_file()
     assert f"stage maxact: not applicable: {reason}" in caplog.text
     assert "not applicable" in (out / "dashboard.html").read_text()

@@ -77,6 +77,7 @@ class NotApplicable(Exception):
 
 
 NOT_APPLICABLE = records_io.NOT_APPLICABLE
+NEEDS_SEP = ", which is not applicable: "
 
 
 class Context:
@@ -110,6 +111,12 @@ class Context:
             if not (lora and lora.get("adapter")):
                 raise NotApplicable("a `lora` SAE needs its LoRA adapter: pass ckpt=<the training run> (its data.lora.adapter)")
             self._lm = with_adapter(self._lm, lora.adapter, lora.get("types"))
+            root = self.store_root()
+            if root is not None:  # steering splits W_dec[f] by this layout: it must be the store's
+                from saeforge.activations.lora import check_layout
+                from saeforge.activations.store import read_manifest
+
+                check_layout(list(self._lm.lora_sites), (read_manifest(root) or {}).get("lora_layout"), str(root))
         return self._lm
 
     def store_root(self) -> Path | None:
@@ -413,7 +420,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     out = output_root(cfg, source) / "interpret" / source.hookpoint
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, source, out, lm)
-    if ctx.lm.d_model != source.sae.cfg.d_in and source.hookpoint != "lora":
+    if source.hookpoint != LORA_HOOKPOINT and ctx.lm.d_model != source.sae.cfg.d_in:
         raise ValueError(f"the SAE has d_in={source.sae.cfg.d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
     frequency = None if cfg.interpret.get("features") else sae_frequency(source)
     if frequency is None and not cfg.interpret.get("features"):
@@ -440,7 +447,8 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
         try:
             if skipped:
-                raise NotApplicable(f"needs {skipped[0]} ({record[skipped[0]][NOT_APPLICABLE]})")
+                root_reason = str(record[skipped[0]][NOT_APPLICABLE]).split(NEEDS_SEP, 1)[-1]
+                raise NotApplicable(f"needs {skipped[0]}{NEEDS_SEP}{root_reason}")
             log.info("stage %s: %s", stage, "retrying the failed features" if ctx.resuming else "running")
             RUNNERS[stage](ctx)
         except NotApplicable as reason:
