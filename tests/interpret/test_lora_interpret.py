@@ -188,3 +188,27 @@ def test_lora_sae_without_its_run_is_skipped_not_crashed(tmp_path, tiny_lm):
     assert "needs its LoRA adapter" in stages["logit_lens"]["not_applicable"]
     assert stages["score"]["not_applicable"].startswith("needs explain, which is not applicable: a `lora` SAE")
     assert "not applicable" in (out / "dashboard.html").read_text()
+
+
+def test_maxact_lora_forward_equals_reading_the_same_rows(tmp_path, lora_lm):
+    import h5py
+
+    from saeforge.activations.lora import lora_activations
+    from saeforge.activations.readers import open_rows
+    from saeforge.interpret.maxact import collect_maxact
+
+    torch.manual_seed(0)
+    sites = list(lora_lm.lora_sites)
+    tokens = torch.randint(5, 200, (6, 16))
+    rows = lora_activations(lora_lm.model, sites, tokens).reshape(-1, len(sites))
+    with h5py.File(tmp_path / "rows.h5", "w") as f:
+        f["activations"] = rows.numpy()
+    sae = SparseAutoencoder(SAEConfig(d_in=len(sites), d_sae=16, k=3))
+    sae.init_from_sample(rows)
+    live = collect_maxact(lora_lm, sae, "lora", tokens, features=[0, 5, 9])
+    stored = collect_maxact(lora_lm, sae, "lora", tokens, features=[0, 5, 9], activations=open_rows(tmp_path / "rows.h5"))
+    assert live.layer == "lora"
+    for f in (0, 5, 9):
+        assert live.features[f]["a_max"] == pytest.approx(stored.features[f]["a_max"], rel=1e-5)
+        assert [ex["seq"] for ex in live.features[f]["top"]] == [ex["seq"] for ex in stored.features[f]["top"]]
+    assert any(live.features[f]["a_max"] > 0 for f in (0, 5, 9))
