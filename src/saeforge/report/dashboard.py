@@ -96,11 +96,12 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
 
 
 def headline_field(scorer: str, fields: dict[str, Any]) -> str | None:
-    """The field shown for a scorer in the feature list: ``auc`` for embedding scorers,
-    ``balanced_accuracy`` otherwise, falling back to the other, then ``f1``, then the first
-    numeric field."""
+    """The field shown for a scorer in the feature list: its headline field
+    (``records.headline_field``: auc for embedding and surprisal, correlation for simulation,
+    accuracy for intruder, else balanced_accuracy), falling back to ``auc`` / ``balanced_accuracy``,
+    then ``f1``, then the first numeric field."""
     order = ["auc", "balanced_accuracy"] if "embedding" in scorer.lower() else ["balanced_accuracy", "auc"]
-    for name in [*order, "f1", "accuracy"]:
+    for name in [records_io.headline_field(scorer), *order, "f1", "accuracy"]:
         if _float_or_none(fields.get(name)) is not None:
             return name
     for name, value in fields.items():
