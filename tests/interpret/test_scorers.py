@@ -15,6 +15,7 @@ from saeforge.config import ConfigError, ScoreConfig
 from saeforge.explainers.base import ChatParams
 from saeforge.interpret import records as records_io
 from saeforge.interpret.prompts import load_prompts
+from saeforge.report.dashboard import build_dashboard_data, load_interpret_outputs
 from saeforge.interpret.score import (
     expected_activations,
     parse_activations,
@@ -79,6 +80,8 @@ def run(client, records, out: Path, cfg: ScoreConfig, features=None) -> dict:
 def test_parsers_and_expected_values() -> None:
     assert parse_activations("[0, 3, 10]", 3) == [0, 3, 10] and parse_activations("[0, 11, 1]", 3) is None
     assert parse_activations("0 4 7", 3) == [0, 4, 7] and parse_activations("[1, 2]", 3) is None
+    assert parse_activations("[0, 0, 7, 1, 1, 1, 1,", 3) == [0, 0, 7]  # cut off at max_tokens: the first n
+    assert parse_activations("[0, 0, 7, 1]", 3) is None  # a closed list of the wrong length
     # one token per number: the expected value over the digit alternatives; "1"+"0" split: the parsed 10
     lp = [{"token": "[", "logprob": 0.0, "top": {}},
           {"token": "2", "logprob": -0.5, "top": {"2": -0.5, "4": -1.0, "x": -0.1}},
@@ -131,6 +134,13 @@ def test_simulation_perfect_scores_one_constant_scores_zero(tmp_path: Path) -> N
     with (tmp_path / "summary.csv").open() as fh:
         table = {r["feature"]: r for r in csv.DictReader(fh)}
     assert float(table["0"]["simulation"]) == pytest.approx(0.0, abs=1e-9) and table["0"]["simulation_baseline"] != ""
+    data = build_dashboard_data(load_interpret_outputs(tmp_path))
+    assert all(f["headline"]["simulation"][0] == "correlation" for f in data["features"])
+
+    with ScriptedChat(lambda body: "[1, 2") as server:  # unparseable: no headline, never a count
+        run(server.client(), explained(doc), tmp_path, cfg)
+    data = build_dashboard_data(load_interpret_outputs(tmp_path))
+    assert all("simulation" not in f.get("headline", {}) for f in data["features"])
 
 
 # ------------------------------------------------------------------------------ intruder
@@ -160,6 +170,9 @@ def test_intruder_oracle_finds_every_intruder(tmp_path: Path, source: str) -> No
     with (tmp_path / "summary.csv").open() as fh:
         table = {r["feature"]: r for r in csv.DictReader(fh)}
     assert table["1"]["label"] == "" and table["1"]["intruder"] == "1" and table["1"]["intruder_chance"] == "0.25"
+    data = build_dashboard_data(load_interpret_outputs(tmp_path))
+    assert "intruder" in data["meta"]["scorers"]
+    assert {f["id"]: f["headline"]["intruder"] for f in data["features"]} == {0: ["accuracy", 1.0], 1: ["accuracy", 1.0]}
 
     with ScriptedChat(lambda body: " 1") as server:  # always the first: about chance
         res1 = run(server.client(), explained(doc), tmp_path, cfg)["intruder"]
@@ -236,3 +249,16 @@ def test_local_client_continuation_logprobs_match_a_forward_pass() -> None:
         want = [lp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids))]
         assert result.ok and [t["logprob"] for t in result.logprobs] == pytest.approx(want, abs=1e-4)
         assert "".join(t["token"] for t in result.logprobs) == cont
+
+
+def test_new_scorers_compose_from_the_command_line_and_surprisal_refuses_hosted_apis() -> None:
+    from saeforge.pipelines.validate import validate_interpret
+    from tests.conftest import compose_config
+
+    cfg = compose_config("interpret", ["ckpt=x", "explainer=vllm", "interpret.score.scorers=[simulation,surprisal,intruder]",
+                                       "interpret.score.intruder_source=other_feature"])
+    settings = validate_interpret(cfg)
+    assert settings.interpret.score.scorers == ("simulation", "surprisal", "intruder")
+    with pytest.raises(ConfigError, match="surprisal needs prompt logprobs, which openrouter.ai"):
+        validate_interpret(compose_config("interpret", ["ckpt=x", "explainer=openrouter", "interpret.score.scorers=[surprisal]"]))
+    validate_interpret(compose_config("interpret", ["ckpt=x", "explainer=openrouter", "interpret.score.scorers=[intruder]"]))

@@ -353,12 +353,20 @@ _INT = re.compile(r"(?<![\w.])\d+(?!\w|\.\d)")
 
 
 def parse_activations(text: str, n: int) -> list[int] | None:
-    """The first bracketed list of exactly `n` integers in 0–10; else a bare run of exactly `n`; else None."""
-    for match in _LIST.finditer(text or ""):
+    """The first bracketed list of exactly `n` integers in 0–10; else, when the reply opens a list
+    it never closes (cut off at max_tokens), that list's first `n` integers; else a bare run of
+    exactly `n`; else None."""
+    text = text or ""
+    for match in _LIST.finditer(text):
         items = [s.strip().strip("'\"") for s in match.group(1).split(",") if s.strip()]
         if len(items) == n and all(s.isdigit() and int(s) <= 10 for s in items):
             return [int(s) for s in items]
-    numbers = [int(m) for m in _INT.findall(text or "")]
+    opened = text.find("[")
+    if opened >= 0 and "]" not in text[opened:]:
+        numbers = [int(m) for m in _INT.findall(text[opened:])]
+        if len(numbers) >= n and all(v <= 10 for v in numbers[:n]):
+            return numbers[:n]
+    numbers = [int(m) for m in _INT.findall(text)]
     if len(numbers) == n and all(v <= 10 for v in numbers):
         return numbers
     return None
@@ -453,7 +461,7 @@ def _score_simulation(
         per.setdefault(feature, {}).setdefault(which, []).append({
             "text": sample.text, "activating": sample.activating, "activation": sample.activation,
             "bucket": sample.bucket, "tokens": sample.tokens, "acts": sample.acts, "prediction": preds,
-            "expected": expected, "error": None if result.ok else result.error,
+            "expected": expected, "reply": result.text, "error": None if result.ok else result.error,
         })
 
     def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -593,7 +601,7 @@ def _score_intruder(
     for (feature, shown, truth), (messages, _), result in zip(index, requests, results):
         answer = parse_intruder(assistant_prefill(messages) + result.text, len(shown)) if result.ok else None
         per.setdefault(feature, []).append({
-            "examples": shown, "intruder": truth, "answer": answer,
+            "examples": shown, "intruder": truth, "answer": answer, "reply": result.text,
             "correct": answer == truth if answer is not None else None, "error": None if result.ok else result.error,
         })
     out: dict[int, dict[str, Any]] = {}

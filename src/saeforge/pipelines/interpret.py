@@ -41,6 +41,7 @@ from saeforge.lm.hookpoints import hookpoint_layer
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.config import (
+    SCORERS,
     STAGES,
     ExplainConfig,
     ImportedSAEConfig,
@@ -445,7 +446,7 @@ def interpret_summary(out: Path) -> dict[str, float]:
                                  "interpret/n_failed": sum(1 for e in explanations if e.status in ("error", "parse_error")),
                                  "interpret/n_generic": sum(1 for label in labels if is_generic_label(label))}
     rows = records_io.read_summary(out, strict=False)
-    for col in ("detection", "fuzz", "embedding", "steering_effect"):
+    for col in (*SCORERS, "steering_effect"):
         for key in (col, f"{col}_baseline"):
             values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
             if values:
@@ -467,7 +468,7 @@ def log_to_wandb(cfg: DictConfig, out: Path, run_dir: Path | None = None) -> Non
     if rows:
         columns = list(rows[0].keys())
         run.log({"interpret/summary": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
-        for col in ("detection", "fuzz", "embedding", "steering_effect"):
+        for col in (*SCORERS, "steering_effect"):
             values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
             if values:
                 run.log({f"interpret/{col}_hist": wandb.Histogram(values)})
