@@ -633,7 +633,8 @@ def score_records(
     cfg: ScoreConfig | None = None,
 ) -> Records:
     """The stage: score the `ok` explanations of `features` (None: all explained) with `cfg.scorers`,
-    fill `scores`, and return the records (`cfg` None: the defaults).
+    fill `scores`, and return the records (`cfg` None: the defaults). A label-free scorer
+    (intruder) scores every one of `features` that has max-act examples, labelled or not.
 
     Writes, through `records`, each scorer's file (merged with earlier runs; features not ok are
     removed) with its per-latent example files (delphi-style), and merges the summary CSV
@@ -685,15 +686,18 @@ def score_records(
 
 
 def unfinished(records: Records, features: Sequence[int], scorers: Sequence[str]) -> dict[int, str]:
-    """`{feature: reason}` for each of `features` with an `ok` label whose result of an LLM scorer
-    (`LLM_SCORERS`) counts failed requests (`n_errors`, own or baseline): those batches are asked
-    again by the next run (the response cache answers the rest)."""
+    """`{feature: reason}` for each of `features` with an `ok` label (any feature with max-act
+    examples, for a label-free scorer) whose result of an LLM scorer (`LLM_SCORERS`) counts failed
+    requests (`n_errors`, own or baseline): those batches are asked again by the next run (the
+    response cache answers the rest)."""
     out: dict[int, str] = {}
     for f in features:
         rec = records.features.get(int(f))
-        if rec is None or not rec.has_maxact or not rec.label:
+        if rec is None or not rec.has_maxact:
             continue
         for scorer in scorers:
+            if not rec.label and scorer not in records_io.LABEL_FREE:
+                continue
             result = rec.scores.get(scorer) if scorer in LLM_SCORERS else None
             for part in (result, (result or {}).get("baseline")):
                 if part and part.get("n_errors"):
