@@ -20,8 +20,9 @@ Files under one hookpoint's interpret directory (README.md, "Interpretation outp
   status, source, …}}}` and `explanations/<hookpoint>_latent_<F>.txt` (the label, JSON-quoted)
 - `scores/<scorer>.json` `{format_version, "<F>": {metrics…, baseline}}` and
   `scores/<scorer>/<hookpoint>_latent_<F>.txt` (the per-example results)
-- `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS`, one row per (layer, feature); rows and
-  columns of other runs are kept.
+- `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS` + `score_columns` of any other scorer run
+  (`<scorer>`, `<scorer>_baseline` or a label-free scorer's `<scorer>_chance`), one row per
+  (layer, feature); rows and columns of other runs are kept.
 - `STAGES` `{format_version, "<stage>": {fingerprint, finished, complete, failures}}` (`complete`
   false, with `failures` `{reason: [features]}`, when some features of the stage failed; files
   without `complete` count as complete)
