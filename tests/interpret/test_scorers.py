@@ -199,7 +199,7 @@ def test_surprisal_auc_from_known_losses(tmp_path: Path) -> None:
     with ScriptedChat(lambda body: 400, prompt_logprobs=known_logprobs) as server:
         res = run(server.client(), explained(doc), tmp_path, cfg)["surprisal"]
     bodies = server.requests
-    assert bodies and all(b["echo"] and b["logprobs"] == 1 and "prompt" in b for b in bodies)
+    assert bodies and all(b["echo"] and b["logprobs"] == 0 and "prompt" in b for b in bodies)
     # one request per distinct (context, example): 16 examples × (plain, own label, baseline label)
     assert len(bodies) == 16 * 3
     r = res[0]

@@ -336,7 +336,7 @@ class OpenAICompatClient:
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
-        kwargs = {"model": self.model, "prompt": context + continuation, "echo": True, "logprobs": 1,
+        kwargs = {"model": self.model, "prompt": context + continuation, "echo": True, "logprobs": 0,
                   "max_tokens": 1, "temperature": 0.0}
         result = await self._send(lambda client: client.completions.create(**kwargs),
                                   lambda response: _continuation_from(response, context, continuation))
