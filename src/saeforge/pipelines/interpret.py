@@ -270,7 +270,8 @@ def run_score_stage(ctx: Context) -> None:
     needs_llm = any(s != "embedding" for s in scorers)
     embedder = load_embedder(scfg.embedding_model) if "embedding" in scorers else None
     records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
-    records_io.read_explanations(ctx.out, ctx.layer, records, required=True)
+    labelled = any(s not in records_io.LABEL_FREE for s in scorers)  # intruder alone needs no explanations
+    records_io.read_explanations(ctx.out, ctx.layer, records, required=labelled)
     score_records(ctx.client() if needs_llm else None, embedder, records,
                   ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
                   ctx.hookpoint, ctx.layer, scfg)
