@@ -1,9 +1,23 @@
-"""Explainer throughput: requests/s with 1 vs N requests in flight against a real vLLM server.
+"""Explainer and scorer throughput: requests/s with 1 vs N requests in flight against a real vLLM server.
 
     python bench/explain.py                          # starts the embedded SmolLM2 under vLLM (CPU)
-    python bench/explain.py --base-url http://127.0.0.1:8000/v1 --model smollm2 --in-flight 16
+    python bench/explain.py --base-url http://127.0.0.1:8000/v1 --model smollm2 --in-flight 32
+    python bench/explain.py --workloads explain,intruder
 
-Same prompts in both runs, cache disabled, greedy; one untimed warm-up pass first.
+Workloads: `explain` (feature-explanation prompts through `chat_many`) and each scorer
+(detection, fuzz, simulation, surprisal, intruder) run by `score_records` itself on a synthetic set
+of 8 features, so the requests are exactly the scorer's own, through the same batching client.
+Each workload runs once with 1 request in flight and once with N (default 32), cache disabled,
+greedy, on different texts (so vLLM's prefix cache cannot favour the second run), after one
+untimed warm-up pass on a third set. While the concurrent run goes on, the server's
+`vllm:num_requests_running` gauge is polled and its maximum printed beside the ratio, with the
+most requests the client had on the wire at once (a server that admits fewer than N shows it;
+prompt-only surprisal requests finish within one engine step, so the gauge rarely sees them).
+
+On CPU, prefill is compute-bound: concurrency multiplies the rate of decode-heavy requests
+(explain, simulation) but much less that of prompt-heavy ones with short replies (detection,
+fuzz, intruder) and of prompt-only ones (surprisal; vLLM computes prompt logprobs without its
+prefix cache). A GPU server batches prefill far better.
 """
 
 from __future__ import annotations
@@ -11,72 +25,191 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from saeforge.explainers.base import ChatParams, ChatRequest  # noqa: E402
+from saeforge.config import ScoreConfig  # noqa: E402
+from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult  # noqa: E402
 from saeforge.explainers.openai_compat import OpenAICompatClient  # noqa: E402
 from saeforge.explainers.vllm_server import VLLMServer  # noqa: E402
+from saeforge.interpret import records as records_io  # noqa: E402
+from saeforge.interpret.prompts import load_prompts  # noqa: E402
+from saeforge.interpret.score import score_records  # noqa: E402
 from saeforge.lm.hf_folder import write_smollm2_hf_folder  # noqa: E402
 
 WORDS = ["ocean", "violin", "harvest", "engine", "senate", "glacier", "surgery", "railway",
          "comet", "orchard", "treaty", "lantern", "fever", "canyon", "ballot", "copper"]
+FILLER = ["quiet", "early", "broad", "old", "small", "warm", "dark", "plain", "long", "calm", "tall", "soft"]
+N_FEATURES = 8
+SCORER_SETTINGS = {  # each gives at least 32 requests over the 8 features
+    "detection": dict(n_test=5, n_negatives=5),  # 2 batches × (own + baseline) × 8
+    "fuzz": dict(n_test=5, n_negatives=5),
+    "simulation": dict(n_test=1, n_negatives=1),  # 2 examples × (own + baseline) × 8
+    "surprisal": dict(n_test=2, n_negatives=2),  # 4 examples × (plain, own, baseline context) × 8
+    "intruder": dict(n_test=5, n_negatives=5, n_intruder=4, intruder_examples=4),  # 4 prompts × 8
+}
+WORKLOADS = ("explain", *SCORER_SETTINGS)
 
 
-def prompts(n: int, max_tokens: int) -> list[ChatRequest]:
-    """Feature-explanation-shaped prompts, distinct per request."""
+def prompts(n: int, max_tokens: int, variant: int = 0) -> list[ChatRequest]:
+    """Feature-explanation-shaped prompts, distinct per request and per variant."""
     out = []
     for i in range(n):
-        word = WORDS[i % len(WORDS)]
-        text = (f"A neuron fires on these tokens: '{word}', '{word}s', 'the {word}' (example {i}). "
+        word = WORDS[(i + 5 * variant) % len(WORDS)]
+        text = (f"A neuron fires on these tokens: '{word}', '{word}s', 'the {word}' (example {i}, set {variant}). "
                 "In one short phrase, what concept does it detect?")
         out.append(([{"role": "user", "content": text}], ChatParams(max_tokens=max_tokens)))
     return out
 
 
-async def rate(client: OpenAICompatClient, requests: list[ChatRequest]) -> tuple[float, int]:
+def _window(seq: int, word: str, filler: str, hot: bool) -> dict:
+    tokens = ["The", f" {filler}", f" {word}", " was", " seen", " near", " the", " hill", "."]
+    ex = {"tokens": tokens, "token_ids": list(range(len(tokens))), "seq": seq, "start": 0}
+    if hot:
+        acts = [0.0] * len(tokens)
+        acts[2] = 5.0 + seq % 5
+        ex.update(activation=acts[2], acts=acts, max_pos=2)
+    return ex
+
+
+def synthetic_records(variant: int) -> records_io.Records:
+    """8 features, feature f firing on WORDS[f] (distinct windows per variant), each labelled."""
+    features, expl = {}, {}
+    for f in range(N_FEATURES):
+        word, other = WORDS[f], WORDS[(f + N_FEATURES) % len(WORDS)]
+        base = 100_000 * variant + 1000 * f
+        top = [_window(base + i, word, f"{FILLER[(i + variant) % len(FILLER)]} {i}v{variant}", True) for i in range(6)]
+        non = [_window(base + 500 + i, other, f"{FILLER[(i + 3) % len(FILLER)]} {i}v{variant}", False) for i in range(6)]
+        features[str(f)] = {"a_max": 10.0, "frequency": 0.01, "top": top, "quantile_examples": [], "non_activating": non}
+        expl[str(f)] = {"status": "ok", "label": f"the word {word}", "split": {"shown": []}}
+    doc = {"hookpoint": "bench", "layer": 0, "d_sae": N_FEATURES, "features": features}
+    return records_io.explanations_from_json({"0": expl}, 0, records_io.Records.from_maxact_json(doc))
+
+
+class CountingClient(OpenAICompatClient):
+    """The real client, counting the requests and failures of every call and the most requests
+    on the wire at once (inside the client's own in-flight bound)."""
+
+    n_requests = 0
+    n_errors = 0
+    on_wire = 0
+    peak_on_wire = 0
+
+    async def _send(self, create, parse):  # type: ignore[no-untyped-def]
+        async def counted(client):  # type: ignore[no-untyped-def]
+            self.on_wire += 1
+            self.peak_on_wire = max(self.peak_on_wire, self.on_wire)
+            try:
+                return await create(client)
+            finally:
+                self.on_wire -= 1
+
+        return await super()._send(counted, parse)
+
+    def _count(self, result: ChatResult) -> ChatResult:
+        self.n_requests += 1
+        self.n_errors += not result.ok
+        return result
+
+    async def chat(self, messages, params):  # type: ignore[no-untyped-def]
+        return self._count(await super().chat(messages, params))
+
+    async def continuation_logprobs(self, context, continuation):  # type: ignore[no-untyped-def]
+        return self._count(await super().continuation_logprobs(context, continuation))
+
+
+class RunningGauge:
+    """Polls the server's `vllm:num_requests_running` in a thread; `peak` is the largest value seen."""
+
+    def __init__(self, base_url: str) -> None:
+        self.url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    text = response.read().decode()
+                for value in re.findall(r"^vllm:num_requests_running\{[^}]*\} ([\d.]+)", text, re.MULTILINE):
+                    self.peak = max(self.peak or 0.0, float(value))
+            except OSError:
+                pass
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "RunningGauge":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_workload(name: str, base_url: str, model: str, in_flight: int, variant: int,
+                 args: argparse.Namespace) -> tuple[int, int, float, int]:
+    """(requests, errors, seconds, most requests on the wire at once) of one workload at `in_flight`."""
+    client = CountingClient(base_url, model, max_in_flight=in_flight, max_retries=2, timeout_s=600, cache_dir=None)
     start = time.perf_counter()
-    results = await client.chat_many(requests, progress=False)
-    seconds = time.perf_counter() - start
-    errors = sum(not r.ok for r in results)
-    return len(requests) / seconds, errors
+    if name == "explain":
+        asyncio.run(client.chat_many(prompts(args.requests, args.max_tokens, variant), progress=False))
+    else:
+        cfg = ScoreConfig(scorers=[name], seed=0, **SCORER_SETTINGS[name])
+        with tempfile.TemporaryDirectory() as out:
+            score_records(client, None, synthetic_records(variant), None, load_prompts(), ChatParams(max_tokens=args.score_tokens),
+                          out, "bench", 0, cfg)
+    return client.n_requests, client.n_errors, time.perf_counter() - start, client.peak_on_wire
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", help="a running server's /v1 root; default: start one")
     parser.add_argument("--model", default="smollm2", help="served model name")
-    parser.add_argument("--requests", type=int, default=32, help="requests per run")
-    parser.add_argument("--in-flight", type=int, default=16, help="N for the concurrent run")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--requests", type=int, default=32, help="explain: requests per run")
+    parser.add_argument("--in-flight", type=int, default=32, help="N for the concurrent runs")
+    parser.add_argument("--max-tokens", type=int, default=32, help="explain: tokens generated per request")
+    parser.add_argument("--score-tokens", type=int, default=16,
+                        help="scorers: max_tokens of detection/fuzz/intruder replies (simulation sizes its own)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--log", type=Path, default=Path("/tmp/saeforge-bench-vllm.log"), help="server log")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
 
     server = None
     if args.base_url is None:
         server = VLLMServer(write_smollm2_hf_folder(), served_model_name=args.model, log_path=args.log)
+    rows = []
     with server if server else nullcontext():
         base_url = args.base_url or server.base_url  # type: ignore[union-attr]
         if server:
             print(f"server ready in {server.startup_s:.1f} s ({base_url})")
-        requests = prompts(args.requests, args.max_tokens)
-
-        def client(in_flight: int) -> OpenAICompatClient:
-            return OpenAICompatClient(base_url, args.model, max_in_flight=in_flight, max_retries=2,
-                                      timeout_s=600, cache_dir=None)
-
-        asyncio.run(client(args.in_flight).chat_many(requests, progress=False))  # warm-up
-        seq, seq_err = asyncio.run(rate(client(1), requests))
-        par, par_err = asyncio.run(rate(client(args.in_flight), requests))
-    print(f"{args.requests} requests × {args.max_tokens} tokens, model {args.model}")
-    print(f"in flight 1:  {seq:6.2f} req/s  ({seq_err} errors)")
-    print(f"in flight {args.in_flight}: {par:6.2f} req/s  ({par_err} errors)")
-    print(f"ratio: {par / seq:.2f}x")
+        for name in workloads:
+            run_workload(name, base_url, args.model, args.in_flight, 2, args)  # warm-up, other texts
+            n, seq_err, seq_s, _ = run_workload(name, base_url, args.model, 1, 0, args)
+            with RunningGauge(base_url) as gauge:
+                n_par, par_err, par_s, wire = run_workload(name, base_url, args.model, args.in_flight, 1, args)
+            rows.append((name, n, n / seq_s, n_par / par_s, wire, gauge.peak, seq_err + par_err))
+            print(f"{name}: done ({n} requests; {seq_s:.1f} s sequential, {par_s:.1f} s with {args.in_flight} in flight)",
+                  flush=True)
+    print(f"\nmodel {args.model}; explain: {args.max_tokens} tokens per reply; in flight 1 vs {args.in_flight}")
+    print(f"{'workload':<11} {'requests':>8} {'1 req/s':>9} {f'{args.in_flight} req/s':>9} {'ratio':>7} "
+          f"{'peak on wire':>12} {'peak running (server)':>21} {'errors':>6}")
+    for name, n, seq, par, wire, peak, errors in rows:
+        shown_peak = "?" if peak is None else f"{peak:.0f}"
+        print(f"{name:<11} {n:>8} {seq:>9.2f} {par:>9.2f} {par / seq:>6.2f}x {wire:>12} {shown_peak:>21} {errors:>6}")
 
 
 if __name__ == "__main__":

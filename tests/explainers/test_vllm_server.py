@@ -110,3 +110,17 @@ def test_killed_server_errors_then_rerun_sends_only_the_failed(vllm_server: VLLM
     assert [second[i].text for i in ok] == [first[i].text for i in ok]
     sent = vllm_server.log_path.read_text(errors="replace").count(CHAT_PATH) - log_before
     assert sent == len(failed)  # the server saw only the failed requests again
+
+
+def test_continuation_logprobs_from_echoed_completions(vllm_server: VLLMServer) -> None:
+    """The surprisal scorer's prompt logprobs: exactly the continuation's tokens, and a context that
+    predicts the continuation makes it cheaper."""
+    client = OpenAICompatClient(vllm_server.base_url, "smollm2", max_retries=1, timeout_s=120)
+    pairs = [("The capital of France is", " Paris, a city on the Seine."),
+             ("My favourite vegetable is", " Paris, a city on the Seine.")]
+    results = asyncio.run(client.continuation_logprobs_many(pairs, progress=False))
+    assert all(r.ok for r in results), [r.error for r in results]
+    for result in results:
+        assert "".join(t["token"] for t in result.logprobs) == " Paris, a city on the Seine."
+        assert all(t["logprob"] <= 0 for t in result.logprobs)
+    assert results[0].logprobs[0]["logprob"] > results[1].logprobs[0]["logprob"]  # " Paris" after "France is"

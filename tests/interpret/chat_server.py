@@ -4,7 +4,8 @@ tiny maxact doc.
 Used by test_explain.py, test_score.py and the pipeline test: `ScriptedChat(script)` answers each request with
 `script(body) -> str | int` (an int is an HTTP error status) and, when the request asks for
 logprobs, one logprob entry per character-level token of the answer, each with top alternatives
-"0"/"1" so that P("1") follows the answer.
+"0"/"1" so that P("1") follows the answer. Completions requests with `echo` (the surprisal
+scorer's prompt logprobs) are answered from `prompt_logprobs`.
 """
 
 from __future__ import annotations
@@ -31,15 +32,48 @@ def binary_logprobs(text: str, top_k: int) -> list[dict[str, Any]]:
     return content
 
 
-class ScriptedChat(ChatCompletionsServer):
-    """The server; `requests` is every request body in arrival order."""
+PromptLogprobs = Callable[[str, list[int], list[str]], list[float]]
+"""`(prompt, text_offsets, tokens) -> logprob per token` for echoed completions requests."""
 
-    def __init__(self, script: Script) -> None:
+
+def word_tokens(text: str) -> tuple[list[str], list[int]]:
+    """Tokens of an echoed prompt: each run of whitespace joined to the word after it; their offsets."""
+    tokens = re.findall(r"\s*\S+|\s+", text)
+    offsets, at = [], 0
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    return tokens, offsets
+
+
+class ScriptedChat(ChatCompletionsServer):
+    """The server; `requests` is every request body in arrival order. A request with a `prompt`
+    (the completions endpoint) is answered, when `prompt_logprobs` is given, with the echoed prompt
+    split into `word_tokens` and their scripted logprobs (the first token's is null, as OpenAI
+    servers send it); without `prompt_logprobs` it gets HTTP 404, as from a chat-only API."""
+
+    def __init__(self, script: Script, prompt_logprobs: PromptLogprobs | None = None) -> None:
+        self.prompt_logprobs = prompt_logprobs
+
         def reply(n: int, body: dict) -> Reply:
+            if "prompt" in body:
+                return Reply() if prompt_logprobs is not None else Reply(status=404)
             answer = script(body)
             return Reply(status=answer) if isinstance(answer, int) else Reply(text=answer)
 
         super().__init__(reply, token_logprobs=binary_logprobs)
+
+    def payload(self, reply: Reply, body: dict) -> dict[str, Any]:
+        if "prompt" not in body or reply.status != 200 or self.prompt_logprobs is None:
+            return super().payload(reply, body)
+        tokens, offsets = word_tokens(body["prompt"])
+        values: list[float | None] = list(self.prompt_logprobs(body["prompt"], offsets, tokens))
+        values[0] = None
+        echoed = {"tokens": tokens + [" x"], "token_logprobs": values + [-0.1],
+                  "text_offset": offsets + [len(body["prompt"])], "top_logprobs": [None] + [{}] * len(tokens)}
+        return {"id": "cmpl-test", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": body["prompt"] + " x", "logprobs": echoed, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1, "total_tokens": len(tokens) + 1}}
 
     @property
     def requests(self) -> list[dict]:

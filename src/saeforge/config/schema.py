@@ -546,15 +546,18 @@ class ExplainConfig:
             raise ConfigError(f"interpret.explain.highlight_threshold must lie in [0, 1], got {self.highlight_threshold}")
 
 
-SCORERS = ("detection", "fuzz", "embedding")
+SCORERS = ("detection", "fuzz", "embedding", "simulation", "surprisal", "intruder")
+INTRUDER_SOURCES = ("non_activating", "other_feature")
 
 
 @dataclass
 class ScoreConfig:
     """Settings of the score stage (`interpret.score.*`; sampling is `explainer.params`)."""
 
-    scorers: Any = field(default_factory=lambda: list(SCORERS))
-    """Which scorers run: any of detection, fuzz, embedding (a tuple after init)."""
+    scorers: Any = field(default_factory=lambda: ["detection", "fuzz", "embedding"])
+    """Which scorers run: any of detection, fuzz, embedding, simulation, surprisal, intruder (a tuple
+    after init). surprisal needs prompt logprobs: explainer.kind=local, or an OpenAI-compatible
+    server whose completions endpoint echoes prompt logprobs (vLLM)."""
     n_test: int = 20
     """Most activating held-out windows scored per feature (seeded sample)."""
     n_negatives: int = 20
@@ -567,6 +570,13 @@ class ScoreConfig:
     """Ask for top-5 logprobs so detection/fuzz also report an AUC (servers that ignore it: no AUC)."""
     baseline: bool = True
     """Also score a deranged (other feature's) explanation on the same examples."""
+    n_intruder: int = 10
+    """Intruder: prompts per feature, each with `intruder_examples` activating windows and one intruder."""
+    intruder_examples: int = 4
+    """Intruder: activating held-out windows shown beside the intruder (chance is 1 / (this + 1))."""
+    intruder_source: str = "non_activating"
+    """Intruder: where the intruder comes from: non_activating (a window where the feature never
+    fires) or other_feature (an activating window of another scored feature, the baseline partner)."""
     embedding_model: Optional[str] = None
     """Folder of a sentence-transformers model; None → the embedded all-MiniLM-L6-v2."""
     seed: int = 0
@@ -582,7 +592,9 @@ class ScoreConfig:
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad:
             raise ConfigError(f"interpret.score.scorers: unknown {bad}; valid are {list(SCORERS)}")
-        require_at_least(self, "interpret.score", 1, ("n_test", "batch_size"))
+        if self.intruder_source not in INTRUDER_SOURCES:
+            raise ConfigError(f"interpret.score.intruder_source must be one of {list(INTRUDER_SOURCES)}, got {self.intruder_source!r}")
+        require_at_least(self, "interpret.score", 1, ("n_test", "batch_size", "n_intruder", "intruder_examples"))
         require_at_least(self, "interpret.score", 0, ("n_negatives",))
 
 

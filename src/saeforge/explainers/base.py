@@ -113,6 +113,25 @@ class ExplainerClient(Protocol):
         ...
 
 
+Continuation = tuple[str, str]
+"""``(context, continuation)``: the continuation's tokens are scored given the context."""
+
+
+@runtime_checkable
+class ContinuationScorer(Protocol):
+    """A client that also scores given text: the log-probability of each token of a continuation
+    after a context (prompt logprobs), as the surprisal scorer needs. Implemented by the local
+    client (a forward pass) and the OpenAI-compatible client (the completions endpoint with
+    ``echo`` + ``logprobs``, which vLLM serves; hosted chat-only APIs do not)."""
+
+    async def continuation_logprobs_many(
+        self, pairs: list[Continuation], progress: bool = True
+    ) -> list[ChatResult]:
+        """Per pair (in order) a result whose ``logprobs`` holds one entry per continuation token
+        and whose ``text`` is the continuation; failures are error results, never raised."""
+        ...
+
+
 def log_throughput(logger: logging.Logger, results: list[ChatResult], seconds: float) -> None:
     """One INFO line: how many requests, cached, failed, and the rate of those actually sent."""
     n_cached = sum(r.cached for r in results)

@@ -13,7 +13,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
+from saeforge.explainers.base import (
+    ChatParams, ChatRequest, ChatResult, Continuation, Message, TokenLogprob, log_throughput,
+)
 from saeforge.explainers.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,51 @@ class LocalChatClient:
         assert len(final) == len(requests)
         log_throughput(log, final, time.perf_counter() - start)
         return final
+
+    async def continuation_logprobs_many(
+        self, pairs: list[Continuation], progress: bool = True
+    ) -> list[ChatResult]:
+        """Log-probabilities of each continuation's tokens after its context, by a forward pass
+        in right-padded batches of ``max_batch``. The context is tokenized as a prompt (with the
+        tokenizer's special tokens), the continuation on its own (without them), and the two id
+        lists are joined, so the scored tokens are exactly the continuation's."""
+        start = time.perf_counter()
+        results: list[ChatResult] = []
+        with tqdm(total=len(pairs), desc=f"prompt logprobs ({self.name})", disable=not progress) as bar:
+            for b in range(0, len(pairs), self.max_batch):
+                chunk = pairs[b : b + self.max_batch]
+                try:
+                    results += await asyncio.to_thread(self._continuation_logprobs, chunk)
+                except Exception as err:  # noqa: BLE001 - a client reports, never raises
+                    log.exception("local prompt scoring failed")
+                    results += [ChatResult(text="", status="error", error=f"{type(err).__name__}: {err}")] * len(chunk)
+                bar.update(len(chunk))
+        log_throughput(log, results, time.perf_counter() - start)
+        return results
+
+    @torch.inference_mode()
+    def _continuation_logprobs(self, pairs: list[Continuation]) -> list[ChatResult]:
+        rows, spans = [], []
+        for context, continuation in pairs:
+            ctx = list(self.tokenizer(context)["input_ids"]) if context else []
+            cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            if not ctx:  # the first token needs something before it
+                ctx = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
+            rows.append(ctx + cont)
+            spans.append((len(ctx), len(ctx) + len(cont)))
+        width = max(len(r) for r in rows)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        logprobs = self.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        out = []
+        for row, (context, continuation), (s, e) in zip(range(len(rows)), pairs, spans):
+            targets = ids[row, s:e]
+            values = logprobs[row, s - 1 : e - 1].gather(-1, targets[:, None])[:, 0].tolist()
+            out.append(ChatResult(text=continuation, logprobs=[
+                TokenLogprob(token=self.tokenizer.decode([t]), logprob=v, top={})
+                for t, v in zip(targets.tolist(), values)]))
+        return out
 
     def _prompt_ids(self, messages: list[Message]) -> list[int]:
         if self.supports_prefill and messages and messages[-1]["role"] == "assistant":

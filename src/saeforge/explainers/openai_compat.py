@@ -9,13 +9,15 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import openai
 from openai.types.chat import ChatCompletion
 from tqdm.auto import tqdm
 
-from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, Message, TokenLogprob, log_throughput
+from saeforge.explainers.base import (
+    ChatParams, ChatRequest, ChatResult, Continuation, Message, TokenLogprob, log_throughput,
+)
 from saeforge.explainers.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
@@ -242,8 +244,13 @@ class OpenAICompatClient:
         completion (invalid or truncated JSON, an HTML page, no ``choices``). Any other status
         fails at once. Every error result names ``base_url``.
         """
-        client, semaphore = self._session()
         kwargs = self._request_kwargs(messages, params)
+        return await self._send(lambda client: client.chat.completions.create(**kwargs), _result_from)
+
+    async def _send(self, create: Callable[[openai.AsyncOpenAI], Awaitable[Any]],
+                    parse: Callable[[Any], ChatResult]) -> ChatResult:
+        """The retry loop of `_request` around one call `create(client)` whose reply `parse` reads."""
+        client, semaphore = self._session()
         reason = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if self._unreachable is not None:
@@ -253,9 +260,9 @@ class OpenAICompatClient:
                 async with semaphore:
                     if self._unreachable is not None:
                         return self._error(self._unreachable)
-                    response = await asyncio.wait_for(client.chat.completions.create(**kwargs), self.timeout_s)
+                    response = await asyncio.wait_for(create(client), self.timeout_s)
                 self._reached = True
-                return _result_from(response)
+                return parse(response)
             except openai.APIStatusError as err:
                 self._reached = True
                 reason = f"HTTP {err.status_code}: {err.message}"
@@ -318,6 +325,72 @@ class OpenAICompatClient:
             results = await asyncio.gather(*(one(m, p) for m, p in requests))
         log_throughput(log, results, time.perf_counter() - start)
         return list(results)
+
+    async def continuation_logprobs(self, context: str, continuation: str) -> ChatResult:
+        """Log-probabilities of `continuation`'s tokens after `context`, from the completions
+        endpoint with ``echo`` and ``logprobs`` (vLLM serves it; chat-only hosted APIs answer an
+        HTTP error, returned as an error result). Cached like chat requests."""
+        messages = [{"role": "context", "content": context}, {"role": "continuation", "content": continuation}]
+        key = request_key(self.model, messages, ECHO_PARAMS) if self.cache else None
+        if self.cache is not None and key is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        kwargs = {"model": self.model, "prompt": context + continuation, "echo": True, "logprobs": 0,
+                  "max_tokens": 1, "temperature": 0.0}
+        result = await self._send(lambda client: client.completions.create(**kwargs),
+                                  lambda response: _continuation_from(response, context, continuation))
+        if not result.ok and result.error and "HTTP 4" in result.error:
+            result = ChatResult(text="", status="error", error=f"{result.error} (prompt logprobs need the "
+                                "completions endpoint with echo + logprobs, as vLLM serves it)")
+        if self.cache is not None and key is not None:
+            self.cache.put(key, result)
+        return result
+
+    async def continuation_logprobs_many(
+        self, pairs: list[Continuation], progress: bool = True
+    ) -> list[ChatResult]:
+        """All pairs concurrently (at most ``max_in_flight`` on the wire); input order kept."""
+        start = time.perf_counter()
+        with tqdm(total=len(pairs), desc=f"prompt logprobs ({self.model})", disable=not progress) as bar:
+
+            async def one(context: str, continuation: str) -> ChatResult:
+                result = await self.continuation_logprobs(context, continuation)
+                bar.update(1)
+                return result
+
+            results = await asyncio.gather(*(one(c, t) for c, t in pairs))
+        log_throughput(log, results, time.perf_counter() - start)
+        return list(results)
+
+
+ECHO_PARAMS = ChatParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=None)
+"""The fixed settings of a continuation-scoring request (part of its cache key)."""
+
+
+def _continuation_from(response: Any, context: str, continuation: str) -> ChatResult:
+    """The continuation's token logprobs from an echoed completion: the prompt tokens that overlap
+    the continuation (by ``text_offset``, else by the tokens' cumulative length), so a token that
+    joins the context's last characters to the continuation's first counts; the one generated
+    token is dropped."""
+    choices = getattr(response, "choices", None)
+    lp = getattr(choices[0], "logprobs", None) if choices else None
+    tokens, values = getattr(lp, "tokens", None), getattr(lp, "token_logprobs", None)
+    if not tokens or values is None or len(values) != len(tokens):
+        raise BadReply(f"reply has no echoed prompt logprobs: {_clip(repr(response), 120)}")
+    offsets = getattr(lp, "text_offset", None)
+    if not offsets or len(offsets) != len(tokens):
+        offsets, at = [], 0
+        for tok in tokens:
+            offsets.append(at)
+            at += len(tok)
+    start, end = len(context), len(context) + len(continuation)
+    ends = [max(o + len(t), n) for o, t, n in zip(offsets, tokens, [*offsets[1:], 0])]
+    picked = [TokenLogprob(token=t, logprob=float(v), top={})
+              for t, v, o, e in zip(tokens, values, offsets, ends) if o < end and e > start and v is not None]
+    if continuation and not picked:
+        raise BadReply("no echoed prompt token lies in the continuation")
+    return ChatResult(text=continuation, logprobs=picked)
 
 
 def _shown(name: str | None) -> str | None:

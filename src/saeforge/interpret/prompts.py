@@ -28,6 +28,10 @@ REQUIRED = {
     "explain_steering": ("prompt",),
     "detection": ("prompt", "explanation"),
     "fuzz": ("prompt", "explanation"),
+    "simulation": ("prompt", "explanation"),
+    "intruder": ("prompt",),
+    "surprisal": ("prompt", "explanation"),
+    "surprisal_plain": ("prompt",),
 }
 """Prompts the stages use, with the placeholders their user template must contain."""
 

@@ -20,8 +20,9 @@ Files under one hookpoint's interpret directory (README.md, "Interpretation outp
   status, source, …}}}` and `explanations/<hookpoint>_latent_<F>.txt` (the label, JSON-quoted)
 - `scores/<scorer>.json` `{format_version, "<F>": {metrics…, baseline}}` and
   `scores/<scorer>/<hookpoint>_latent_<F>.txt` (the per-example results)
-- `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS`, one row per (layer, feature); rows and
-  columns of other runs are kept.
+- `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS` + `score_columns` of any other scorer run
+  (`<scorer>`, `<scorer>_baseline` or a label-free scorer's `<scorer>_chance`), one row per
+  (layer, feature); rows and columns of other runs are kept.
 - `STAGES` `{format_version, "<stage>": {fingerprint, finished, complete, failures}}` (`complete`
   false, with `failures` `{reason: [features]}`, when some features of the stage failed; files
   without `complete` count as complete; `not_applicable`, a one-line reason, when the stage could not
@@ -202,11 +203,28 @@ class Explanation:
                    layer=doc.get("layer"), extra={k: v for k, v in doc.items() if k not in known})
 
 
+HEADLINES = {"embedding": "auc", "surprisal": "auc", "simulation": "correlation", "intruder": "accuracy"}
+"""The headline field of each scorer's result (the summary column); any other scorer: balanced_accuracy."""
+LABEL_FREE = {"intruder": "chance"}
+"""Scorers that need no label, with the field reported beside the headline instead of a baseline
+(summary column `<scorer>_<field>`)."""
+
+
+def headline_field(scorer: str) -> str:
+    """The field of a scorer's result that is its headline number (`HEADLINES`)."""
+    return HEADLINES.get(scorer, "balanced_accuracy")
+
+
 def headline(scorer: str, result: Mapping[str, Any] | None) -> Any:
-    """The one number of a score result: AUC for embedding, balanced accuracy for the classifiers."""
+    """The one number of a score result (`headline_field`)."""
     if not result:
         return None
-    return result.get("auc") if scorer == "embedding" else result.get("balanced_accuracy")
+    return result.get(headline_field(scorer))
+
+
+def score_columns(scorer: str) -> list[str]:
+    """The summary columns of a scorer: its headline, then its baseline (or its `LABEL_FREE` field)."""
+    return [scorer, f"{scorer}_{LABEL_FREE.get(scorer, 'baseline')}"]
 
 
 @dataclass
@@ -589,7 +607,8 @@ def write_summary(out_dir: str | Path, records: Records, features: Sequence[int]
     """Merge rows (layer, feature) of `features` into the summary CSV; other rows and columns are kept.
 
     Per row: `label` (ok labels only), `steering_effect`/`steering_kl` when the feature was
-    measured, and for each of `scorers` its headline number and baseline (blank without an ok label).
+    measured, and for each of `scorers` its headline number and baseline (blank without an ok label;
+    a `LABEL_FREE` scorer's number and its side field are written with or without one).
     """
     path = Path(out_dir) / SUMMARY
     rows: dict[tuple[str, str], dict[str, str]] = {}
@@ -601,6 +620,7 @@ def write_summary(out_dir: str | Path, records: Records, features: Sequence[int]
             for row in reader:
                 rows[(row.get("layer", ""), row.get("feature", ""))] = dict(row)
     columns += [c for c in EXTRA_COLUMNS if c not in columns]
+    columns += [c for scorer in scorers for c in score_columns(scorer) if c not in columns]
     for feature in features:
         rec = records.features.get(int(feature)) or FeatureRecord(int(feature))
         key = (_fmt(records.layer), str(feature))
@@ -611,9 +631,11 @@ def write_summary(out_dir: str | Path, records: Records, features: Sequence[int]
             row["steering_effect"] = _fmt(rec.steering.effect)
             row["steering_kl"] = _fmt(rec.steering.kl)
         for scorer in scorers:
-            result = rec.scores.get(scorer) if labelled else None
-            row[scorer] = _fmt(headline(scorer, result))
-            row[f"{scorer}_baseline"] = _fmt(headline(scorer, (result or {}).get("baseline")))
+            result = rec.scores.get(scorer) if labelled or scorer in LABEL_FREE else None
+            main, side = score_columns(scorer)
+            row[main] = _fmt(headline(scorer, result))
+            row[side] = _fmt((result or {}).get(LABEL_FREE[scorer]) if scorer in LABEL_FREE
+                             else headline(scorer, (result or {}).get("baseline")))
     ordered = sorted(rows.values(), key=lambda r: (r.get("layer", ""), int(r["feature"]) if str(r.get("feature", "")).isdigit() else 0))
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
@@ -685,10 +707,10 @@ def load_records(out_dir: str | Path, strict: bool = False) -> Records:
 
 __all__ = [
     "DASHBOARD", "EFFECTS", "EXPLANATIONS", "EXPLANATIONS_DIR", "EXTRA_COLUMNS", "FINAL_STATUSES", "FORMAT_VERSION", "LOGIT_LENS",
-    "MAXACT", "RETRYABLE_STATUSES", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord",
-    "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "load_records",
+    "MAXACT", "RETRYABLE_STATUSES", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord", "HEADLINES", "LABEL_FREE",
+    "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "headline_field", "load_records",
     "read_explanations", "read_logit_lens", "read_maxact", "read_scores", "read_stages", "read_steering",
-    "read_steering_texts", "read_summary", "scores_path", "stage_output", "steering_text_path",
+    "read_steering_texts", "read_summary", "score_columns", "scores_path", "stage_output", "steering_text_path",
     "steering_texts_complete", "summary_by_feature", "write_effects", "write_explanations", "write_logit_lens",
     "write_maxact", "write_scores", "write_stages", "write_steering_texts", "write_summary",
 ]

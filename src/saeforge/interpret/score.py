@@ -11,6 +11,24 @@ non-activating windows (up to `n_negatives`).
   highlight spans of a random activating example (wrongly placed marks); 1 = the marks match.
 - **embedding**: AUROC of cos(embed(explanation), embed(example text)) for activating vs
   non-activating examples (MiniLM by default).
+- **simulation** (Bills et al. 2023): one prompt per example, its tokens numbered one per line;
+  given the explanation the scorer predicts each token's activation on 0–10 (a list of integers).
+  A token's prediction is the expected value over the integer alternatives 0–10 of its number's
+  token when the server returns top logprobs and the number is one token, else the parsed integer.
+  `correlation` is Pearson's r between predictions and true activations over every token of the
+  activating and non-activating examples (0 when either side is constant); `correlation_activating`
+  over the activating examples only.
+- **surprisal**: the scorer LM's mean per-token loss on each example after the `surprisal` context
+  (which names the explanation) and after the `surprisal_plain` context (which does not);
+  `auc` is the AUROC of the loss reduction (plain − explained) for activating vs non-activating
+  examples. It needs prompt logprobs (`explainers.base.ContinuationScorer`): the local client
+  computes them, the OpenAI-compatible client asks the completions endpoint with echo + logprobs
+  (vLLM); any other client is an error.
+- **intruder** (label-free, "Evaluating SAE interpretability without explanations", 2025):
+  `n_intruder` prompts per feature, each with `intruder_examples` activating held-out windows and
+  one intruder (a non-activating window, or with `intruder_source=other_feature` an activating
+  window of the baseline partner feature) at a seeded position; `accuracy` of naming the intruder,
+  with `chance` (the mean of 1 / examples per prompt) beside it. Features need no label.
 
 Per feature: balanced accuracy, precision, recall, F1 over the parsed answers (a batch whose
 answer is not a list of `batch_size` 0/1s counts as `n_unparsed`, not as wrong) and, when the
@@ -20,7 +38,7 @@ P(1) = Σ p(top alternatives that are "1") / Σ p(those that are "0" or "1"). Wh
 digit tokens do not line up one per example (e.g. a tokenizer merges "1,0"), that batch gives no
 probabilities and the AUC uses the other batches.
 
-Baseline: every scorer also scores, on the very same examples, the explanation of another feature
+Baseline: every scorer that uses a label also scores, on the very same examples, the explanation of another feature
 (a seeded derangement over the scored features), reported as `baseline` / `<scorer>_baseline`.
 """
 
@@ -28,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -48,11 +67,15 @@ from saeforge.interpret.explain import (
     split_examples,
 )
 from saeforge.interpret.prompts import PromptTemplate
-from saeforge.explainers.base import ChatParams, ChatResult, ExplainerClient, TokenLogprob, assistant_prefill
+from saeforge.explainers.base import (
+    ChatParams, ChatResult, ContinuationScorer, ExplainerClient, TokenLogprob, assistant_prefill,
+)
 
 log = logging.getLogger(__name__)
 
 CLASSIFIERS = ("detection", "fuzz")
+LLM_SCORERS = (*CLASSIFIERS, "simulation", "surprisal", "intruder")
+"""Scorers that send requests to the scorer LM (their results count failed requests, `n_errors`)."""
 
 
 class Embedder(Protocol):
@@ -125,6 +148,10 @@ class Sample:
     activation: float | None
     bucket: int | None
     key: tuple[int, int]
+    tokens: list[str] | None = None
+    """Simulation: the window's display tokens."""
+    acts: list[float] | None = None
+    """Simulation: the true activation at each token (zeros for a non-activating window)."""
 
 
 def derangement(items: Sequence[int], seed: int) -> dict[int, int]:
@@ -160,7 +187,7 @@ def _spans(marks: Sequence[bool]) -> list[tuple[int, int]]:
 
 def build_samples(scorer: str, act: Sequence[Mapping[str, Any]], non: Sequence[Mapping[str, Any]],
                   conf: ScoreConfig, feature: int) -> list[Sample]:
-    """The shuffled samples of one feature for `scorer` (detection/fuzz/embedding)."""
+    """The samples of one feature for `scorer` (detection/fuzz/simulation: shuffled)."""
     rng = random.Random(f"{scorer}:{conf.seed}:{feature}")
     samples: list[Sample] = []
     act_spans: list[list[tuple[int, int]]] = []
@@ -171,7 +198,8 @@ def build_samples(scorer: str, act: Sequence[Mapping[str, Any]], non: Sequence[M
             text = highlight(ex["tokens"], marks)
         else:
             text = plain_text(ex)
-        samples.append(Sample(text, True, float(ex.get("activation", 0.0)), ex.get("bucket"), (ex["seq"], ex["start"])))
+        samples.append(Sample(text, True, float(ex.get("activation", 0.0)), ex.get("bucket"), (ex["seq"], ex["start"]),
+                              list(ex["tokens"]), [float(a) for a in ex.get("acts") or [0.0] * len(ex["tokens"])]))
     for ex in non:
         if scorer == "fuzz":
             n = len(ex["tokens"])
@@ -184,8 +212,8 @@ def build_samples(scorer: str, act: Sequence[Mapping[str, Any]], non: Sequence[M
             text = highlight(ex["tokens"], marks)
         else:
             text = plain_text(ex)
-        samples.append(Sample(text, False, None, None, (ex["seq"], ex["start"])))
-    if scorer != "embedding":
+        samples.append(Sample(text, False, None, None, (ex["seq"], ex["start"]), list(ex["tokens"]), [0.0] * len(ex["tokens"])))
+    if scorer not in ("embedding", "surprisal"):
         rng.shuffle(samples)
     return samples
 
@@ -320,6 +348,278 @@ def _score_embedding(embedder: Embedder, samples: Mapping[int, list[Sample]], ex
     return out
 
 
+# ------------------------------------------------------------------------------ simulation
+_INT = re.compile(r"(?<![\w.])\d+(?!\w|\.\d)")
+
+
+def parse_activations(text: str, n: int) -> list[int] | None:
+    """The first bracketed list of exactly `n` integers in 0–10; else, when the reply opens a list
+    it never closes (cut off at max_tokens), that list's first `n` integers; else a bare run of
+    exactly `n`; else None."""
+    text = text or ""
+    for match in _LIST.finditer(text):
+        items = [s.strip().strip("'\"") for s in match.group(1).split(",") if s.strip()]
+        if len(items) == n and all(s.isdigit() and int(s) <= 10 for s in items):
+            return [int(s) for s in items]
+    opened = text.find("[")
+    if opened >= 0 and "]" not in text[opened:]:
+        numbers = [int(m) for m in _INT.findall(text[opened:])]
+        if len(numbers) >= n and all(v <= 10 for v in numbers[:n]):
+            return numbers[:n]
+    numbers = [int(m) for m in _INT.findall(text)]
+    if len(numbers) == n and all(v <= 10 for v in numbers):
+        return numbers
+    return None
+
+
+def _numbers(logprobs: Sequence[TokenLogprob]) -> list[tuple[int, TokenLogprob | None]]:
+    """The integers of the generated text in order, each with its token when the number is exactly
+    one token (nothing but separators around it), else None."""
+    out: list[tuple[int, TokenLogprob | None]] = []
+    digits, owner = "", None
+    for tok in logprobs:
+        text = tok["token"]
+        alone = bool(re.fullmatch(r"[\s\[\],'\"]*\d+[\s\[\],'\"]*", text))
+        for piece in re.findall(r"\d+|\D+", text):
+            if piece.isdigit():
+                owner = (tok if alone else None) if not digits else None  # a number split over tokens: no owner
+                digits += piece
+            else:
+                if digits:
+                    out.append((int(digits), owner))
+                digits, owner = "", None
+    if digits:
+        out.append((int(digits), owner))
+    return out
+
+
+def expected_activations(logprobs: Sequence[TokenLogprob] | None, predictions: Sequence[int]) -> list[float] | None:
+    """Per token the expected value Σ v·p(v) / Σ p(v) over its number token's top alternatives that
+    are integers 0–10, or the parsed prediction where the number is not one token (or has no such
+    alternatives). None when no run of generated numbers equals `predictions`."""
+    if not logprobs:
+        return None
+    numbers = _numbers(logprobs)
+    values = [v for v, _ in numbers]
+    n = len(predictions)
+    start = next((i for i in range(len(numbers) - n + 1) if values[i : i + n] == list(predictions)), None)
+    if start is None:
+        return None
+    out: list[float] = []
+    for value, tok in numbers[start : start + n]:
+        weights: dict[int, float] = {}
+        for alt, lp in ((tok or {}).get("top") or {}).items():
+            a = alt.strip(" \t\n[],'\"")
+            if a.isdigit() and int(a) <= 10:
+                weights[int(a)] = weights.get(int(a), 0.0) + math.exp(lp)
+        total = sum(weights.values())
+        out.append(sum(v * p for v, p in weights.items()) / total if total > 0 else float(value))
+    return out
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson's r; 0.0 when either side is constant (no information), None with fewer than 2 pairs."""
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    if sxx <= 1e-12 * len(xs) or syy <= 1e-12 * len(ys):
+        return 0.0
+    return sxy / math.sqrt(sxx * syy)
+
+
+def _token_lines(tokens: Sequence[str]) -> str:
+    return "\n".join(f"{i} {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(tokens, 1))
+
+
+def _score_simulation(
+    client: ExplainerClient, prompt: PromptTemplate, params: ChatParams, conf: ScoreConfig,
+    samples: Mapping[int, list[Sample]], explanation: Mapping[int, str], baseline_of: Mapping[int, int],
+) -> dict[int, dict[str, Any]]:
+    """One chat_many for every example of every feature (own and baseline explanations)."""
+    prefill = bool(getattr(client, "supports_prefill", False))
+    requests, index = [], []
+    for feature, items in samples.items():
+        for which, source in (("own", feature), ("baseline", baseline_of.get(feature))):
+            if source is None:
+                continue
+            for sample in items:
+                tokens = sample.tokens or []
+                p = dataclasses.replace(params, max_tokens=max(params.max_tokens, 4 * len(tokens) + 16))
+                if conf.logprobs:
+                    p = dataclasses.replace(p, logprobs=True, top_logprobs=max(p.top_logprobs or 0, 11))
+                messages = prompt.messages(_token_lines(tokens), prefill=prefill, explanation=explanation[source])
+                requests.append((messages, p))
+                index.append((feature, which, sample))
+    results: list[ChatResult] = asyncio.run(client.chat_many(requests)) if requests else []
+    per: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for (feature, which, sample), (messages, _), result in zip(index, requests, results):
+        n = len(sample.tokens or [])
+        preds = parse_activations(assistant_prefill(messages) + result.text, n) if result.ok else None
+        expected = expected_activations(result.logprobs, preds) if preds is not None and conf.logprobs else None
+        per.setdefault(feature, {}).setdefault(which, []).append({
+            "text": sample.text, "activating": sample.activating, "activation": sample.activation,
+            "bucket": sample.bucket, "tokens": sample.tokens, "acts": sample.acts, "prediction": preds,
+            "expected": expected, "reply": result.text, "error": None if result.ok else result.error,
+        })
+
+    def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        answered = [r for r in rows if r["prediction"] is not None]
+        pairs = [(a, p) for r in answered for a, p in zip(r["acts"], r["expected"] or r["prediction"])]
+        act_pairs = [(a, p) for r in answered if r["activating"] for a, p in zip(r["acts"], r["expected"] or r["prediction"])]
+        m: dict[str, Any] = {
+            "correlation": pearson([a for a, _ in pairs], [p for _, p in pairs]),
+            "correlation_activating": pearson([a for a, _ in act_pairs], [p for _, p in act_pairs]),
+            "n": len(answered), "n_tokens": len(pairs), "n_unparsed": len(rows) - len(answered),
+            "n_expected": sum(r["expected"] is not None for r in answered),
+            "n_errors": sum(r["error"] is not None for r in rows),
+        }
+        if m["n_errors"]:
+            m["error"] = next(r["error"] for r in rows if r["error"] is not None)
+        return m
+
+    out: dict[int, dict[str, Any]] = {}
+    for feature, by_which in per.items():
+        res = metrics(by_which["own"])
+        res["baseline"] = ({**metrics(by_which["baseline"]), "feature": baseline_of[feature]}
+                           if "baseline" in by_which else None)
+        res["examples"] = by_which["own"]
+        out[feature] = res
+    return out
+
+
+# ------------------------------------------------------------------------------ surprisal
+def surprisal_auc(activating: Sequence[bool], loss_plain: Sequence[float], loss_explained: Sequence[float]) -> float | None:
+    """AUROC of the loss reduction (plain − explained) for activating vs non-activating examples."""
+    return roc_auc([int(a) for a in activating], [p - e for p, e in zip(loss_plain, loss_explained)])
+
+
+def _context(prompt: PromptTemplate, **fields: str) -> str:
+    """The text a surprisal template puts before the example (its `user` up to `{prompt}`)."""
+    from saeforge.interpret.prompts import fill
+
+    return fill(prompt.user.split("{prompt}", 1)[0], **fields)
+
+
+def _mean_nll(result: ChatResult) -> float | None:
+    values = [t["logprob"] for t in result.logprobs or []] if result.ok else []
+    return -sum(values) / len(values) if values else None
+
+
+def _score_surprisal(
+    client: ExplainerClient, prompts: Mapping[str, PromptTemplate], samples: Mapping[int, list[Sample]],
+    explanation: Mapping[int, str], baseline_of: Mapping[int, int],
+) -> dict[int, dict[str, Any]]:
+    """One continuation_logprobs_many for every distinct (context, example) pair."""
+    if not isinstance(client, ContinuationScorer):
+        raise ValueError(
+            f"scorer 'surprisal' needs prompt logprobs, which {type(client).__name__} cannot give: use "
+            "explainer.kind=local, or explainer.kind=openai with a server whose completions endpoint "
+            "echoes prompt logprobs (vLLM)")
+    plain = _context(prompts["surprisal_plain"])
+    contexts = {f: _context(prompts["surprisal"], explanation=label) for f, label in explanation.items()}
+    pairs: dict[tuple[str, str], int] = {}
+    for feature, items in samples.items():
+        for source in (feature, baseline_of.get(feature)):
+            for s in items:
+                for ctx in ([plain, contexts[source]] if source is not None else []):
+                    pairs.setdefault((ctx, s.text), len(pairs))
+    keys = list(pairs)
+    results = asyncio.run(client.continuation_logprobs_many(keys)) if keys else []
+    loss = {key: _mean_nll(r) for key, r in zip(keys, results)}
+    error = {key: r.error for key, r in zip(keys, results) if not r.ok}
+    if error and len(error) == len(keys):
+        log.error("surprisal: every request failed, e.g. %s", next(iter(error.values())))
+
+    def metrics(items: list[Sample], source: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        rows = []
+        for s in items:
+            lp, le = loss[(plain, s.text)], loss[(contexts[source], s.text)]
+            err = error.get((plain, s.text)) or error.get((contexts[source], s.text))
+            rows.append({"text": s.text, "activating": s.activating, "activation": s.activation, "bucket": s.bucket,
+                         "loss_plain": lp, "loss_explained": le,
+                         "reduction": lp - le if lp is not None and le is not None else None, "error": err})
+        done = [r for r in rows if r["reduction"] is not None]
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        m: dict[str, Any] = {
+            "auc": surprisal_auc([r["activating"] for r in done], [r["loss_plain"] for r in done],
+                                 [r["loss_explained"] for r in done]),
+            "reduction_activating": mean([r["reduction"] for r in done if r["activating"]]),
+            "reduction_non_activating": mean([r["reduction"] for r in done if not r["activating"]]),
+            "n": len(done), "n_errors": sum(r["error"] is not None for r in rows),
+        }
+        if m["n_errors"]:
+            m["error"] = next(r["error"] for r in rows if r["error"] is not None)
+        return m, rows
+
+    out: dict[int, dict[str, Any]] = {}
+    for feature, items in samples.items():
+        res, rows = metrics(items, feature)
+        partner = baseline_of.get(feature)
+        res["baseline"] = {**metrics(items, partner)[0], "feature": partner} if partner is not None else None
+        res["examples"] = rows
+        out[feature] = res
+    return out
+
+
+# ------------------------------------------------------------------------------ intruder
+def parse_intruder(text: str, n: int) -> int | None:
+    """The first integer 1..n in the reply (the intruder's example number), else None."""
+    for match in _INT.findall(text or ""):
+        if 1 <= int(match) <= n:
+            return int(match)
+    return None
+
+
+def _score_intruder(
+    client: ExplainerClient, prompt: PromptTemplate, params: ChatParams, conf: ScoreConfig,
+    splits: Mapping[int, tuple[list[dict], list[dict]]], partner_of: Mapping[int, int],
+) -> dict[int, dict[str, Any]]:
+    """One chat_many for every intruder prompt of every feature (no label used)."""
+    prefill = bool(getattr(client, "supports_prefill", False))
+    requests, index = [], []
+    for feature, (act, non) in splits.items():
+        if conf.intruder_source == "other_feature":
+            partner = partner_of.get(feature)
+            pool = splits[partner][0] if partner is not None else []
+        else:
+            pool = non
+        if not act or not pool:
+            continue
+        for r in range(conf.n_intruder):
+            rng = random.Random(f"intruder:{conf.seed}:{feature}:{r}")
+            shown = [plain_text(ex) for ex in rng.sample(act, min(conf.intruder_examples, len(act)))]
+            intruder = plain_text(rng.choice(pool))
+            at = rng.randrange(len(shown) + 1)
+            shown.insert(at, intruder)
+            text = "\n".join(f"Example {i}: {t}" for i, t in enumerate(shown, 1))
+            requests.append((prompt.messages(text, prefill=prefill), params))
+            index.append((feature, shown, at + 1))
+    results: list[ChatResult] = asyncio.run(client.chat_many(requests)) if requests else []
+    per: dict[int, list[dict[str, Any]]] = {}
+    for (feature, shown, truth), (messages, _), result in zip(index, requests, results):
+        answer = parse_intruder(assistant_prefill(messages) + result.text, len(shown)) if result.ok else None
+        per.setdefault(feature, []).append({
+            "examples": shown, "intruder": truth, "answer": answer, "reply": result.text,
+            "correct": answer == truth if answer is not None else None, "error": None if result.ok else result.error,
+        })
+    out: dict[int, dict[str, Any]] = {}
+    for feature, rows in per.items():
+        answered = [r for r in rows if r["answer"] is not None]
+        res: dict[str, Any] = {
+            "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else None,
+            "chance": sum(1 / len(r["examples"]) for r in rows) / len(rows),
+            "n": len(answered), "n_unparsed": len(rows) - len(answered),
+            "n_errors": sum(r["error"] is not None for r in rows), "source": conf.intruder_source,
+        }
+        if res["n_errors"]:
+            res["error"] = next(r["error"] for r in rows if r["error"] is not None)
+        res["examples"] = rows
+        out[feature] = res
+    return out
+
+
 def score_records(
     client: ExplainerClient | None,
     embedder: Embedder | None,
@@ -333,7 +633,8 @@ def score_records(
     cfg: ScoreConfig | None = None,
 ) -> Records:
     """The stage: score the `ok` explanations of `features` (None: all explained) with `cfg.scorers`,
-    fill `scores`, and return the records (`cfg` None: the defaults).
+    fill `scores`, and return the records (`cfg` None: the defaults). A label-free scorer
+    (intruder) scores every one of `features` that has max-act examples, labelled or not.
 
     Writes, through `records`, each scorer's file (merged with earlier runs; features not ok are
     removed) with its per-latent example files (delphi-style), and merges the summary CSV
@@ -345,23 +646,35 @@ def score_records(
         records.layer = layer
     explained = [f for f in records.ids() if records[f].explanation is not None]
     feats = [int(f) for f in (features if features is not None else explained)]
-    ok = [f for f in feats if f in records.features and records[f].has_maxact and records[f].label]
+    with_maxact = [f for f in feats if f in records.features and records[f].has_maxact]
+    ok = [f for f in with_maxact if records[f].label]
     explanation = {f: records[f].label for f in ok}
     baseline_of = derangement(ok, conf.seed) if conf.baseline else {}
+    label_free = [s for s in conf.scorers if s in records_io.LABEL_FREE]
     splits: dict[int, tuple[list[dict], list[dict]]] = {}
-    for f in ok:
-        recorded = (records[f].explanation.extra.get("split") or {}).get("shown")
-        if recorded is None:
+    for f in (with_maxact if label_free else ok):
+        entry = records[f].explanation
+        recorded = (entry.extra.get("split") or {}).get("shown") if entry is not None else None
+        if recorded is None and f in explanation:
             log.warning("feature %d: explanation has no recorded split; recomputing it with seed %d", f, conf.seed)
         split = split_examples(records[f].maxact_entry(), f, seed=conf.seed, shown=recorded)
         splits[f] = _test_sets(split, conf, f)
     for scorer in conf.scorers:
+        if scorer in LLM_SCORERS and client is None:
+            raise ValueError(f"scorer {scorer!r} needs an explainer client")
+        if scorer == "intruder":
+            per = _score_intruder(client, prompts["intruder"], params, conf, splits, derangement(with_maxact, conf.seed))
+            path = records_io.write_scores(out_dir, scorer, hookpoint, feats, per, records)
+            log.info("%s: scored %d features → %s", scorer, len(per), path)
+            continue
         samples = {f: build_samples(scorer, *splits[f], conf, f) for f in ok}
         samples = {f: s for f, s in samples.items() if s}
         if scorer in CLASSIFIERS:
-            if client is None:
-                raise ValueError(f"scorer {scorer!r} needs an explainer client")
             per = _score_classifier(scorer, client, prompts[scorer], params, conf, samples, explanation, baseline_of)
+        elif scorer == "simulation":
+            per = _score_simulation(client, prompts[scorer], params, conf, samples, explanation, baseline_of)
+        elif scorer == "surprisal":
+            per = _score_surprisal(client, prompts, samples, explanation, baseline_of)
         else:
             embedder = embedder or load_embedder(conf.embedding_model)
             per = _score_embedding(embedder, samples, explanation, baseline_of)
@@ -373,16 +686,19 @@ def score_records(
 
 
 def unfinished(records: Records, features: Sequence[int], scorers: Sequence[str]) -> dict[int, str]:
-    """`{feature: reason}` for each of `features` with an `ok` label whose result of an LLM scorer
-    (`CLASSIFIERS`) counts failed requests (`n_errors`, own or baseline): those batches are asked
-    again by the next run (the response cache answers the rest)."""
+    """`{feature: reason}` for each of `features` with an `ok` label (any feature with max-act
+    examples, for a label-free scorer) whose result of an LLM scorer (`LLM_SCORERS`) counts failed
+    requests (`n_errors`, own or baseline): those batches are asked again by the next run (the
+    response cache answers the rest)."""
     out: dict[int, str] = {}
     for f in features:
         rec = records.features.get(int(f))
-        if rec is None or not rec.has_maxact or not rec.label:
+        if rec is None or not rec.has_maxact:
             continue
         for scorer in scorers:
-            result = rec.scores.get(scorer) if scorer in CLASSIFIERS else None
+            if not rec.label and scorer not in records_io.LABEL_FREE:
+                continue
+            result = rec.scores.get(scorer) if scorer in LLM_SCORERS else None
             for part in (result, (result or {}).get("baseline")):
                 if part and part.get("n_errors"):
                     out.setdefault(int(f), f"{scorer}: {part.get('error') or 'request failed'}")
@@ -390,6 +706,7 @@ def unfinished(records: Records, features: Sequence[int], scorers: Sequence[str]
 
 
 __all__ = [
-    "classification_metrics", "derangement", "load_embedder", "parse_predictions", "parse_probabilities", "roc_auc",
+    "classification_metrics", "derangement", "expected_activations", "load_embedder", "parse_activations",
+    "parse_intruder", "pearson", "surprisal_auc", "parse_predictions", "parse_probabilities", "roc_auc",
     "score_records", "unfinished",
 ]

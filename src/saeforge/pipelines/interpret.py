@@ -41,6 +41,7 @@ from saeforge.lm.hookpoints import LORA_HOOKPOINT, layer_label
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.config import (
+    SCORERS,
     STAGES,
     ExplainConfig,
     ImportedSAEConfig,
@@ -318,7 +319,8 @@ def run_score_stage(ctx: Context) -> None:
     needs_llm = any(s != "embedding" for s in scorers)
     embedder = load_embedder(scfg.embedding_model) if "embedding" in scorers else None
     records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
-    records_io.read_explanations(ctx.out, ctx.layer, records, required=True)
+    labelled = any(s not in records_io.LABEL_FREE for s in scorers)  # intruder alone needs no explanations
+    records_io.read_explanations(ctx.out, ctx.layer, records, required=labelled)
     score_records(ctx.client() if needs_llm else None, embedder, records,
                   ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
                   ctx.hookpoint, ctx.layer, scfg)
@@ -507,7 +509,7 @@ def interpret_summary(out: Path) -> dict[str, float]:
                                  "interpret/n_failed": sum(1 for e in explanations if e.status in ("error", "parse_error")),
                                  "interpret/n_generic": sum(1 for label in labels if is_generic_label(label))}
     rows = records_io.read_summary(out, strict=False)
-    for col in ("detection", "fuzz", "embedding", "steering_effect"):
+    for col in (*SCORERS, "steering_effect"):
         for key in (col, f"{col}_baseline"):
             values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
             if values:
@@ -529,7 +531,7 @@ def log_to_wandb(cfg: DictConfig, out: Path, run_dir: Path | None = None) -> Non
     if rows:
         columns = list(rows[0].keys())
         run.log({"interpret/summary": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
-        for col in ("detection", "fuzz", "embedding", "steering_effect"):
+        for col in (*SCORERS, "steering_effect"):
             values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
             if values:
                 run.log({f"interpret/{col}_hist": wandb.Histogram(values)})

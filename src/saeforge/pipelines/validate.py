@@ -207,7 +207,23 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
     settings = from_config(InterpretConfig, cfg, "")
     if not settings.ckpt:
         raise ConfigError("ckpt is required: give ckpt=<run dir | .ckpt | SAE dir>")
+    check_surprisal_client(settings)
     return settings
+
+
+NO_PROMPT_LOGPROBS = ("api.openai.com", "openrouter.ai")
+"""Hosts whose OpenAI-compatible APIs return no prompt logprobs (no completions `echo`)."""
+
+
+def check_surprisal_client(settings: InterpretConfig) -> None:
+    """The surprisal scorer needs prompt logprobs: refuse, before any load, a hosted API known not to give them."""
+    icfg, explainer = settings.interpret, settings.explainer
+    if "score" not in icfg.stages or "surprisal" not in icfg.score.scorers or explainer.kind != "openai":
+        return
+    host = next((h for h in NO_PROMPT_LOGPROBS if h in str(explainer.base_url or "")), None)
+    if host is not None:
+        raise ConfigError(f"interpret.score.scorers: surprisal needs prompt logprobs, which {host} does not return; "
+                          "use explainer=local or a vLLM server (explainer=vllm), or drop surprisal")
 
 
 def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:

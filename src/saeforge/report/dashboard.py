@@ -99,9 +99,13 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
 
 
 def headline_field(scorer: str, fields: dict[str, Any]) -> str | None:
-    """The field shown for a scorer in the feature list: ``auc`` for embedding scorers,
-    ``balanced_accuracy`` otherwise, falling back to the other, then ``f1``, then the first
-    numeric field."""
+    """The field shown for a scorer in the feature list: for a scorer in ``records.HEADLINES``
+    (embedding, surprisal: auc; simulation: correlation; intruder: accuracy) that field, or None
+    when it has no number; otherwise ``balanced_accuracy``, falling back to ``auc``, then ``f1``,
+    then the first numeric field."""
+    if scorer in records_io.HEADLINES:  # a known headline or none (never a count such as `n`)
+        name = records_io.HEADLINES[scorer]
+        return name if _float_or_none(fields.get(name)) is not None else None
     order = ["auc", "balanced_accuracy"] if "embedding" in scorer.lower() else ["balanced_accuracy", "auc"]
     for name in [*order, "f1", "accuracy"]:
         if _float_or_none(fields.get(name)) is not None:
