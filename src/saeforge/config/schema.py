@@ -490,7 +490,7 @@ class SteeringConfig:
     max_batch: int = 64
     """Most rows (prompt × strength, originals included) per `generate` call (memory budget)."""
     file_suffix: str = ""
-    """Optional name slot of the steered-text files: `generated_texts_layer_{L}_feature_{F}_{file_suffix}_prompt_{P}.json` ("" → no slot)."""
+    """Optional name slot of the steered-text files (records.steering_text_path): `…_feature_{F}_{file_suffix}_prompt_{P}.json` ("" → no slot)."""
 
     def __post_init__(self) -> None:
         self.strengths = parse_strengths(self.strengths)
