@@ -8,9 +8,11 @@ in `interpretation`; `stages=[steering,explain]` labels from the steered texts; 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+from pathlib import Path
 
 from saeforge.interpret import records as records_io
 from saeforge.pipelines.interpret import interpret
@@ -27,7 +29,14 @@ def reply(body: dict) -> str:
     return continuation(body, full)
 
 
-def test_steering_workflow_outputs(tmp_path, sae_dir, corpus, tiny_lm, monkeypatch):  # noqa: F811
+def demo_module():
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[2] / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steering_workflow_outputs(tmp_path, sae_dir, corpus, tiny_lm, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setenv("SAEFORGE_TEST_KEY", SECRET)
     nested = tmp_path / "out" / "prompts.yaml"  # discovered in run.dir, nested (delphi) schema
     nested.parent.mkdir(parents=True)
@@ -46,6 +55,12 @@ def test_steering_workflow_outputs(tmp_path, sae_dir, corpus, tiny_lm, monkeypat
         entry = next(iter(doc.values()))
         assert entry["interpretation"] == "LABEL: words near the feature\nDESCRIPTION: fires on a few tokens."
         assert entry["label"] == "words near the feature" and entry["source"] == "maxact"
+
+        demo_module().print_feature_table(out)  # the demo's table, on this small run
+        table = capsys.readouterr().out
+        assert "top tokens" in table and f"{len(rows)}/{len(rows)} with a top-token description" in table
+        assert all(r["top_tokens"][:30] in table for r in rows)
+        assert "plumbing" in table and "explainer=vllm" in table and "explainer=openai" in table
 
         text = (out / records_io.RUN_CONFIG).read_text()
         assert SECRET not in text
