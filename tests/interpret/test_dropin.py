@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from saeforge.interpret import records as records_io
 from saeforge.pipelines.interpret import interpret
 from tests.faults.test_incomplete_stages import HP, continuation, corpus, make_cfg, sae_dir  # noqa: F401 (fixtures)
@@ -80,3 +82,19 @@ def test_steering_workflow_outputs(tmp_path, sae_dir, corpus, tiny_lm, monkeypat
         assert all(e["interpretation"].startswith("SUMMARY: steered towards birds\nDETAILED ANALYSIS:") for e in doc.values())
         assert {r["label"] for r in records_io.read_summary(out)} == {"steered towards birds"}
     assert os.environ["SAEFORGE_TEST_KEY"] == SECRET
+
+
+def test_bad_prompt_file_fails_validation_before_any_load(tmp_path, monkeypatch):
+    from saeforge.config import ConfigError
+    from saeforge.pipelines.validate import validate_interpret
+    from tests.conftest import compose_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("explainers:\n  default:\n    sytem: typo\n")
+    monkeypatch.setenv("PROMPT_CONFIG_FILE", str(bad))
+    cfg = compose_config("interpret", [f"ckpt={tmp_path / 'nowhere'}", "logger=none"])
+    with pytest.raises(ConfigError, match="prompts: .*unknown prompt explainers.default.sytem"):
+        validate_interpret(cfg)
+    monkeypatch.setenv("PROMPT_CONFIG_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="PROMPT_CONFIG_FILE=.*missing.yaml: no such prompt file"):
+        validate_interpret(cfg)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 from saeforge.interpret.records import FeatureRecord
 
@@ -75,14 +75,6 @@ def peak_tokens(examples: Iterable[Mapping[str, Any]]) -> list[tuple[str, int, f
     return sorted(ranked, key=lambda item: (-item[1], -item[2], item[0]))
 
 
-def concentration(examples: Sequence[Mapping[str, Any]], n: int = 3) -> float:
-    """Fraction of the examples whose peak token is one of the `n` most frequent peak tokens
-    (1.0: the feature fires on a few tokens only; what `single_token` explanations are for)."""
-    ranked = peak_tokens(examples)
-    total = sum(count for _, count, _ in ranked)
-    return sum(count for _, count, _ in ranked[:n]) / total if total else 0.0
-
-
 def top_token_description(rec: FeatureRecord, n: int = N_TOP_TOKENS) -> str:
     """`act: tok ×count, … | lens: tok, …` from the record's top examples and logit lens ("" when
     it has neither)."""
@@ -95,4 +87,4 @@ def top_token_description(rec: FeatureRecord, n: int = N_TOP_TOKENS) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["GENERIC_WORDS", "concentration", "is_generic_label", "peak_tokens", "top_token_description"]
+__all__ = ["GENERIC_WORDS", "is_generic_label", "peak_tokens", "top_token_description"]

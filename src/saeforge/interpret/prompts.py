@@ -105,7 +105,10 @@ def fill(template: str, **fields: str) -> str:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"prompt file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"prompt file {path} must be a mapping of prompt name → {{system, user, prefill}}")
     return dict(data)

@@ -43,7 +43,7 @@ class InterpretCallback(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return
-        from saeforge.pipelines.interpret import RUNNERS, Context, select_features
+        from saeforge.pipelines.interpret import RUNNERS, SUMMARY_FEEDS, Context, select_features, write_run_record, write_run_summary
         from saeforge.sae.source import SAESource
 
         source = SAESource(pl_module.export_sae(), self.hookpoint, self.run_dir, self.run_cfg, f"step {step}")
@@ -51,8 +51,11 @@ class InterpretCallback(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         ctx = Context(self.cfg, source, out, self.lm)
         ctx.features = select_features(ctx, None)
+        write_run_record(ctx)
         for stage in self.cfg.interpret.stages:
             RUNNERS[str(stage)](ctx)
+        if any(str(stage) in SUMMARY_FEEDS for stage in self.cfg.interpret.stages):
+            write_run_summary(ctx)
         self.lm = ctx._lm  # keep the LM loaded for the next time
         self.log_table(trainer, out, step)
 

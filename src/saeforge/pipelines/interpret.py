@@ -100,8 +100,10 @@ class Context:
         self.hookpoint = source.hookpoint
         self.layer = hookpoint_layer(self.hookpoint)
         self.features: list[int] = []
-        self.prompt_file: Path | None = None
-        """The prompt override file in effect (prompts.resolve_prompt_file), None for the defaults."""
+        prompts_cfg = cfg.get("prompts")
+        self.prompt_file, self.prompt_origin = resolve_prompt_file(prompts_cfg.get("override") if prompts_cfg else None,
+                                                                   source.run_dir)
+        """The prompt override file in effect and where it came from (prompts.resolve_prompt_file)."""
         self.resuming = False
         """True while a stage reruns because its last run with the same fingerprint was incomplete."""
         self._client: Any = None
@@ -399,7 +401,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     prompts = load_prompts(prompt_file)  # a bad prompt file fails here, before the LM loads
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, source, out, lm)
-    ctx.prompt_file = prompt_file
+    ctx.prompt_file, ctx.prompt_origin = prompt_file, prompt_origin
     if ctx.lm.d_model != source.sae.cfg.d_in and source.hookpoint != "lora":
         raise ValueError(f"the SAE has d_in={source.sae.cfg.d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
     frequency = None if cfg.interpret.get("features") else sae_frequency(source)
@@ -407,7 +409,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         frequency = firing_frequency(ctx, ctx.windows()[:64])
     ctx.features = select_features(ctx, frequency)
     log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
-    write_run_record(ctx, prompts, prompt_origin)
+    write_run_record(ctx, prompts)
 
     record = records_io.read_stages(out)
     failed: dict[str, dict[str, list[int]]] = {}
@@ -474,7 +476,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_record(ctx: Context, prompts: dict[str, Any], prompt_origin: str) -> Path:
+def write_run_record(ctx: Context, prompts: dict[str, Any] | None = None) -> Path:
     """The run record (records.RUN_CONFIG): resolved config (secrets removed), SAE, features, the
     prompt file and its origin, the effective prompts, package versions."""
     doc = {
@@ -483,8 +485,8 @@ def write_run_record(ctx: Context, prompts: dict[str, Any], prompt_origin: str) 
         "stages": list(ctx.cfg.interpret.stages), "features": ctx.features,
         "explain_source": explain_config(ctx.cfg).source,
         "config": strip_secrets(ctx.cfg),
-        "prompt_file": None if ctx.prompt_file is None else str(ctx.prompt_file), "prompt_file_origin": prompt_origin,
-        "prompts": prompts_json(prompts),
+        "prompt_file": None if ctx.prompt_file is None else str(ctx.prompt_file), "prompt_file_origin": ctx.prompt_origin,
+        "prompts": prompts_json(prompts if prompts is not None else load_prompts(ctx.prompt_file)),
         "versions": package_versions(),
     }
     return records_io.write_run_config(ctx.out, doc)
