@@ -31,10 +31,10 @@ import hashlib
 import json
 import logging
 import platform
+from dataclasses import replace
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from dataclasses import replace
 from typing import Any, Callable
 
 import torch
