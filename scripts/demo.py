@@ -7,7 +7,6 @@ DEMO_RUN_DIR (default runs/demo), DEMO_TOKENS (extracted tokens), DEMO_FEATURES 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -53,7 +52,6 @@ def main() -> None:
     train = json.loads((RUN / "metrics.json").read_text())
     evaluation = json.loads((RUN / "eval" / "evaluation.json").read_text())
     out = RUN / "interpret" / HOOKPOINT
-    rows = list(csv.DictReader((out / "summary.csv").open())) if (out / "summary.csv").is_file() else []
 
     print(f"\nDemo finished in {time.perf_counter() - start:.0f}s "
           f"(train {times['train']:.0f}s, evaluate {times['evaluate']:.0f}s, interpret {times['interpret']:.0f}s)")
@@ -68,14 +66,39 @@ def main() -> None:
     print(f"\nSAE: held-out FVU {train['fvu']:.3f}, L0 {train['l0']:.1f}, dead {100 * train['dead_frac']:.1f}%;"
           f" in the LM: CE clean {evaluation['ce_clean']:.3f}, with SAE {evaluation['ce_sae']:.3f},"
           f" CE loss recovered {evaluation['ce_loss_recovered']:.3f}, KL {evaluation['kl_div']:.3f}")
-    if rows:
-        print(f"\n{'feature':>7}  {'detection':>9}  {'fuzz':>6}  {'embed':>6}  {'steer':>6}  label")
-        for r in rows:
-            cells = [r.get(c) or "-" for c in ("detection", "fuzz", "embedding", "steering_effect")]
-            cells = [f"{float(c):.2f}" if c != "-" else c for c in cells]
-            print(f"{r['feature']:>7}  {cells[0]:>9}  {cells[1]:>6}  {cells[2]:>6}  {cells[3]:>6}  {(r.get('label') or '')[:70]}")
-        print(f"\nmean detection {mean([r.get('detection') for r in rows])}, fuzz {mean([r.get('fuzz') for r in rows])},"
-              f" embedding {mean([r.get('embedding') for r in rows])}")
+    print_feature_table(out)
+
+
+EXPLAINER_NOTE = (
+    "Labels: the embedded explainer is the 135M SmolLM2 itself. It is there to exercise the plumbing (prompts,\n"
+    "parsing, scoring), not to label: expect empty, generic or wrong labels and scores near chance. The\n"
+    "`top tokens` column is label-free and comes from each feature's own data (the tokens its top examples\n"
+    "peak on, then its logit-lens tokens). For real labels run interpret.py with explainer=vllm,\n"
+    "explainer=openrouter or explainer=openai (see README).")
+
+
+def print_feature_table(out: Path) -> None:
+    """The features of an interpret directory: scores, steering effect, label (or why there is none)
+    and the label-free top tokens, then the means and the note on what the labels are worth."""
+    from saeforge.interpret.records import read_summary
+
+    rows = read_summary(out, strict=False)
+    if not rows:
+        return
+    print(f"\n{'feature':>7}  {'detection':>9}  {'fuzz':>6}  {'embed':>6}  {'steer':>6}  {'label':<40}  top tokens")
+    for r in rows:
+        cells = [r.get(c) or "-" for c in ("detection", "fuzz", "embedding", "steering_effect")]
+        cells = [f"{float(c):.2f}" if c != "-" else c for c in cells]
+        status = r.get("status") or ""
+        label = r.get("label") or (f"({status})" if status else "(not explained)")
+        print(f"{r['feature']:>7}  {cells[0]:>9}  {cells[1]:>6}  {cells[2]:>6}  {cells[3]:>6}  {label[:40]:<40}  "
+              f"{(r.get('top_tokens') or '-')[:80]}")
+    n_described = sum(1 for r in rows if r.get("top_tokens"))
+    n_labelled = sum(1 for r in rows if r.get("label"))
+    print(f"\n{n_labelled}/{len(rows)} features labelled, {n_described}/{len(rows)} with a top-token description;"
+          f" mean detection {mean([r.get('detection') for r in rows])}, fuzz {mean([r.get('fuzz') for r in rows])},"
+          f" embedding {mean([r.get('embedding') for r in rows])}")
+    print("\n" + EXPLAINER_NOTE)
 
 
 def print_wandb_run() -> None:

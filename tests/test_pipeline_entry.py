@@ -80,7 +80,7 @@ def test_train_interpret_evaluate_end_to_end(tmp_path):
     texts = next(iter(next(iter(shape["2"].values())).values()))
     assert set(texts) == {"original", "-2.0", "-1.0", "1.0", "2.0"}
     explanations = json.loads((out / "explanations.json").read_text())["2"]
-    assert all(e["status"] == "ok" and e["label"] == "words near the feature" for e in explanations.values())
+    assert all(e["status"] == "success" and e["label"] == "words near the feature" for e in explanations.values())
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert {"layer", "feature", "label", "steering_effect", "detection", "fuzz"} <= set(rows[0])
     assert len(rows) == 6 and all(0 <= float(r["detection"]) <= 1 for r in rows)

@@ -130,7 +130,7 @@ def test_rerun_asks_only_failed_features_and_completes(tmp_path, sae_dir, corpus
         with pytest.raises(IncompleteStages, match=r"explain: 2/6 failed: .*HTTP 500"):
             interpret(cfg, lm=tiny_lm)
         first = explanations(tmp_path)
-        assert sorted(e["status"] for e in first.values()) == ["error", "error", "ok", "ok", "ok", "parse_error"]
+        assert sorted(e["status"] for e in first.values()) == ["error", "error", "parse_error", "success", "success", "success"]
         assert len(server.seen) == 7  # 6 features + 1 repair turn
         failed = {f for f, e in first.items() if e["status"] == "error"}
 
@@ -138,7 +138,7 @@ def test_rerun_asks_only_failed_features_and_completes(tmp_path, sae_dir, corpus
         interpret(cfg, lm=tiny_lm)  # same settings, server healthy: completes, no exception
         assert len(server.seen) == 7 + 2  # only the two failed features are asked again
         second = explanations(tmp_path)
-        assert {f for f, e in second.items() if e["status"] == "ok"} == {f for f, e in first.items() if e["status"] == "ok"} | failed
+        assert {f for f, e in second.items() if e["status"] == "success"} == {f for f, e in first.items() if e["status"] == "success"} | failed
         assert [e for e in second.values() if e["status"] == "parse_error"] == [e for e in first.values() if e["status"] == "parse_error"]
         assert all(second[f] == first[f] for f in first if f not in failed)
         assert "complete" not in stages_json(tmp_path)["explain"]
@@ -225,7 +225,7 @@ def test_score_waits_for_explain_to_complete(tmp_path, sae_dir, corpus, tiny_lm)
                        "explainer.max_retries=0")
         with pytest.raises(IncompleteStages, match=r"explain: 2/6 failed"):
             interpret(cfg, lm=tiny_lm)
-        ok = [int(f) for f, e in explanations(tmp_path).items() if e["status"] == "ok"]
+        ok = [int(f) for f, e in explanations(tmp_path).items() if e["status"] == "success"]
         assert len(ok) == 4 and scored(tmp_path) == sorted(ok)  # the labelled features are scored
         phase["n"] = 2
         interpret(cfg, lm=tiny_lm)  # explain completes, so score (which read partial labels) reruns

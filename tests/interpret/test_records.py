@@ -33,9 +33,9 @@ def make_records() -> Records:
         rec.logit_lens = LogitLens([[" cat", 1.25], [" dog", 0.5]], [[" the", -0.75]], [[f + 1, 0.5]])
         rec.steering = Steering({"Once upon": {"original": "a time", "-2.0": "nothing", "2.0": "cats cats"},
                                  "The weather": {"original": "is fine", "-2.0": "x", "2.0": "cats"}},
-                                measured=True, effect=0.5 + f / 100, kl=0.25 if f != 11 else None)
+                                measured=True, effect=0.5 + f / 100, kl=0.25 if f != 11 else None, effect_dedup=0.75)
         rec.explanation = Explanation(label=f"cats {f}" if f != 11 else "", interpretation="cat words",
-                                      status="ok" if f != 11 else "parse_error", source="maxact", layer=3,
+                                      status="success" if f != 11 else "parse_error", source="maxact", layer=3,
                                       extra={"raw": "LABEL: cats", "split": {"seed": 0, "shown": [[1, 4]]}})
         if f != 11:
             rec.scores = {"detection": {"balanced_accuracy": 0.75, "n": 10, "baseline": {"balanced_accuracy": 0.5, "feature": 7}},
@@ -77,11 +77,14 @@ def test_summary_rows_and_columns(tmp_path: Path) -> None:
     with (tmp_path / R.SUMMARY).open(newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
-    assert reader.fieldnames == R.SUMMARY_COLUMNS + R.EXTRA_COLUMNS
+    assert reader.fieldnames == R.SUMMARY_COLUMNS + R.EXTRA_COLUMNS + R.DESCRIPTION_COLUMNS
+    assert reader.fieldnames[:4] == ["layer", "feature", "label", "steering_effect"]  # the steering workflow's order
     assert [(r["layer"], r["feature"]) for r in rows] == [("3", "2"), ("3", "7"), ("3", "11")]
     assert rows[0]["label"] == "cats 2" and rows[0]["detection"] == "0.75" and rows[0]["embedding"] == "0.875"
     assert rows[0]["steering_effect"] == "0.52" and rows[0]["steering_kl"] == "0.25" and rows[0]["fuzz"] == ""
+    assert rows[0]["status"] == "success" and rows[0]["steering_effect_dedup"] == "0.75"
     assert rows[2]["label"] == "" and rows[2]["detection"] == "" and rows[2]["steering_kl"] == ""
+    assert rows[2]["status"] == "parse_error"
     assert R.read_summary(tmp_path) == rows
     assert R.summary_by_feature(rows, 3)[7]["detection_baseline"] == "0.5"
 
@@ -132,21 +135,43 @@ def test_explanations_of_other_layers_are_kept(tmp_path: Path) -> None:
     (tmp_path / R.EXPLANATIONS).write_text(json.dumps({"5": {"1": {"feature_number": 1, "layer": 5, "label": "x",
                                                                     "status": "ok"}}}))
     recs = Records(layer=3)
-    recs.get(4).explanation = Explanation(label="y", status="ok", layer=3)
+    recs.get(4).explanation = Explanation(label="y", status="success", layer=3)
     R.write_explanations(tmp_path, recs, 3, HOOK, [4])
     doc = json.loads((tmp_path / R.EXPLANATIONS).read_text())
     assert set(doc) == {"format_version", "5", "3"} and doc["5"]["1"]["label"] == "x"
     assert R.read_explanations(tmp_path, 5).features[1].explanation.label == "x"
 
 
-def test_feature_record_label_only_when_ok() -> None:
-    rec = FeatureRecord(1, explanation=Explanation(label="  dogs ", status="ok"))
+def test_feature_record_label_only_on_success() -> None:
+    rec = FeatureRecord(1, explanation=Explanation(label="  dogs ", status="success"))
     assert rec.label == "dogs"
-    rec.explanation.status = "error"
-    assert rec.label == ""
+    for status in ("error", "generic"):
+        rec.explanation.status = status
+        assert rec.label == ""
 
 
-@pytest.mark.parametrize("name", [R.MAXACT, R.SUMMARY, "effects.json", "generated_texts_layer_"])
+def test_old_ok_status_reads_as_success() -> None:
+    old = Explanation.from_json({"feature_number": 1, "layer": 3, "label": "dogs", "status": "ok"})
+    assert old.status == "success" and old.ok and old.final
+    assert Explanation.from_json({"label": "x", "status": "error"}).status == "error"
+
+
+def test_steering_file_suffix_slot_and_readers_take_every_suffix(tmp_path: Path) -> None:
+    path = R.write_steering_texts(tmp_path, 19, 6, 0, "p0", {"original": "a", "1.0": "b"}, suffix="0")
+    assert path.name == "generated_texts_layer_19_feature_6_0_prompt_0.json"  # the seed's example name
+    R.write_steering_texts(tmp_path, 19, 6, 1, "p1", {"original": "c"})
+    assert R.steering_text_path(tmp_path, 19, 6, 1).name == "generated_texts_layer_19_feature_6_prompt_1.json"
+    assert R.read_steering_texts(tmp_path, 19, 6) == {"p0": {"original": "a", "1.0": "b"}, "p1": {"original": "c"}}
+    assert R.steering_texts_complete(tmp_path, 19, 6, 1, "0") and not R.steering_texts_complete(tmp_path, 19, 6, 2, "0")
+
+
+def test_run_config_round_trip(tmp_path: Path) -> None:
+    R.write_run_config(tmp_path, {"config": {"seed": 1}, "versions": {"torch": "x"}})
+    assert R.read_run_config(tmp_path) == {"config": {"seed": 1}, "versions": {"torch": "x"}}
+    assert json.loads((tmp_path / R.RUN_CONFIG).read_text())["format_version"] == R.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("name", [R.MAXACT, R.SUMMARY, "effects.json", "generated_texts_layer_", R.RUN_CONFIG])
 def test_file_names_appear_in_one_source_file_only(name: str) -> None:
     """File names and nestings live in records.py; other modules use its constants (CI rule)."""
     hits = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if name in p.read_text(encoding="utf-8"))

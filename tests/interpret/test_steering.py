@@ -7,13 +7,15 @@ import torch
 
 from saeforge.config import SteeringConfig
 from saeforge.interpret import steering
-from saeforge.interpret.records import Records
+from saeforge.interpret import records as records_io
+from saeforge.interpret.records import Records, Steering
 from saeforge.interpret.steering import (
     generate_steered,
     load_prompts,
     sample_prompts,
     steer_records,
     steering_effect,
+    steering_effect_dedup,
     steering_file,
     steering_kl,
 )
@@ -109,13 +111,31 @@ def test_bad_inputs_raise(tiny_lm, sae):
     assert SteeringConfig.from_mapping({"strengths": "wide"}).strengths[0] == -4.0
 
 
-def test_steering_effect_formula():
+def test_steering_effect_dedup_formula():
     texts = {"original": "a b c", "1.0": "a b c", "-1.0": "d d"}
     # tokens a b c a b c d d: 4 distinct of 8; texts: 2 distinct of 3
-    assert steering_effect(texts) == pytest.approx(0.6 * 4 / 8 + 0.4 * 2 / 3)
+    assert steering_effect_dedup(texts) == pytest.approx(0.6 * 4 / 8 + 0.4 * 2 / 3)
     nested = {"p1": texts, "p2": {"original": "x"}}
-    assert steering_effect(nested) == pytest.approx(0.6 * 5 / 9 + 0.4 * 3 / 4)
-    assert steering_effect({"original": "same"}) == 0.0
+    assert steering_effect_dedup(nested) == pytest.approx(0.6 * 5 / 9 + 0.4 * 3 / 4)
+    assert steering_effect_dedup({"original": "same"}) == 0.0 == steering_effect({"original": "same"})
+
+
+def test_steering_effect_is_the_reference_formula_hand_computed(tmp_path):
+    texts = {"p": {"original": "a b c", "1.0": "a b c", "-1.0": "d d", "8.0": "z"}}
+    # the reference reads original, then its key list: -1.0 and 1.0 twice each, 8.0 never
+    # T = [abc, dd, abc, dd, abc]: tokens a b c d d a b c d d a b c → 4 distinct of 13; texts 2 distinct of 5
+    expected = 0.6 * 4 / 13 + 0.4 * 2 / 5
+    assert steering_effect(texts) == pytest.approx(expected)  # 0.344615…
+    # saeforge's variant: every text once (8.0 included): tokens abc abc dd z → 5 of 9; texts 3 of 4
+    assert steering_effect_dedup(texts) == pytest.approx(0.6 * 5 / 9 + 0.4 * 3 / 4)
+    recs = maxact_records({6: 1.0})
+    recs.layer = 19
+    recs[6].steering = Steering(texts, True, steering_effect(texts), 0.1, steering_effect_dedup(texts))
+    records_io.write_summary(tmp_path, recs, [6], [])
+    row, = records_io.read_summary(tmp_path)
+    assert list(row)[:4] == ["layer", "feature", "label", "steering_effect"]
+    assert (row["layer"], row["feature"], row["steering_effect"]) == ("19", "6", "0.345")  # rounded as the reference
+    assert float(row["steering_effect_dedup"]) == pytest.approx(0.6 * 5 / 9 + 0.4 * 3 / 4, abs=1e-5)
 
 
 def test_steering_kl_is_zero_without_a_vector_and_positive_with_one(tiny_lm, sae):
@@ -142,7 +162,7 @@ def test_steer_records_writes_files_and_resumes(tiny_lm, sae, tmp_path, monkeypa
     recs = steer_records(tiny_lm, sae, "blocks.2.hook_resid_post", [1, 2], maxact_records({1: 2.0, 2: 3.0}),
                          PROMPTS[:2], cfg, tmp_path)
     out = effects(recs, [1, 2])
-    assert set(out) == {1, 2} and set(out[1]) == {"steering_effect", "steering_kl"}
+    assert set(out) == {1, 2} and set(out[1]) == {"steering_effect", "steering_effect_dedup", "steering_kl"}
     path = tmp_path / "steering" / "generated_texts_layer_2_feature_1_prompt_1.json"
     assert path == steering_file(tmp_path, 2, 1, 1)
     data = json.loads(path.read_text())

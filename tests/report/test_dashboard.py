@@ -152,6 +152,20 @@ def test_build_data_headlines_and_union_of_features(interpret_dir):
     assert "top" not in by_id[99] and by_id[99]["label"] == "explained only"
 
 
+def test_top_tokens_shown_and_generic_labels_not_shown_as_labels(tmp_path):
+    d = write_interpret_dir(tmp_path)
+    expl = json.loads((d / "explanations.json").read_text())
+    expl[str(LAYER)]["2"].update(status="generic", label="The Feature", description="says nothing")
+    (d / "explanations.json").write_text(json.dumps(expl))
+    (d / "summary.csv").write_text("layer,feature,label,steering_effect,top_tokens\n"
+                                   f"{LAYER},0,,0.1,act: left ×7 | lens: Left\n{LAYER},2,,0.2,act: right ×3\n")
+    by_id = {f["id"]: f for f in build_dashboard_data(load_interpret_outputs(d))["features"]}
+    assert by_id[0]["top_tokens"] == "act: left ×7 | lens: Left" and by_id[0]["label"] == "cats and mats 0"
+    assert by_id[2]["label"] == "" and by_id[2]["status"] == "generic" and by_id[2]["top_tokens"] == "act: right ×3"
+    assert by_id[2]["interpretation"] == "says nothing"  # the description, not the whole reply
+    assert "top_tokens" not in by_id[1]
+
+
 def test_missing_directory_contents_load_empty(tmp_path):
     out = load_interpret_outputs(tmp_path)
     assert out["maxact"] == {} and out["scores"] == {} and out["hookpoint"] == tmp_path.name

@@ -19,6 +19,7 @@ from saeforge.config.schema import (
     CORPUS_KINDS,
     DEFAULT_STRENGTHS,
     EXPLAIN_SOURCES,
+    EXPLAIN_STRATEGIES,
     EXPLAINER_KINDS,
     SCORERS,
     STAGES,
@@ -71,7 +72,7 @@ except ImportError:  # pragma: no cover - hydra not installed
 
 
 __all__ = [
-    "CORPUS_KINDS", "DEFAULT_STRENGTHS", "EXPLAIN_SOURCES", "EXPLAINER_KINDS", "SCHEMAS", "SCORERS", "STAGES", "STRENGTH_PRESETS", "ChatParamsConfig", "ConfigError", "ENV_NAME", "CorpusConfig",
+    "CORPUS_KINDS", "DEFAULT_STRENGTHS", "EXPLAIN_SOURCES", "EXPLAIN_STRATEGIES", "EXPLAINER_KINDS", "SCHEMAS", "SCORERS", "STAGES", "STRENGTH_PRESETS", "ChatParamsConfig", "ConfigError", "ENV_NAME", "CorpusConfig",
     "DataConfig", "EvaluateConfig", "EvaluateSettings", "ExplainConfig", "ExplainerConfig", "ImportedSAEConfig",
     "InterpretConfig", "InterpretSettings", "LoggerConfig", "LogitLensConfig", "LoraConfig", "MaxActConfig", "ModelConfig",
     "PromptsConfig", "SAESettings", "ScoreConfig", "SteeringConfig", "TinyModelConfig", "TrainConfig", "check_env_name", "check_key_path", "check_overrides", "check_secret_overrides", "looks_like_key", "mask",

@@ -9,7 +9,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from saeforge.config.checks import ConfigError, check_env_name, from_config, require, require_at_least
 
@@ -489,9 +489,13 @@ class SteeringConfig:
     """Seed for prompt sampling and for `torch.manual_seed` before each generate chunk."""
     max_batch: int = 64
     """Most rows (prompt × strength, originals included) per `generate` call (memory budget)."""
+    file_suffix: str = ""
+    """Optional name slot of the steered-text files (records.steering_text_path): `…_feature_{F}_{file_suffix}_prompt_{P}.json` ("" → no slot)."""
 
     def __post_init__(self) -> None:
         self.strengths = parse_strengths(self.strengths)
+        if "/" in str(self.file_suffix) or "\\" in str(self.file_suffix):
+            raise ConfigError(f"interpret.steering.file_suffix must be a plain name part, got {self.file_suffix!r}")
         require_at_least(self, "interpret.steering", 1, ("n_prompts", "max_new_tokens", "max_batch"))
         if self.temperature <= 0:
             raise ConfigError(f"interpret.steering.temperature must be > 0, got {self.temperature}")
@@ -504,16 +508,24 @@ class SteeringConfig:
         return from_config(cls, cfg, "interpret.steering")
 
 
-EXPLAIN_SOURCES = ("maxact", "steering", "both")
+EXPLAIN_SOURCES = ("auto", "maxact", "steering", "both")
+EXPLAIN_STRATEGIES = ("default", "contrastive", "single_token")
 
 
 @dataclass
 class ExplainConfig:
     """Settings of the explain stage (`interpret.explain.*`; sampling is `explainer.params`)."""
 
-    source: str = "maxact"
-    """What the explainer sees: maxact | steering | both (both: maxact is the scored entry, the
-    steering explanation is stored under the entry's `steering` key)."""
+    source: str = "auto"
+    """What the explainer sees: auto | maxact | steering | both (both: maxact is the scored entry, the
+    steering explanation is stored under the entry's `steering` key). auto: steering when the
+    stages include steering and explain but not maxact (the steering workflow), else maxact."""
+    strategy: str = "default"
+    """How max-act examples are shown: default (highlighted activating examples) | contrastive (also
+    `n_contrastive` non-activating examples, held out of scoring) | single_token (the tokens each
+    example peaks on, counted, then the examples: for features that fire on a few tokens)."""
+    n_contrastive: int = 10
+    """contrastive: non-activating windows shown to the explainer (seeded; never scored)."""
     n_shown: int = 20
     """Activating windows held out for the explainer (train split); the rest are for scoring."""
     shown_top_fraction: float = 0.5
@@ -536,9 +548,18 @@ class ExplainConfig:
         """From a mapping / DictConfig; missing keys take the defaults, unknown keys raise."""
         return from_config(cls, cfg, "interpret.explain")
 
+    def source_for(self, stages: Sequence[str]) -> str:
+        """The source the explain stage uses in a run of `stages` (`auto` resolved)."""
+        if self.source != "auto":
+            return self.source
+        return "steering" if "steering" in stages and "maxact" not in stages else "maxact"
+
     def __post_init__(self) -> None:
         if self.source not in EXPLAIN_SOURCES:
             raise ConfigError(f"interpret.explain.source must be one of {EXPLAIN_SOURCES}, got {self.source!r}")
+        if self.strategy not in EXPLAIN_STRATEGIES:
+            raise ConfigError(f"interpret.explain.strategy must be one of {EXPLAIN_STRATEGIES}, got {self.strategy!r}")
+        require_at_least(self, "interpret.explain", 0, ("n_contrastive",))
         require_at_least(self, "interpret.explain", 1, ("n_shown", "max_examples_in_prompt", "n_steering_prompts", "max_chars"))
         if not 0.0 <= self.shown_top_fraction <= 1.0:
             raise ConfigError(f"interpret.explain.shown_top_fraction must lie in [0, 1], got {self.shown_top_fraction}")

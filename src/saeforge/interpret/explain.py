@@ -4,7 +4,11 @@
   seeded subset of top + quantile examples), each rendered delphi-style — the tokens at ≥
   `highlight_threshold` × the example's max activation marked `<<like this>>`, then their
   activations on a 0–10 scale (relative to the feature's A_max). It answers `LABEL:` (< 20 words)
-  and `DESCRIPTION:`.
+  and `DESCRIPTION:`. `strategy` picks the prompt: `default` (prompt `explain_maxact`);
+  `contrastive` (`explain_contrastive`: also `n_contrastive` non-activating windows, drawn under
+  the seed and recorded in the split, so the scorer never uses them); `single_token`
+  (`explain_single_token`: first the tokens the examples peak on, counted, then the examples — for
+  features whose activations concentrate on a few tokens).
 - **steering**: the explainer sees, for up to `n_steering_prompts` prompts, the unsteered text and
   the text at each strength (each truncated to `max_chars` characters), and answers `SUMMARY:` and
   `DETAILED ANALYSIS:`; the summary is the label.
@@ -13,11 +17,14 @@ Prompts may carry a `prefill` (e.g. `LABEL:`): for clients that continue a final
 (`client.supports_prefill`) it is sent as the start of the reply, and the parser reads
 `prefill + reply` (what is stored as `raw`). Small models keep to the format far better that way.
 
+The entry's `interpretation` is the whole reply (prefill included), `label` the label parsed from
+it and `description` the rest. A label that names no concept or echoes the prompt's instructions
+(`describe.is_generic_label`: "The Feature", "The LABEL") is `status: generic` — kept, not scored.
 A reply that cannot be parsed gets one repair turn (the reply, then a message asking for the
 format); if that fails too the entry is `status: parse_error` (raw reply kept, no label). A failed
 request is `status: error` with the client's reason; a feature with nothing to show (no activating
-examples, no max-act entry, no steered texts) is `status: skipped`. Only `status: ok` entries carry
-a label, and only they are scored. `ok`, `parse_error` and `skipped` are final
+examples, no max-act entry, no steered texts) is `status: skipped`. Only `status: success` entries
+are scored. `success`, `generic`, `parse_error` and `skipped` are final
 (`records.FINAL_STATUSES`); `error` and `missing` are retried by the next run (`unfinished` lists
 them; the pipeline counts the stage complete only when there are none). Requests go through the client in one `chat_many` per round (first round: all
 features; second round: all repairs) — concurrency and retries are the client's job.
@@ -38,7 +45,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from saeforge.config import ExplainConfig
 from saeforge.interpret import records as records_io
-from saeforge.interpret.records import Explanation, FeatureRecord, Records
+from saeforge.interpret.describe import is_generic_label, peak_tokens
+from saeforge.interpret.records import SUCCESS, Explanation, FeatureRecord, Records
 from saeforge.interpret.prompts import PromptTemplate
 from saeforge.explainers.base import ChatParams, ChatRequest, ChatResult, ExplainerClient, Message, assistant_prefill
 
@@ -67,8 +75,11 @@ class ExampleSplit:
     test: list[dict[str, Any]]
     """Activating windows never shown (top + quantile examples not in `shown`), deduplicated."""
     non_activating: list[dict[str, Any]]
-    """Windows where the feature never fires (scoring negatives)."""
+    """Windows where the feature never fires that were not shown (scoring negatives)."""
     shown_keys: list[Key] = field(default_factory=list)
+    """Every window shown: the activating ones and `shown_non_activating`."""
+    shown_non_activating: list[dict[str, Any]] = field(default_factory=list)
+    """Non-activating windows shown to the explainer (contrastive explanations); never scored."""
 
     def record(self, seed: int) -> dict[str, Any]:
         """What explanations.json stores so the scorer can rebuild this split."""
@@ -106,6 +117,7 @@ def split_examples(
     seed: int = 0,
     shown_top_fraction: float = 0.5,
     shown: Iterable[Sequence[int]] | None = None,
+    n_shown_non_activating: int = 0,
 ) -> ExampleSplit:
     """Split one feature's maxact entry into shown (train) and scoring (test) examples.
 
@@ -113,15 +125,21 @@ def split_examples(
     those; otherwise `n_shown` sequences are drawn under `seed` (per feature), a
     `shown_top_fraction` of them from the top examples and the rest from the quantile examples
     (topping up from the other group when one runs short). Everything activating that is not
-    shown is test; `non_activating` windows are all negatives (they come from sequences where the
-    feature never fires, so they share no window with either side).
+    shown is test; `non_activating` windows are the negatives (they come from sequences where the
+    feature never fires, so they share no window with either side), less `n_shown_non_activating`
+    of them drawn under `seed` to be shown (contrastive). With `shown`, the recorded non-activating
+    windows are the shown ones.
     """
     top, quant = _activating_pool(entry)
     groups = {**quant, **top}
+    non_all = [dict(ex) for ex in entry.get("non_activating") or []]
     if shown is not None:
         shown_keys = {(int(s), int(t)) for s, t in shown}
         shown_seqs = {seq for seq, ex in groups.items() if any(example_key(e) in shown_keys for e in ex)}
+        non_shown = [ex for ex in non_all if example_key(ex) in shown_keys]
     else:
+        rng_non = random.Random(f"contrast:{seed}:{feature}")
+        non_shown = rng_non.sample(non_all, min(max(n_shown_non_activating, 0), len(non_all)))
         rng = random.Random(f"split:{seed}:{feature}")
         top_seqs, quant_seqs = sorted(top), sorted(quant)
         rng.shuffle(top_seqs)
@@ -132,10 +150,12 @@ def split_examples(
         shown_seqs = set(top_seqs[:n_top]) | set(quant_seqs[:n_quant])
     shown_ex = [ex for seq in sorted(shown_seqs) for ex in groups[seq]]
     test_ex = [ex for seq in sorted(groups) if seq not in shown_seqs for ex in groups[seq]]
-    non = [dict(ex) for ex in entry.get("non_activating") or []]
+    non_keys = {example_key(e) for e in non_shown}
+    non = [ex for ex in non_all if example_key(ex) not in non_keys]
     shown_ex.sort(key=lambda e: -float(e.get("activation", 0.0)))
     return ExampleSplit(shown=shown_ex, test=test_ex, non_activating=non,
-                        shown_keys=sorted(example_key(e) for e in shown_ex))
+                        shown_keys=sorted([example_key(e) for e in shown_ex] + list(non_keys)),
+                        shown_non_activating=non_shown)
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -185,6 +205,31 @@ def format_maxact_examples(examples: Sequence[Mapping[str, Any]], a_max: float, 
         ]
         lines.append("Activations: " + ", ".join(listed))
     return "\n".join(lines)
+
+
+def format_contrastive_examples(shown: Sequence[Mapping[str, Any]], non_activating: Sequence[Mapping[str, Any]],
+                                a_max: float, threshold: float) -> str:
+    """The activating examples (`format_maxact_examples`), then the non-activating ones as plain text."""
+    lines = ["Activating examples:", format_maxact_examples(shown, a_max, threshold)]
+    if non_activating:
+        lines += ["", "Non-activating examples (the feature does not fire anywhere in them):"]
+        lines += [f"Example {i}: {plain_text(ex)}" for i, ex in enumerate(non_activating, 1)]
+    return "\n".join(lines)
+
+
+def format_single_token_examples(shown: Sequence[Mapping[str, Any]], a_max: float, threshold: float) -> str:
+    """The tokens the examples peak on (`describe.peak_tokens`: count, mean activation on the 0–10
+    scale), then the examples (`format_maxact_examples`)."""
+    scale = a_max if a_max > 0 else 1.0
+    ranked = peak_tokens(shown)
+    lines = ["Tokens where the examples peak (token: number of examples, mean activation 0-10):"]
+    lines += [f'"{tok}": {count}, {max(0, min(10, round(10 * mean / scale)))}' for tok, count, mean in ranked[:10]]
+    lines += ["", "Examples:", format_maxact_examples(shown, a_max, threshold)]
+    return "\n".join(lines)
+
+
+STRATEGY_PROMPTS = {"default": "explain_maxact", "contrastive": "explain_contrastive", "single_token": "explain_single_token"}
+"""The prompt of each `interpret.explain.strategy` (all answer LABEL/DESCRIPTION; one repair prompt)."""
 
 
 def _cut(text: str, n: int) -> str:
@@ -247,10 +292,10 @@ def _label_line(text: str, name: str) -> str | None:
 
 
 def parse_reply(text: str, source: str) -> dict[str, str] | None:
-    """`{"label", "interpretation"}` from a reply, or None when it has no usable label.
+    """`{"label", "description"}` from a reply, or None when it has no usable label.
 
     maxact: `LABEL:` (falling back to delphi's `[EXPLANATION]:`) and `DESCRIPTION:` (falling back
-    to the label). steering: `SUMMARY:` and `DETAILED ANALYSIS:` (interpretation = the analysis, or
+    to the label). steering: `SUMMARY:` and `DETAILED ANALYSIS:` (description = the analysis, or
     the summary when absent). The label is the first line after its field name; a label that is
     empty, a placeholder or longer than `MAX_LABEL_WORDS` words makes the reply unusable (never
     cut down: a rambling line is not a label).
@@ -265,7 +310,7 @@ def parse_reply(text: str, source: str) -> dict[str, str] | None:
         detail = _field(text, "DESCRIPTION")
     if not label:
         return None
-    return {"label": label, "interpretation": detail or label}
+    return {"label": label, "description": detail or label}
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -275,6 +320,8 @@ class _Job:
     source: str  # maxact | steering
     messages: list[Message]
     extra: dict[str, Any]
+    instructions: str = ""
+    """The prompt's own text (templates, without the examples): a label found in it is an echo."""
 
 
 def _run_chat(client: ExplainerClient, requests: list[ChatRequest]) -> list[ChatResult]:
@@ -292,18 +339,32 @@ def _build_job(
         if not rec.has_maxact:
             return {"status": "skipped", "error": f"feature {feature} has no max-act record"}
         entry = rec.maxact_entry()
-        split = split_examples(entry, feature, conf.n_shown, conf.seed, conf.shown_top_fraction)
+        n_non = conf.n_contrastive if conf.strategy == "contrastive" else 0
+        split = split_examples(entry, feature, conf.n_shown, conf.seed, conf.shown_top_fraction, n_shown_non_activating=n_non)
         if not split.shown:
             return {"status": "skipped", "error": "feature has no activating examples", "split": split.record(conf.seed)}
-        text = format_maxact_examples(split.shown[: conf.max_examples_in_prompt],
-                                      float(entry.get("a_max") or 0.0), conf.highlight_threshold)
-        return _Job(feature, source, prompts["explain_maxact"].messages(text, prefill=prefill),
-                    {"split": split.record(conf.seed), "n_examples_in_prompt": min(len(split.shown), conf.max_examples_in_prompt)})
+        shown, a_max = split.shown[: conf.max_examples_in_prompt], float(entry.get("a_max") or 0.0)
+        if conf.strategy == "contrastive":
+            text = format_contrastive_examples(shown, split.shown_non_activating, a_max, conf.highlight_threshold)
+        elif conf.strategy == "single_token":
+            text = format_single_token_examples(shown, a_max, conf.highlight_threshold)
+        else:
+            text = format_maxact_examples(shown, a_max, conf.highlight_threshold)
+        template = prompts[STRATEGY_PROMPTS[conf.strategy]]
+        extra = {"split": split.record(conf.seed), "n_examples_in_prompt": len(shown), "strategy": conf.strategy}
+        return _Job(feature, source, template.messages(text, prefill=prefill), extra, template.system + template.user)
     texts = rec.steering.texts if rec.steering is not None else {}
     if not texts:
         return {"status": "skipped", "error": f"no steering outputs for layer {layer} feature {feature}"}
     text = format_steering(texts, conf.n_steering_prompts, conf.max_chars)
-    return _Job(feature, source, prompts["explain_steering"].messages(text, prefill=prefill), {})
+    template = prompts["explain_steering"]
+    return _Job(feature, source, template.messages(text, prefill=prefill), {}, template.system + template.user)
+
+
+def _answered(job: _Job, reply: str, parsed: dict[str, str]) -> dict[str, Any]:
+    """A parsed reply's entry: `success`, or `generic` for a label that says nothing (or echoes the prompt)."""
+    status = "generic" if is_generic_label(parsed["label"], job.instructions) else SUCCESS
+    return {"status": status, "label": parsed["label"], "description": parsed["description"], "interpretation": reply, **job.extra}
 
 
 def explain_records(
@@ -316,21 +377,22 @@ def explain_records(
     hookpoint: str,
     layer: int | None,
     cfg: ExplainConfig | None = None,
-    keep: Sequence[str] = ("ok",),
+    keep: Sequence[str] = (SUCCESS,),
 ) -> Records:
     """The stage: fill `explanation` of `features` (None: every feature with max-act examples),
     write the explanations file and label txt files, and return the records (`cfg` None: the
     defaults). For `source: steering` the records carry the steered texts (`records.read_steering`).
 
     Resumable: features whose earlier explanation (in `out_dir`) for the same source has a status
-    in `keep` are not asked again — `ok` by default (settings changed: everything else is asked
+    in `keep` are not asked again — `success` by default (settings changed: everything else is asked
     anew); `records.FINAL_STATUSES` when resuming an unfinished run with the same settings, so
     only failed (`error`) and missing features are asked.
     """
     conf = cfg if cfg is not None else ExplainConfig()
     out_dir = Path(out_dir)
     feats = [int(f) for f in (features if features is not None else records.with_maxact())]
-    sources = ["maxact", "steering"] if conf.source == "both" else [conf.source]
+    source = conf.source_for(["maxact"])  # auto without a run's stages: maxact
+    sources = ["maxact", "steering"] if source == "both" else [source]
     records_io.read_explanations(out_dir, layer, records)
     prefill = bool(getattr(client, "supports_prefill", False))
 
@@ -340,7 +402,7 @@ def explain_records(
             return False
         if source == sources[0]:
             return old.status in keep and old.source == source
-        return (old.extra.get("steering") or {}).get("status") in keep
+        return Explanation.from_json(old.extra.get("steering") or {}).status in keep
 
     finished: dict[tuple[int, str], dict[str, Any]] = {}
     jobs: list[_Job] = []
@@ -367,7 +429,7 @@ def explain_records(
         first_text[(job.feature, job.source)] = reply
         parsed = parse_reply(reply, job.source)
         if parsed is not None:
-            finished[(job.feature, job.source)] = {"status": "ok", **parsed, "raw": reply, **job.extra}
+            finished[(job.feature, job.source)] = _answered(job, reply, parsed)
         elif conf.repair:
             follow = prompts[f"explain_{job.source}_repair"].messages(reply, prefill=prefill)
             asked = job.messages[:-1] if assistant_prefill(job.messages) else job.messages
@@ -375,21 +437,21 @@ def explain_records(
             repairs.append((job, msgs))
         else:
             finished[(job.feature, job.source)] = {"status": "parse_error", "error": "reply not in the asked format",
-                                                   "raw": reply, **job.extra}
+                                                   "interpretation": reply, **job.extra}
     repaired = _run_chat(client, [(msgs, params) for _, msgs in repairs])
     for (job, msgs), result in zip(repairs, repaired):
         key = (job.feature, job.source)
         if not result.ok:
             finished[key] = {"status": "error", "error": f"repair request failed: {result.error}",
-                             "raw": first_text[key], **job.extra}
+                             "interpretation": first_text[key], **job.extra}
             continue
         reply = assistant_prefill(msgs) + result.text
         parsed = parse_reply(reply, job.source)
         if parsed is not None:
-            finished[key] = {"status": "ok", **parsed, "raw": reply, "repaired": True, **job.extra}
+            finished[key] = {**_answered(job, reply, parsed), "repaired": True}
         else:
             finished[key] = {"status": "parse_error", "error": "reply not in the asked format after one repair",
-                             "raw": first_text[key], "raw_repair": reply, **job.extra}
+                             "interpretation": first_text[key], "repair_reply": reply, **job.extra}
 
     for (feature, source), result in finished.items():
         status = result.pop("status")
@@ -406,8 +468,8 @@ def explain_records(
                 rec.explanation = Explanation(status="missing", source=sources[0], layer=layer)
             rec.explanation.extra["steering"] = explanation.to_json(feature)
     path = records_io.write_explanations(out_dir, records, layer, hookpoint, feats)
-    n_ok = sum(records.get(f).explanation is not None and records.get(f).explanation.status == "ok" for f in feats)
-    log.info("explanations: %d/%d ok → %s", n_ok, len(feats), path)
+    n_ok = sum(records.get(f).explanation is not None and records.get(f).explanation.ok for f in feats)
+    log.info("explanations: %d/%d success → %s", n_ok, len(feats), path)
     return records
 
 
@@ -422,12 +484,13 @@ def unfinished(records: Records, features: Iterable[int], source: str = "maxact"
             out[int(f)] = str((expl.extra.get("error") if expl is not None else None) or "not explained")
         elif source == "both":
             steer = expl.extra.get("steering") or {}
-            if steer.get("status") not in records_io.FINAL_STATUSES:
+            if not Explanation.from_json(steer).final:
                 out[int(f)] = f"steering explanation: {steer.get('error') or 'not explained'}"
     return out
 
 
 __all__ = [
-    "ExampleSplit", "example_key", "explain_records", "format_maxact_examples", "format_steering", "highlight",
+    "STRATEGY_PROMPTS", "ExampleSplit", "example_key", "explain_records", "format_contrastive_examples", "format_maxact_examples",
+    "format_single_token_examples", "format_steering", "highlight",
     "marked_positions", "parse_reply", "plain_text", "split_examples", "unfinished",
 ]

@@ -12,17 +12,21 @@ Files under one hookpoint's interpret directory (README.md, "Interpretation outp
   features: {"<F>": {feature, frequency, a_max, n_fired, quantiles, histogram, top,
   quantile_examples, non_activating}}}`
 - `LOGIT_LENS` `{format_version, features: {"<F>": {top, bottom, neighbours}}}`
-- `steering/generated_texts_layer_{L}_feature_{F}_prompt_{P}.json` (`steering_text_path`), kept
-  exactly in the seed shape `{"<L>": {"<F>": {prompt: {"original": ..., "-2.0": ...}}}}` — no
+- `steering/generated_texts_layer_{L}_feature_{F}[_{SUFFIX}]_prompt_{P}.json` (`steering_text_path`;
+  the optional suffix is `interpret.steering.file_suffix`, readers take every suffix), kept exactly
+  in the seed shape `{"<L>": {"<F>": {prompt: {"original": ..., "-2.0": ...}}}}` — no
   format_version, so readers that index `[layer][feature][prompt]` keep working.
-- `EFFECTS` `{format_version, "<F>": {steering_effect, steering_kl}}`
-- `EXPLANATIONS` `{format_version, "<L>": {"<F>": {feature_number, layer, interpretation, label,
-  status, source, …}}}` and `explanations/<hookpoint>_latent_<F>.txt` (the label, JSON-quoted)
+- `EFFECTS` `{format_version, "<F>": {steering_effect, steering_effect_dedup, steering_kl}}`
+- `EXPLANATIONS` `{format_version, "<L>": {"<F>": {feature_number, layer, interpretation (the whole
+  reply), label (parsed from it), status, source, description, …}}}` and `explanations/<hookpoint>_latent_<F>.txt` (the label, JSON-quoted)
 - `scores/<scorer>.json` `{format_version, "<F>": {metrics…, baseline}}` and
   `scores/<scorer>/<hookpoint>_latent_<F>.txt` (the per-example results)
-- `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS` + `score_columns` of any other scorer run
-  (`<scorer>`, `<scorer>_baseline` or a label-free scorer's `<scorer>_chance`), one row per
-  (layer, feature); rows and columns of other runs are kept.
+- `SUMMARY` (CSV): `SUMMARY_COLUMNS` + `EXTRA_COLUMNS` + `DESCRIPTION_COLUMNS` + `score_columns` of any
+  other scorer run (`<scorer>`, `<scorer>_baseline` or a label-free scorer's `<scorer>_chance`), one
+  row per (layer, feature); rows and columns of other runs are kept. The first four columns are the
+  steering workflow's `layer,feature,label,steering_effect`.
+- `RUN_CONFIG` `{format_version, config, prompts, prompt_file, versions, …}`: the effective run
+  (secrets removed by the caller).
 - `STAGES` `{format_version, "<stage>": {fingerprint, finished, complete, failures}}` (`complete`
   false, with `failures` `{reason: [features]}`, when some features of the stage failed; files
   without `complete` count as complete; `not_applicable`, a one-line reason, when the stage could not
@@ -64,12 +68,16 @@ STAGES = "stages.json"
 NOT_APPLICABLE = "not_applicable"
 """Key of a stages-file entry whose stage could not run on this SAE; its value is the one-line reason."""
 DASHBOARD = "dashboard.html"
+RUN_CONFIG = "run_config.json"
 
 _STEERING_PREFIX = "generated_texts_layer_"
-_STEERING_NAME = re.compile(rf"^{_STEERING_PREFIX}(?P<layer>[^_]+)_feature_(?P<feature>\d+)_prompt_(?P<prompt>\d+)\.json$")
+_STEERING_NAME = re.compile(
+    rf"^{_STEERING_PREFIX}(?P<layer>[^_]+)_feature_(?P<feature>\d+)(?:_(?P<suffix>.+?))?_prompt_(?P<prompt>\d+)\.json$")
 
 SUMMARY_COLUMNS = ["layer", "feature", "label", "steering_effect", "detection", "fuzz", "embedding"]
 EXTRA_COLUMNS = ["steering_kl", "detection_baseline", "fuzz_baseline", "embedding_baseline"]
+DESCRIPTION_COLUMNS = ["status", "top_tokens", "steering_effect_dedup"]
+"""Explanation status, the label-free top-token description, and saeforge's de-duplicated steering effect."""
 
 # ------------------------------------------------------------------------------ the records
 _EXAMPLE_FIELDS = ("bucket", "activation", "tokens", "token_ids", "acts", "max_pos", "seq", "start")
@@ -150,16 +158,21 @@ class Steering:
     measured: bool = False
     """True when the effects file has an entry for the feature (then `effect`/`kl` are its values)."""
     effect: float | None = None
-    """`steering_effect` (text-only, see interpret.steering)."""
+    """`steering_effect` (text-only, the reference formula, see interpret.steering)."""
     kl: float | None = None
     """`steering_kl` (mean KL of steered vs. unsteered next-token distributions), None if unknown."""
+    effect_dedup: float | None = None
+    """`steering_effect_dedup` (every text once, see interpret.steering), None if unknown."""
 
     def effects_entry(self) -> dict[str, Any]:
-        return {"steering_effect": self.effect, "steering_kl": self.kl}
+        return {"steering_effect": self.effect, "steering_effect_dedup": self.effect_dedup, "steering_kl": self.kl}
 
 
-FINAL_STATUSES = ("ok", "parse_error", "skipped")
-"""Explanation statuses that a rerun with the same settings keeps: `ok`; `parse_error` (the reply,
+SUCCESS = "success"
+"""The status of a usable label (the steering workflow's word; files of older runs say "ok", read as this)."""
+FINAL_STATUSES = (SUCCESS, "generic", "parse_error", "skipped")
+"""Explanation statuses that a rerun with the same settings keeps: `success`; `generic` (a label that
+names no concept or echoes the prompt, e.g. "The Feature": kept, never scored); `parse_error` (the reply,
 after one repair turn, is not in the asked format — asking again gives the same answer); `skipped`
 (nothing to show the explainer: no activating examples, no max-act entry or no steered texts)."""
 RETRYABLE_STATUSES = ("error", "missing")
@@ -174,7 +187,7 @@ class Explanation:
     label: str = ""
     interpretation: str = ""
     status: str = "missing"
-    """ok | parse_error | error | skipped | missing; only `ok` labels are scored. `FINAL_STATUSES`
+    """success | generic | parse_error | error | skipped | missing; only `success` labels are scored. `FINAL_STATUSES`
     end a feature's explain stage; `RETRYABLE_STATUSES` leave it to be asked again."""
     source: str = "maxact"
     """What the explainer saw: maxact | steering."""
@@ -184,7 +197,7 @@ class Explanation:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok" and bool(self.label.strip())
+        return self.status == SUCCESS and bool(self.label.strip())
 
     @property
     def final(self) -> bool:
@@ -198,8 +211,9 @@ class Explanation:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Explanation:
         known = {"feature_number", "layer", "interpretation", "label", "status", "source"}
+        status = str(doc.get("status") or "missing")
         return cls(label=str(doc.get("label") or ""), interpretation=str(doc.get("interpretation") or ""),
-                   status=str(doc.get("status") or "missing"), source=str(doc.get("source") or "maxact"),
+                   status=SUCCESS if status == "ok" else status, source=str(doc.get("source") or "maxact"),
                    layer=doc.get("layer"), extra={k: v for k, v in doc.items() if k not in known})
 
 
@@ -261,7 +275,7 @@ class FeatureRecord:
 
     @property
     def label(self) -> str:
-        """The label when the explanation is ok, else ""."""
+        """The label when the explanation's status is success, else ""."""
         return self.explanation.label.strip() if self.explanation is not None and self.explanation.ok else ""
 
     def maxact_entry(self) -> dict[str, Any]:
@@ -430,22 +444,26 @@ def read_logit_lens(out_dir: str | Path, records: Records | None = None, strict:
 
 
 # ------------------------------------------------------------------------------ steering
-def steering_text_path(out_dir: str | Path, layer: int | str | None, feature: int, prompt_index: int) -> Path:
-    """Path of one (feature, prompt) steered-texts file."""
-    return Path(out_dir) / STEERING_DIR / f"{_STEERING_PREFIX}{layer}_feature_{feature}_prompt_{prompt_index}.json"
+def steering_text_path(out_dir: str | Path, layer: int | str | None, feature: int, prompt_index: int,
+                       suffix: str = "") -> Path:
+    """Path of one (feature, prompt) steered-texts file; a non-empty `suffix` goes between the
+    feature and the prompt (`..._feature_{F}_{suffix}_prompt_{P}.json`, the seed's slot)."""
+    slot = f"_{suffix}" if suffix else ""
+    return Path(out_dir) / STEERING_DIR / f"{_STEERING_PREFIX}{layer}_feature_{feature}{slot}_prompt_{prompt_index}.json"
 
 
 def write_steering_texts(out_dir: str | Path, layer: int | str | None, feature: int, prompt_index: int,
-                         prompt: str, texts: Mapping[str, str]) -> Path:
+                         prompt: str, texts: Mapping[str, str], suffix: str = "") -> Path:
     """One prompt's `{"original": ..., "<strength>": ...}` in the seed shape (no format_version)."""
-    path = steering_text_path(out_dir, layer, feature, prompt_index)
+    path = steering_text_path(out_dir, layer, feature, prompt_index, suffix)
     atomic_write_json(path, {str(layer): {str(feature): {prompt: dict(texts)}}})
     return path
 
 
-def steering_texts_complete(out_dir: str | Path, layer: int | str | None, feature: int, n_prompts: int) -> bool:
+def steering_texts_complete(out_dir: str | Path, layer: int | str | None, feature: int, n_prompts: int,
+                            suffix: str = "") -> bool:
     """True when the files of all `n_prompts` prompts of the feature exist (resume)."""
-    return all(steering_text_path(out_dir, layer, feature, p).is_file() for p in range(n_prompts))
+    return all(steering_text_path(out_dir, layer, feature, p, suffix).is_file() for p in range(n_prompts))
 
 
 def _steering_files(out_dir: Path, layer: int | str | None) -> dict[int, list[tuple[int, Path]]]:
@@ -453,7 +471,7 @@ def _steering_files(out_dir: Path, layer: int | str | None) -> dict[int, list[tu
     folder = out_dir / STEERING_DIR
     if not folder.is_dir():
         return by_feature
-    for path in folder.glob(f"{_STEERING_PREFIX}{layer}_feature_*_prompt_*.json"):
+    for path in sorted(folder.glob(f"{_STEERING_PREFIX}{layer}_feature_*_prompt_*.json")):
         m = _STEERING_NAME.match(path.name)
         if m and m.group("layer") == str(layer):
             by_feature.setdefault(int(m.group("feature")), []).append((int(m.group("prompt")), path))
@@ -500,6 +518,7 @@ def read_steering(out_dir: str | Path, records: Records | None = None, texts: bo
             rec.steering = rec.steering or Steering()
             rec.steering.measured = True
             rec.steering.effect, rec.steering.kl = entry.get("steering_effect"), entry.get("steering_kl")
+            rec.steering.effect_dedup = entry.get("steering_effect_dedup")
     if texts:
         for f, files in _steering_files(out_dir, records.layer).items():
             rec = records.get(f)
@@ -541,7 +560,7 @@ def explanations_json(records: Records, layer: int | str | None) -> dict[str, An
 def write_explanations(out_dir: str | Path, records: Records, layer: int | str | None, hookpoint: str,
                        features: Iterable[int]) -> Path:
     """Write this layer's explanations (other layers in the file are kept) and, for `features`,
-    the label txt files (an ok label written, any other status removes a stale file)."""
+    the label txt files (a success label written, any other status removes a stale file)."""
     out_dir = Path(out_dir)
     path = out_dir / EXPLANATIONS
     doc = _read_json(path) or {}
@@ -550,7 +569,7 @@ def write_explanations(out_dir: str | Path, records: Records, layer: int | str |
     for f in features:
         rec = records.features.get(int(f))
         txt = out_dir / EXPLANATIONS_DIR / _latent_name(hookpoint, int(f))
-        if rec is not None and rec.explanation is not None and rec.explanation.status == "ok":
+        if rec is not None and rec.explanation is not None and rec.explanation.ok:
             atomic_write_text(txt, json.dumps(rec.explanation.label, ensure_ascii=False))
         elif txt.exists():
             txt.unlink()  # a stale label of an earlier run must not survive a failed re-explanation
@@ -603,12 +622,15 @@ def write_scores(out_dir: str | Path, scorer: str, hookpoint: str, features: Ite
 
 
 # ------------------------------------------------------------------------------ summary
-def write_summary(out_dir: str | Path, records: Records, features: Sequence[int], scorers: Sequence[str]) -> Path:
+def write_summary(out_dir: str | Path, records: Records, features: Sequence[int], scorers: Sequence[str],
+                  top_tokens: Mapping[int, str] | None = None) -> Path:
     """Merge rows (layer, feature) of `features` into the summary CSV; other rows and columns are kept.
 
-    Per row: `label` (ok labels only), `steering_effect`/`steering_kl` when the feature was
-    measured, and for each of `scorers` its headline number and baseline (blank without an ok label;
-    a `LABEL_FREE` scorer's number and its side field are written with or without one).
+    Per row: `label` (success labels only) and the explanation's `status`; `steering_effect`
+    (rounded to 3 decimals, as the steering workflow writes it), `steering_effect_dedup` and
+    `steering_kl` when the feature was measured; for each of `scorers` its headline number and
+    baseline (blank without a success label; a `LABEL_FREE` scorer's number and its side field are
+    written with or without one); `top_tokens` from `top_tokens` when given.
     """
     path = Path(out_dir) / SUMMARY
     rows: dict[tuple[str, str], dict[str, str]] = {}
@@ -619,7 +641,7 @@ def write_summary(out_dir: str | Path, records: Records, features: Sequence[int]
             columns += [c for c in reader.fieldnames or [] if c not in columns]
             for row in reader:
                 rows[(row.get("layer", ""), row.get("feature", ""))] = dict(row)
-    columns += [c for c in EXTRA_COLUMNS if c not in columns]
+    columns += [c for c in EXTRA_COLUMNS + DESCRIPTION_COLUMNS if c not in columns]
     columns += [c for scorer in scorers for c in score_columns(scorer) if c not in columns]
     for feature in features:
         rec = records.features.get(int(feature)) or FeatureRecord(int(feature))
@@ -627,9 +649,13 @@ def write_summary(out_dir: str | Path, records: Records, features: Sequence[int]
         row = rows.setdefault(key, {"layer": key[0], "feature": key[1]})
         labelled = rec.has_maxact and rec.label != ""
         row["label"] = rec.label if labelled else ""
+        row["status"] = rec.explanation.status if rec.explanation is not None else ""
         if rec.steering is not None and rec.steering.measured:
-            row["steering_effect"] = _fmt(rec.steering.effect)
+            row["steering_effect"] = _fmt(None if rec.steering.effect is None else round(float(rec.steering.effect), 3))
+            row["steering_effect_dedup"] = _fmt(rec.steering.effect_dedup)
             row["steering_kl"] = _fmt(rec.steering.kl)
+        if top_tokens is not None and int(feature) in top_tokens:
+            row["top_tokens"] = top_tokens[int(feature)]
         for scorer in scorers:
             result = rec.scores.get(scorer) if labelled or scorer in LABEL_FREE else None
             main, side = score_columns(scorer)
@@ -674,6 +700,19 @@ def summary_by_feature(rows: Iterable[Mapping[str, str]], layer: int | str | Non
     return out
 
 
+# ------------------------------------------------------------------------------ run record
+def write_run_config(out_dir: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write the run record (`RUN_CONFIG`); the caller has removed secrets from `doc`."""
+    path = Path(out_dir) / RUN_CONFIG
+    atomic_write_json(path, _versioned(doc))
+    return path
+
+
+def read_run_config(out_dir: str | Path) -> dict[str, Any] | None:
+    """The run record without `format_version`, or None when missing."""
+    return _read_json(Path(out_dir) / RUN_CONFIG)
+
+
 # ------------------------------------------------------------------------------ stages + all
 def read_stages(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     """`{stage: {fingerprint, finished, complete, failures}}` of earlier runs (empty when none)."""
@@ -689,7 +728,7 @@ def write_stages(out_dir: str | Path, stages: Mapping[str, Any]) -> Path:
 def stage_output(stage: str) -> str:
     """The file whose existence marks a finished stage (relative to the interpret directory)."""
     return {"maxact": MAXACT, "logit_lens": LOGIT_LENS, "steering": EFFECTS, "explain": EXPLANATIONS,
-            "score": SUMMARY, "dashboard": DASHBOARD}[stage]
+            "score": SCORES_DIR, "dashboard": DASHBOARD}[stage]
 
 
 def load_records(out_dir: str | Path, strict: bool = False) -> Records:
@@ -706,11 +745,11 @@ def load_records(out_dir: str | Path, strict: bool = False) -> Records:
 
 
 __all__ = [
-    "DASHBOARD", "EFFECTS", "EXPLANATIONS", "EXPLANATIONS_DIR", "EXTRA_COLUMNS", "FINAL_STATUSES", "FORMAT_VERSION", "LOGIT_LENS",
-    "MAXACT", "RETRYABLE_STATUSES", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord", "HEADLINES", "LABEL_FREE",
+    "DASHBOARD", "DESCRIPTION_COLUMNS", "EFFECTS", "EXPLANATIONS", "EXPLANATIONS_DIR", "EXTRA_COLUMNS", "FINAL_STATUSES", "FORMAT_VERSION", "LOGIT_LENS",
+    "MAXACT", "RETRYABLE_STATUSES", "RUN_CONFIG", "SUCCESS", "SCORES_DIR", "STAGES", "STEERING_DIR", "SUMMARY", "SUMMARY_COLUMNS", "Example", "Explanation", "FeatureRecord", "HEADLINES", "LABEL_FREE",
     "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "headline_field", "load_records",
-    "read_explanations", "read_logit_lens", "read_maxact", "read_scores", "read_stages", "read_steering",
+    "read_explanations", "read_logit_lens", "read_run_config", "read_maxact", "read_scores", "read_stages", "read_steering",
     "read_steering_texts", "read_summary", "score_columns", "scores_path", "stage_output", "steering_text_path",
     "steering_texts_complete", "summary_by_feature", "write_effects", "write_explanations", "write_logit_lens",
-    "write_maxact", "write_scores", "write_stages", "write_steering_texts", "write_summary",
+    "write_maxact", "write_run_config", "write_scores", "write_stages", "write_steering_texts", "write_summary",
 ]

@@ -13,15 +13,17 @@ and KL are computed exactly as for the residual stream, under the layer label "l
 left-padded `generate` call (chunked to `max_batch` rows); the unsteered "original" rows ride in
 the same batch with a zero vector, so original and steered texts share the sampling settings.
 
-Two per-feature measures come out of a run:
-- `steering_effect`: text-only, 0.6 × token diversity + 0.4 × text uniqueness (see its docstring);
+Three per-feature measures come out of a run:
+- `steering_effect`: text-only, 0.6 × token diversity + 0.4 × text uniqueness, exactly the steering
+  workflow's formula (texts counted as that formula meets them, see its docstring);
+- `steering_effect_dedup`: the same with every text of the feature counted once;
 - `steering_kl`: model-based, mean KL(steered ‖ unsteered) of the next-token distribution over
   the generated tokens (see its docstring).
 
 Outputs (docs/architecture.md, "Formats on disk"), written through `saeforge.interpret.records`:
 one steered-texts file per (feature, prompt) (`records.steering_text_path`, seed-shaped
 `{"<L>": {"<F>": {"<prompt>": {"original": ..., "-2.0": ..., "1.0": ...}}}}`) and the effects file
-(records.EFFECTS) `{"<F>": {"steering_effect": ..., "steering_kl": ...}}`.
+(records.EFFECTS) `{"<F>": {"steering_effect": ..., "steering_effect_dedup": ..., "steering_kl": ...}}`.
 """
 
 from __future__ import annotations
@@ -350,24 +352,26 @@ def _flatten_texts(texts: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def steering_effect(texts: Mapping[str, Any]) -> float:
-    """Text-only steering effect in [0, 1]: 0.6 × token diversity + 0.4 × text uniqueness.
+REFERENCE_KEYS = ("-2.0", "-1.0", "1.0", "2.0",
+                  "-4.0", "-3.0", "-2.5", "-2.0", "-1.5", "-1.0", "-0.5", "0.5", "1.0", "1.5", "2.0", "2.5", "3.0", "4.0")
+"""The strength keys the steering workflow's formula reads, in its order: its 4-level keys, then its
+14-level keys — so -2.0, -1.0, 1.0 and 2.0 come twice, and keys not listed (e.g. "8.0") are not read."""
 
-    The definition of tatsath/autointerp (`autointerp_steer`, `calculate_steering_effect_score`,
-    after Kuznetsov et al., Findings of ACL 2025). Over the list T of non-empty texts — the
-    original and every steered text; `texts` is one prompt's {key: text} or a feature's
-    {prompt: {key: text}}:
 
-        tokens     = concatenation over t ∈ T of t.split()[:50]     (whitespace, case kept)
-        diversity  = |set(tokens)| / |tokens|
-        uniqueness = |set(T)| / |T|
-        effect     = clip(0.6 · diversity + 0.4 · uniqueness, 0, 1);   0 when |T| < 2 or no tokens
+def _reference_texts(texts: Mapping[str, Any]) -> list[str]:
+    """T as the reference builds it: per prompt, the original, then each of `REFERENCE_KEYS` (repeats
+    included) whose text is non-empty."""
+    prompts = texts.values() if any(isinstance(v, Mapping) for v in texts.values()) else [texts]
+    out: list[str] = []
+    for by_key in prompts:
+        if isinstance(by_key, Mapping):
+            out += [t for t in [by_key.get(ORIGINAL)] + [by_key.get(k) for k in REFERENCE_KEYS] if isinstance(t, str) and t]
+    return out
 
-    (The reference iterates a fixed key list in which -2.0, -1.0, 1.0 and 2.0 appear twice, so it
-    counts those texts twice; here every text counts once.) Note uniqueness is 1/|T|, not 0, when
-    all texts are identical, so the score's floor is above 0.
-    """
-    all_texts = _flatten_texts(texts)
+
+def _diversity_score(all_texts: list[str]) -> float:
+    """clip(0.6 · |set(tokens)|/|tokens| + 0.4 · |set(T)|/|T|, 0, 1) over the text list T (0 when
+    |T| < 2 or no tokens); tokens are each text's first 50 whitespace words, case kept."""
     if len(all_texts) < 2:
         return 0.0
     tokens = [w for t in all_texts for w in t.split()[:EFFECT_MAX_WORDS]]
@@ -376,6 +380,31 @@ def steering_effect(texts: Mapping[str, Any]) -> float:
     diversity = len(set(tokens)) / len(tokens)
     uniqueness = len(set(all_texts)) / len(all_texts)
     return min(1.0, max(0.0, 0.6 * diversity + 0.4 * uniqueness))
+
+
+def steering_effect(texts: Mapping[str, Any]) -> float:
+    """Text-only steering effect in [0, 1], exactly the steering workflow's formula (autointerp_steer's
+    `calculate_steering_effect_score`, after Kuznetsov et al., Findings of ACL 2025), so figures
+    compare with its published ones. `texts` is a feature's {prompt: {key: text}} (or one prompt's
+    {key: text}). T is built per prompt as the original, then the text of each key of
+    `REFERENCE_KEYS` in order — each text counted as it comes, so the texts at -2.0, -1.0, 1.0 and
+    2.0 count twice and strengths not listed are not read — and then:
+
+        tokens     = concatenation over t ∈ T of t.split()[:50]     (whitespace, case kept)
+        diversity  = |set(tokens)| / |tokens|
+        uniqueness = |set(T)| / |T|
+        effect     = clip(0.6 · diversity + 0.4 · uniqueness, 0, 1);   0 when |T| < 2 or no tokens
+
+    Uniqueness is 1/|T|, not 0, when all texts are identical, so the floor is above 0.
+    `steering_effect_dedup` is saeforge's variant with every text counted once.
+    """
+    return _diversity_score(_reference_texts(texts))
+
+
+def steering_effect_dedup(texts: Mapping[str, Any]) -> float:
+    """The `steering_effect` formula over every non-empty text of `texts` once (the original and
+    every strength, whatever its value); `steering_effect_dedup` in the outputs."""
+    return _diversity_score(_flatten_texts(texts))
 
 
 def steering_kl(
@@ -490,9 +519,9 @@ def steer_records(
         rec = records.get(feature)
         previous = rec.steering if rec.steering is not None and rec.steering.measured else None
         measured = previous is not None and previous.kl is not None  # texts without KL: generate again
-        if measured and records_io.steering_texts_complete(out_dir, layer, feature, len(prompts)):
+        if measured and records_io.steering_texts_complete(out_dir, layer, feature, len(prompts), cfg.file_suffix):
             texts = records_io.read_steering_texts(out_dir, layer, feature)
-            rec.steering = Steering(texts, True, steering_effect(texts), previous.kl)
+            rec.steering = Steering(texts, True, steering_effect(texts), previous.kl, steering_effect_dedup(texts))
         else:
             run = generate_steered(lm, sae, hookpoint, feature, amax[feature], prompts, cfg.strengths, cfg)
             steered = [i for i, key in enumerate(run.row_keys) if key != ORIGINAL and float(key) != 0.0]
@@ -500,11 +529,11 @@ def steer_records(
                 lm, hookpoint, [run.row_prompts[i] for i in steered], [run.continuations[i] for i in steered],
                 run.vectors[steered], max_batch=cfg.max_batch,
             ) if steered else 0.0
-            rec.steering = Steering(dict(run.texts), True, steering_effect(run.texts), kl)
+            rec.steering = Steering(dict(run.texts), True, steering_effect(run.texts), kl, steering_effect_dedup(run.texts))
             # effect and KL first, then the texts: complete texts on disk always have their KL
             records_io.write_effects(out_dir, records)
             for index, prompt in enumerate(prompts):
-                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt])
+                records_io.write_steering_texts(out_dir, layer, feature, index, prompt, run.texts[prompt], cfg.file_suffix)
             n_tokens += sum(len(c) for c in run.continuations)
             seconds += run.seconds
             bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")

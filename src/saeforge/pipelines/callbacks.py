@@ -51,7 +51,8 @@ class InterpretCallback(L.Callback):
 
     def interpret(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Run the stages on the current SAE; a stage that does not apply is skipped with its reason logged."""
-        from saeforge.pipelines.interpret import RUNNERS, Context, NotApplicable, select_features
+        from saeforge.pipelines.interpret import (RUNNERS, SUMMARY_FEEDS, Context, NotApplicable, select_features,
+                                                  write_run_record, write_run_summary)
         from saeforge.sae.source import SAESource
 
         source = SAESource(pl_module.export_sae(), self.hookpoint, self.run_dir, self.run_cfg, f"step {step}")
@@ -60,11 +61,14 @@ class InterpretCallback(L.Callback):
         ctx = Context(self.cfg, source, out, self.lm)
         ctx.features = select_features(ctx, None)
         try:
+            write_run_record(ctx)
             for stage in self.cfg.interpret.stages:
                 try:
                     RUNNERS[str(stage)](ctx)
                 except NotApplicable as reason:
                     log.info("interpret callback: stage %s not applicable: %s", stage, reason)
+            if any(str(stage) in SUMMARY_FEEDS for stage in self.cfg.interpret.stages):
+                write_run_summary(ctx)
         finally:
             self.lm = ctx._lm  # keep the LM loaded for the next time
         self.log_table(trainer, out, step)

@@ -17,6 +17,12 @@ reads an incomplete stage gets a different fingerprint, so it reruns once that s
 The run goes on through the later stages, prints a summary of the failures grouped by reason, and
 then raises `IncompleteStages` (`python interpret.py` exits with `EXIT_INCOMPLETE`) unless
 `interpret.allow_partial=true`.
+
+Drop-in outputs: the summary CSV (first columns `layer,feature,label,steering_effect`, then the
+scores, `status`, the label-free `top_tokens` description and `steering_effect_dedup`) is rewritten
+after every stage that feeds it (`SUMMARY_FEEDS`), so `stages=[maxact,steering,explain]` leaves one
+too; and every run writes the run record (records.RUN_CONFIG: the resolved config with secrets
+removed, the prompt file and where it came from, the effective prompts, package versions).
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
+import platform
+from dataclasses import replace
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +59,9 @@ from saeforge.config import (
     SteeringConfig,
     from_config,
 )
-from saeforge.pipelines.run import make_wandb_logger
+from saeforge.interpret.describe import is_generic_label, top_token_description
+from saeforge.interpret.prompts import load_prompts, prompts_json, resolve_prompt_file
+from saeforge.pipelines.run import make_wandb_logger, strip_secrets
 from saeforge.pipelines.validate import exclude_first_tokens, validate_interpret
 from saeforge.sae.source import SAESource, resolve_sae
 
@@ -59,6 +69,11 @@ log = logging.getLogger(__name__)
 UPSTREAM = {"steering": ["maxact"], "explain": ["maxact", "steering"], "score": ["explain"],
             "dashboard": ["maxact", "logit_lens", "steering", "explain", "score"]}
 OUTPUT = {stage: records_io.stage_output(stage) for stage in STAGES}
+SUMMARY_FEEDS = ("maxact", "logit_lens", "steering", "explain", "score")
+"""Stages whose outputs the summary CSV shows: after each of them runs, the summary is rewritten."""
+VERSIONED_PACKAGES = ("saeforge", "torch", "transformers", "lightning", "safetensors", "openai", "sentence-transformers",
+                      "hydra-core", "omegaconf")
+"""Packages whose versions the run record lists (those installed)."""
 EXIT_INCOMPLETE = 3
 """Exit status of `python interpret.py` when a stage ended with failed features (outputs written)."""
 
@@ -96,6 +111,10 @@ class Context:
         self.hookpoint = source.hookpoint
         self.layer = layer_label(self.hookpoint)
         self.features: list[int] = []
+        prompts_cfg = cfg.get("prompts")
+        self.prompt_file, self.prompt_origin = resolve_prompt_file(prompts_cfg.get("override") if prompts_cfg else None,
+                                                                   source.run_dir)
+        """The prompt override file in effect and where it came from (prompts.resolve_prompt_file)."""
         self.resuming = False
         """True while a stage reruns because its last run with the same fingerprint was incomplete."""
         self._client: Any = None
@@ -176,13 +195,22 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_settings(cfg: DictConfig, stage: str) -> Any:
+def stage_settings(cfg: DictConfig, stage: str, prompt_file: Path | None = None) -> Any:
     node = cfg.interpret.get(stage)
     settings = OmegaConf.to_container(node, resolve=True) if node is not None else None
+    if stage == "explain":
+        settings = {**settings, "source": explain_config(cfg).source}
     if stage in ("explain", "score"):
         explainer = OmegaConf.to_container(cfg.explainer, resolve=True)
-        settings = {"stage": settings, "explainer": explainer, "prompts": cfg.prompts.get("override")}
+        prompts = None if prompt_file is None else [str(prompt_file), hashlib.sha256(prompt_file.read_bytes()).hexdigest()]
+        settings = {"stage": settings, "explainer": explainer, "prompts": prompts}
     return settings
+
+
+def explain_config(cfg: DictConfig) -> ExplainConfig:
+    """The explain settings with `source: auto` resolved for this run's stages."""
+    conf = ExplainConfig.from_mapping(cfg.interpret.explain)
+    return replace(conf, source=conf.source_for(list(cfg.interpret.stages)))
 
 
 def select_features(ctx: Context, frequency: torch.Tensor | None) -> list[int]:
@@ -297,20 +325,18 @@ def run_steering_stage(ctx: Context) -> None:
 
 def run_explain_stage(ctx: Context) -> None:
     from saeforge.interpret.explain import explain_records
-    from saeforge.interpret.prompts import load_prompts
     from saeforge.explainers.factory import make_chat_params
 
     records = records_io.read_steering(ctx.out, read_maxact(ctx))
     explainable = set(records.with_maxact())
     features = [f for f in ctx.features if f in explainable]
     explain_records(ctx.client(), records, features,
-                    load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
-                    ctx.hookpoint, ctx.layer, ExplainConfig.from_mapping(ctx.cfg.interpret.explain),
-                    keep=records_io.FINAL_STATUSES if ctx.resuming else ("ok",))
+                    load_prompts(ctx.prompt_file), make_chat_params(ctx.cfg.explainer), ctx.out,
+                    ctx.hookpoint, ctx.layer, explain_config(ctx.cfg),
+                    keep=records_io.FINAL_STATUSES if ctx.resuming else (records_io.SUCCESS,))
 
 
 def run_score_stage(ctx: Context) -> None:
-    from saeforge.interpret.prompts import load_prompts
     from saeforge.interpret.score import load_embedder, score_records
     from saeforge.explainers.factory import make_chat_params
 
@@ -322,7 +348,7 @@ def run_score_stage(ctx: Context) -> None:
     labelled = any(s not in records_io.LABEL_FREE for s in scorers)  # intruder alone needs no explanations
     records_io.read_explanations(ctx.out, ctx.layer, records, required=labelled)
     score_records(ctx.client() if needs_llm else None, embedder, records,
-                  ctx.features, load_prompts(ctx.cfg.prompts.get("override")), make_chat_params(ctx.cfg.explainer), ctx.out,
+                  ctx.features, load_prompts(ctx.prompt_file), make_chat_params(ctx.cfg.explainer), ctx.out,
                   ctx.hookpoint, ctx.layer, scfg)
 
 
@@ -356,7 +382,7 @@ def check_explain(ctx: Context) -> tuple[int, dict[int, str]]:
     records_io.read_explanations(ctx.out, ctx.layer, records)
     explainable = set(records.with_maxact())
     features = [f for f in ctx.features if f in explainable]
-    return len(features), unfinished(records, features, str(ctx.cfg.interpret.explain.get("source", "maxact")))
+    return len(features), unfinished(records, features, explain_config(ctx.cfg).source)
 
 
 def check_score(ctx: Context) -> tuple[int, dict[int, str]]:
@@ -394,7 +420,8 @@ def failure_line(stage: str, n_total: int, groups: dict[str, list[int]]) -> str:
     return f"{stage}: {n_failed}/{n_total} failed: " + "; ".join(parts)
 
 
-def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[str, Any]]) -> dict[str, str]:
+def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[str, Any]],
+                 prompt_file: Path | None = None) -> dict[str, str]:
     """The fingerprint of every stage: its settings, the features, the SAE and its upstream stages'
     fingerprints — an upstream stage recorded incomplete under its current fingerprint counts as
     different ("+partial"), so a stage that read partial outputs reruns once they are complete."""
@@ -406,7 +433,7 @@ def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[st
             if record.get(u, {}).get("fingerprint") == fp and record[u].get("complete", True) is False:
                 fp += "+partial"
             upstream.append(fp)
-        prints[stage] = fingerprint(stage, stage_settings(cfg, stage), features, str(cfg.ckpt), upstream)
+        prints[stage] = fingerprint(stage, stage_settings(cfg, stage, prompt_file), features, str(cfg.ckpt), upstream)
     return prints
 
 
@@ -419,9 +446,13 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     settings = validate_interpret(cfg)  # first: bad settings fail here, before any load
     stages = list(settings.interpret.stages)
     source = resolve_sae(settings.ckpt, settings.hookpoint)
-    out = output_root(cfg, source) / "interpret" / source.hookpoint
+    root = output_root(cfg, source)
+    out = root / "interpret" / source.hookpoint
+    prompt_file, prompt_origin = resolve_prompt_file(cfg.prompts.get("override"), root)
+    prompts = load_prompts(prompt_file)  # a bad prompt file fails here, before the LM loads
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, source, out, lm)
+    ctx.prompt_file, ctx.prompt_origin = prompt_file, prompt_origin
     if source.hookpoint != LORA_HOOKPOINT and ctx.lm.d_model != source.sae.cfg.d_in:
         raise ValueError(f"the SAE has d_in={source.sae.cfg.d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
     frequency = None if cfg.interpret.get("features") else sae_frequency(source)
@@ -432,12 +463,13 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
             log.info("no firing frequency to select features by (%s): taking the first interpret.max_latents", reason)
     ctx.features = select_features(ctx, frequency)
     log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
+    write_run_record(ctx, prompts)
 
     record = records_io.read_stages(out)
     failed: dict[str, dict[str, list[int]]] = {}
     lines: list[str] = []
     for stage in stages:
-        prints = stage_prints(cfg, ctx.features, record)  # again per stage: upstream completeness may change
+        prints = stage_prints(cfg, ctx.features, record, prompt_file)  # again per stage: upstream completeness may change
         previous = record.get(stage, {})
         same = previous.get("fingerprint") == prints[stage] and (out / OUTPUT[stage]).exists()
         complete = previous.get("complete", True) is not False
@@ -468,6 +500,10 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
                 log.warning("%s", lines[-1])
         record[stage] = entry
         records_io.write_stages(out, record)
+        if stage in SUMMARY_FEEDS:
+            write_run_summary(ctx)
+    if any(s in SUMMARY_FEEDS for s in stages) and not (out / records_io.SUMMARY).is_file():
+        write_run_summary(ctx)  # every feeding stage was up to date, but the summary is gone
     ctx.resuming = False
     log_to_wandb(cfg, out, source.run_dir)
     if failed:
@@ -481,22 +517,43 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     return out
 
 
-GENERIC_WORDS = frozenset({"the", "a", "an", "this", "that", "feature", "features", "label", "latent", "neuron", "concept",
-                           "pattern", "unknown", "none", "na", "n", "various", "misc", "miscellaneous", "text", "token",
-                           "tokens", "word", "words", "is", "of", "it", "and", "or"})
-"""Words that say nothing about what a feature detects (see `is_generic_label`)."""
+def write_run_summary(ctx: Context) -> None:
+    """Rewrite the summary rows of the run's features from every output present (labels, steering
+    effects, scores of every scorer file, explanation status, top-token descriptions)."""
+    records = records_io.load_records(ctx.out)
+    if records.layer is None:
+        records.layer = ctx.layer
+    scorers = list(dict.fromkeys([str(s) for s in ctx.cfg.interpret.score.scorers]
+                                 + sorted({s for r in records.features.values() for s in r.scores})))
+    descriptions = {f: top_token_description(records.get(f)) for f in ctx.features}
+    records_io.write_summary(ctx.out, records, ctx.features, scorers, top_tokens=descriptions)
 
 
-def is_generic_label(label: str) -> bool:
-    """A label that names no concept. The rule: lower-case the label and keep only letters, digits and
-    spaces; it is generic when every word is in `GENERIC_WORDS` ("The feature", "The LABEL", "a
-    pattern"), when it holds "feature" twice ("The feature is a feature of ..."), or when it is a
-    template placeholder left unfilled (`<label>`, `[LABEL]`, `{label}`)."""
-    text = label.strip()
-    if re.search(r"[<\[{]\s*label\s*[>\]}]", text, re.IGNORECASE):
-        return True
-    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
-    return not words or all(w in GENERIC_WORDS for w in words) or words.count("feature") + words.count("features") >= 2
+def package_versions() -> dict[str, str]:
+    """Python and the installed `VERSIONED_PACKAGES` with their versions."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_run_record(ctx: Context, prompts: dict[str, Any] | None = None) -> Path:
+    """The run record (records.RUN_CONFIG): resolved config (secrets removed), SAE, features, the
+    prompt file and its origin, the effective prompts, package versions."""
+    doc = {
+        "written": datetime.now().isoformat(timespec="seconds"),
+        "ckpt": str(ctx.cfg.ckpt), "sae": ctx.source.description, "hookpoint": ctx.hookpoint, "layer": ctx.layer,
+        "stages": list(ctx.cfg.interpret.stages), "features": ctx.features,
+        "explain_source": explain_config(ctx.cfg).source,
+        "config": strip_secrets(ctx.cfg),
+        "prompt_file": None if ctx.prompt_file is None else str(ctx.prompt_file), "prompt_file_origin": ctx.prompt_origin,
+        "prompts": prompts_json(prompts if prompts is not None else load_prompts(ctx.prompt_file)),
+        "versions": package_versions(),
+    }
+    return records_io.write_run_config(ctx.out, doc)
 
 
 def interpret_summary(out: Path) -> dict[str, float]:
@@ -507,7 +564,8 @@ def interpret_summary(out: Path) -> dict[str, float]:
     labels = [e.label.strip() for e in explanations if e.ok]
     summary: dict[str, float] = {"interpret/n_features": len(records.features), "interpret/n_labelled": len(labels),
                                  "interpret/n_failed": sum(1 for e in explanations if e.status in ("error", "parse_error")),
-                                 "interpret/n_generic": sum(1 for label in labels if is_generic_label(label))}
+                                 "interpret/n_generic": sum(1 for e in explanations if e.status == "generic")
+                                 + sum(1 for label in labels if is_generic_label(label))}
     rows = records_io.read_summary(out, strict=False)
     for col in (*SCORERS, "steering_effect"):
         for key in (col, f"{col}_baseline"):

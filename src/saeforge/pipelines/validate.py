@@ -208,6 +208,12 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
     if not settings.ckpt:
         raise ConfigError("ckpt is required: give ckpt=<run dir | .ckpt | SAE dir>")
     check_surprisal_client(settings)
+    from saeforge.interpret.prompts import load_prompts, resolve_prompt_file
+
+    try:  # the prompt file of the config or $PROMPT_CONFIG_FILE (a run dir's prompts.yaml is checked once found)
+        load_prompts(resolve_prompt_file(settings.prompts.override, settings.run.dir or None)[0])
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"prompts: {' '.join(str(err).split())}") from None
     return settings
 
 

@@ -211,12 +211,15 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
         m = maxact.get(fid) if isinstance(maxact.get(fid), dict) else {}
         e = expl.get(fid) if isinstance(expl.get(fid), dict) else {}
         s = summary.get(fid, {})
-        label = e.get("label") or s.get("label") or ""
+        usable = not e or str(e.get("status")) in (records_io.SUCCESS, "ok")  # a generic label is not shown as one
+        label = (e.get("label") if usable else "") or s.get("label") or ""
         labels[fid] = str(label)
         entry: dict[str, Any] = {"id": fid, "label": str(label)}
         if e:
-            entry["interpretation"] = str(e.get("interpretation") or "")
+            entry["interpretation"] = str(e.get("description") or e.get("interpretation") or "")
             entry["status"] = str(e.get("status") or "")
+        if s.get("top_tokens"):
+            entry["top_tokens"] = str(s["top_tokens"])
         for key, name in (("frequency", "frequency"), ("a_max", "a_max"), ("n_fired", "n_fired")):
             if _num(m.get(name)) is not None:
                 entry[key] = _num(m.get(name))
