@@ -79,7 +79,7 @@ def test_user_hdf5_with_tokens_gives_maxact_and_steering(tmp_path, store_rows, t
     assert not any("not_applicable" in e for e in stages.values() if isinstance(e, dict))
     assert json.loads((out / "steering" / "effects.json").read_text())
     labels = json.loads((out / "explanations.json").read_text())["2"]
-    assert set(labels) == set(maxact["features"]) and all(e["status"] in ("ok", "parse_error") for e in labels.values())
+    assert set(labels) == set(maxact["features"]) and all(e["status"] in ("success", "generic", "parse_error") for e in labels.values())
 
 
 def test_user_hdf5_without_tokens_says_what_to_add(tmp_path, store_rows, tiny_lm, caplog):
