@@ -371,6 +371,9 @@ class LoggerConfig:
 # ------------------------------------------------------------------------------------ interpret stages
 
 
+NON_ACTIVATING_SOURCES = ("random", "neighbours", "faiss")
+
+
 @dataclass
 class MaxActConfig:
     """Settings of the max-activation pass (`interpret.maxact.*`). The excluded first positions are
@@ -401,7 +404,15 @@ class MaxActConfig:
     exclude_bos: bool = True
     """Zero the activations at BOS positions (attention sinks) before any statistic."""
     n_non_activating: int = 20
-    """Random windows (seeded) per feature where the feature never fires."""
+    """Non-activating windows per feature (windows where the feature never fires)."""
+    non_activating_source: str = "random"
+    """Where non-activating windows come from: random (seeded) | neighbours (top examples of the
+    features nearest by decoder cosine) | faiss (contexts nearest by MiniLM embedding to the feature's
+    top examples, through faiss-cpu). Hard sources fill up with random windows when they find too few."""
+    n_neighbours: int = 10
+    """neighbours: how many nearest features (by decoder cosine) give their top examples."""
+    faiss_candidates: int = 4096
+    """faiss: windows (a seeded sample; all when fewer) embedded as the candidate contexts."""
     seed: int = 0
     """Seed of the reservoir keys and of the non-activating slices."""
     progress: bool = True
@@ -412,6 +423,9 @@ class MaxActConfig:
         require_at_least(self, "interpret.maxact", 1, ("batch_size", "n_examples", "n_quantiles", "examples_per_quantile",
                                                        "bucket_resolution", "hist_bins", "hist_resolution"))
         require_at_least(self, "interpret.maxact", 0, ("context_left", "context_right", "n_non_activating"))
+        require_at_least(self, "interpret.maxact", 1, ("n_neighbours", "faiss_candidates"))
+        require(self.non_activating_source in NON_ACTIVATING_SOURCES, "interpret.maxact.non_activating_source",
+                f"must be one of {', '.join(NON_ACTIVATING_SOURCES)}, got {self.non_activating_source!r}")
         if any(not 0.0 <= q <= 1.0 for q in self.quantile_levels):
             raise ConfigError(f"interpret.maxact.quantile_levels must lie in [0, 1], got {self.quantile_levels}")
 

@@ -202,6 +202,8 @@ class FeatureRecord:
     a_max: float | None = None
     """The largest activation seen; None means the feature has no max-act entry."""
     n_fired: int | None = None
+    n_windows: int | None = None
+    """Windows where the feature fires (its activating examples, one per window; None: older files)."""
     quantiles: list[float] = field(default_factory=list)
     """Quantiles of the nonzero activations at the run's `quantile_levels`."""
     histogram: dict[str, Any] | None = None
@@ -231,12 +233,14 @@ class FeatureRecord:
     def maxact_entry(self) -> dict[str, Any]:
         """This feature's entry of the max-act file (the dict explain and score sample from)."""
         return {"feature": self.feature, "frequency": self.frequency, "a_max": self.a_max, "n_fired": self.n_fired,
+                **({"n_windows": self.n_windows} if self.n_windows is not None else {}),
                 "quantiles": self.quantiles, "histogram": self.histogram, "top": [e.to_json() for e in self.top],
                 "quantile_examples": [e.to_json() for e in self.quantile_examples],
                 "non_activating": [e.to_json() for e in self.non_activating]}
 
     def set_maxact(self, entry: Mapping[str, Any]) -> None:
         self.frequency, self.a_max, self.n_fired = entry.get("frequency"), entry.get("a_max"), entry.get("n_fired")
+        self.n_windows = entry.get("n_windows")
         self.quantiles = list(entry.get("quantiles") or [])
         self.histogram = entry.get("histogram")
         self.top = [Example.from_json(e) for e in entry.get("top") or []]
