@@ -307,13 +307,17 @@ class MaxActTarget:
     """Features to report; None: all."""
     activations: RowSource | None = None
     """The stored rows of this hookpoint in token order (then the LM does not run for it)."""
+    exclude_first_tokens: int = 2
+    """The first positions of every window counted in no statistic (the run's data.exclude_first_tokens)."""
 
 
 class _Pass:
     """The per-target part of the pass: feature columns (the reported features, then any neighbours
     that only lend their top examples), the state and the batch encoder."""
 
-    def __init__(self, target: MaxActTarget, conf: MaxActConfig, tokens: Tensor, bos: int | None, skip: int) -> None:
+    def __init__(self, target: MaxActTarget, conf: MaxActConfig, tokens: Tensor, bos: int | None) -> None:
+        if target.exclude_first_tokens < 0:
+            raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {target.exclude_first_tokens}")
         sae = target.sae
         n_seq, T = tokens.shape
         d_sae = int(sae.cfg.d_sae)
@@ -344,7 +348,7 @@ class _Pass:
         self.device = next(sae.parameters()).device
         self.cols = torch.tensor(columns, device=self.device) if columns != list(range(d_sae)) else None
         self.state = _State(len(columns), conf, T, self.device, fired=(n_seq, len(self.feat_ids)) if hard else None)
-        self.tokens, self.bos, self.skip = tokens, bos, skip
+        self.tokens, self.bos, self.skip = tokens, bos, target.exclude_first_tokens
 
     def encode(self, x: Tensor, seq0: int) -> None:
         sae, device = self.sae, self.device
@@ -382,8 +386,8 @@ def collect_maxact(
     `exclude_first_tokens` positions of every window (the training run's `data.exclude_first_tokens`)
     count in no statistic. `cfg` None: the defaults. `embed` (faiss negatives): None → MiniLM.
     """
-    target = MaxActTarget(sae, hookpoint, features, activations)
-    return collect_maxact_many(lm, [target], tokens, cfg, exclude_first_tokens, embed)[0]
+    target = MaxActTarget(sae, hookpoint, features, activations, exclude_first_tokens)
+    return collect_maxact_many(lm, [target], tokens, cfg, embed)[0]
 
 
 def collect_maxact_many(
@@ -391,14 +395,11 @@ def collect_maxact_many(
     targets: Sequence[MaxActTarget],
     tokens: Tensor,
     cfg: MaxActConfig | None = None,
-    exclude_first_tokens: int = 2,
     embed: Embed | None = None,
 ) -> list[MaxActResult]:
     """`collect_maxact` for several SAEs (hookpoints) in one pass: each batch runs the LM once,
     capturing every hookpoint that has no stored rows, and feeds every SAE. One result per target."""
     conf = cfg if cfg is not None else MaxActConfig()
-    if exclude_first_tokens < 0:
-        raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {exclude_first_tokens}")
     if not targets:
         raise ValueError("collect_maxact_many needs at least one target")
     tokens = torch.as_tensor(tokens)
@@ -406,7 +407,7 @@ def collect_maxact_many(
         raise ValueError(f"tokens must be [n_seq, ctx_len] with n_seq > 0, got shape {tuple(tokens.shape)}")
     n_seq, T = tokens.shape
     bos = lm.tokenizer.bos_token_id if conf.exclude_bos else None
-    passes = [_Pass(t, conf, tokens, bos, exclude_first_tokens) for t in targets]
+    passes = [_Pass(t, conf, tokens, bos) for t in targets]
     live = list(dict.fromkeys(p.hookpoint for p in passes if p.target.activations is None))
     B = conf.batch_size
     stored = {i: _stored_batches(p.target.activations, B * T, n_seq * T)

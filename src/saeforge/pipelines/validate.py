@@ -207,7 +207,23 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
     settings = from_config(InterpretConfig, cfg, "")
     if not settings.ckpt:
         raise ConfigError("ckpt is required: give ckpt=<run dir | .ckpt | SAE dir>")
+    ckpts = interpret_ckpts(settings)
+    hookpoints = settings.interpret.hookpoints
+    if len(ckpts) > 1 and hookpoints is not None and len(hookpoints) != len(ckpts):
+        raise ConfigError(f"interpret.hookpoints has {len(hookpoints)} entries but ckpt lists {len(ckpts)} SAEs: "
+                          "give one hookpoint per ckpt, or interpret.hookpoints=null")
+    if hookpoints is not None and settings.hookpoint:
+        raise ConfigError("give either hookpoint or interpret.hookpoints, not both")
     return settings
+
+
+def interpret_ckpts(settings: InterpretConfig) -> list[str]:
+    """`ckpt` as a list of paths (one entry for a single ckpt)."""
+    ckpt = settings.ckpt
+    ckpts = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt) if isinstance(ckpt, (list, tuple)) else None
+    if not ckpts or not all(isinstance(c, (str, Path)) and str(c) for c in ckpts):
+        raise ConfigError(f"ckpt must be a path or a non-empty list of paths, got {ckpt!r}")
+    return [str(c) for c in ckpts]
 
 
 def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
@@ -217,5 +233,5 @@ def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
     return int(imported)
 
 
-__all__ = ["TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "trainer_kwargs_from", "validate_evaluate",
+__all__ = ["TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "interpret_ckpts", "trainer_kwargs_from", "validate_evaluate",
            "validate_interpret", "validate_train"]
