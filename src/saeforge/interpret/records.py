@@ -624,6 +624,27 @@ def read_summary(out_dir: str | Path, strict: bool = True) -> list[dict[str, str
         return []
 
 
+def write_combined_summary(root: str | Path, out_dirs: Sequence[str | Path]) -> Path | None:
+    """One summary CSV in `root` holding the rows of every hookpoint directory's summary (several SAEs
+    interpreted together), their columns in first-seen order plus `hookpoint`; None when none has rows."""
+    columns: list[str] = []
+    rows: list[dict[str, str]] = []
+    for out in out_dirs:
+        for row in read_summary(out):
+            columns += [c for c in row if c not in columns]
+            rows.append({**row, "hookpoint": Path(out).name})
+    if not rows:
+        return None
+    path = Path(root) / SUMMARY
+    columns.append("hookpoint")
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    return path
+
+
 def summary_by_feature(rows: Iterable[Mapping[str, str]], layer: int | None) -> dict[int, dict[str, str]]:
     """Summary rows by feature; for a feature with rows of several layers, `layer`'s row wins."""
     out: dict[int, dict[str, str]] = {}
@@ -675,6 +696,6 @@ __all__ = [
     "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "load_records",
     "read_explanations", "read_logit_lens", "read_maxact", "read_scores", "read_stages", "read_steering",
     "read_steering_texts", "read_summary", "scores_path", "stage_output", "steering_text_path",
-    "steering_texts_complete", "summary_by_feature", "write_effects", "write_explanations", "write_logit_lens",
+    "steering_texts_complete", "summary_by_feature", "write_combined_summary", "write_effects", "write_explanations", "write_logit_lens",
     "write_maxact", "write_scores", "write_stages", "write_steering_texts", "write_summary",
 ]

@@ -547,6 +547,8 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         if ctx.kept is None and "maxact" in stages:
             apply_min_examples(ctx, records[id(ctx)])  # recorded even when only maxact ran
         log_to_wandb(cfg, ctx.out, ctx.source.run_dir)
+    if several and records_io.write_combined_summary(root, [ctx.out for ctx in contexts]) is not None:
+        log.info("summary of every hookpoint: %s", root / records_io.SUMMARY)
     out = root if several else contexts[0].out
     if failed:
         allow = settings.interpret.allow_partial

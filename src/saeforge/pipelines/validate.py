@@ -214,7 +214,22 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
                           "give one hookpoint per ckpt, or interpret.hookpoints=null")
     if hookpoints is not None and settings.hookpoint:
         raise ConfigError("give either hookpoint or interpret.hookpoints, not both")
+    check_local_explainer(settings.explainer.kind, settings.explainer.model)
     return settings
+
+
+def check_local_explainer(kind: str, model: str | None) -> None:
+    """explainer.kind=local with explainer.model naming a file or folder: it must exist (a .gguf file or
+    a folder with config.json); other names are hub ids or the analysed model's name."""
+    if kind != "local" or not model:
+        return
+    path = Path(str(model)).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"explainer.model={model}: no such .gguf file")
+    elif path.exists() or str(model).startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"explainer.model={model}: not a model folder (no config.json) or a .gguf file")
 
 
 def interpret_ckpts(settings: InterpretConfig) -> list[str]:
