@@ -21,7 +21,15 @@ The pass walks the token windows in batches: forward to the hookpoint (or read t
   (H = hist_bins·hist_resolution internal bins), re-binned at the end into `hist_bins` bins of
   (nearly) equal width over [0, top of the last occupied bin]; `quantiles` are interpolated from it.
 - **non-activating** [F, M]: bottom-M random keys over the windows where the feature is zero at
-  every (non-excluded) position; a seeded random slice of the display length is reported.
+  every (non-excluded) position; a seeded random slice of the display length is reported. With
+  `non_activating_source=neighbours|faiss` the pass also keeps a `fired` mask [n_seq, F] (bits, the
+  one part that grows with the number of windows) and interpret/negatives.py replaces them with hard
+  negatives after the pass; for neighbours the nearest features by decoder cosine join the pass as
+  extra columns (their top examples are needed, they are not reported).
+- **n_windows** [F]: windows where the feature fires (its activating examples, for min_examples).
+
+Several SAEs (`collect_maxact_many`, one `MaxActTarget` each) share the pass: each batch runs the LM
+once, capturing every hookpoint without stored rows, and every SAE merges it into its own state.
 
 Per-token context acts are stored when an example enters the state (top: float32, quantile
 reservoirs: float16), so no second pass over the windows is needed; that state is

@@ -215,6 +215,11 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
     if hookpoints is not None and settings.hookpoint:
         raise ConfigError("give either hookpoint or interpret.hookpoints, not both")
     check_local_explainer(settings.explainer.kind, settings.explainer.model)
+    if settings.interpret.maxact.non_activating_source == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            raise ConfigError("interpret.maxact.non_activating_source=faiss needs faiss-cpu: pip install faiss-cpu==1.15.1")
     return settings
 
 
