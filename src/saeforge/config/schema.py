@@ -670,6 +670,29 @@ class InterpretCallbackConfig:
     """Overrides applied to configs/interpret.yaml."""
 
 
+# ----------------------------------------------------------------------------------- concept discovery
+
+
+@dataclass
+class ConceptAnalysisConfig:
+    """Settings of concept discovery's analysis half (`discover.analysis.*`): statistics per feature
+    against the 0–3 label, permutation p-values and Benjamini–Hochberg q-values."""
+
+    n_permutations: int = 1000
+    """Label shuffles of the permutation test (vectorised)."""
+    fdr_alpha: float = 0.05
+    """Benjamini–Hochberg level over all features × SAEs; q below it counts as significant."""
+    top_features: int = 20
+    """Features (over all SAEs) in the report, with their top sentences and fragments."""
+    seed: int = 0
+    """Seed of the label shuffles."""
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "discover.analysis", 1, ("n_permutations", "top_features"))
+        if not 0.0 < self.fdr_alpha < 1.0:
+            raise ConfigError(f"discover.analysis.fdr_alpha must lie in (0, 1), got {self.fdr_alpha}")
+
+
 @dataclass
 class TrainRunConfig:
     """`run`: where a training run writes."""

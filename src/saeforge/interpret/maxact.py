@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -59,7 +58,7 @@ from saeforge.interpret.negatives import ContextIndex, Embed, faiss_negatives, m
 from saeforge.interpret.neighbours import decoder_neighbours
 from saeforge.interpret.records import Records
 from saeforge.lm.capture import capture_residual, run_until_captured
-from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, canonical_name, layer_label
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +415,13 @@ def collect_maxact_many(
     n_seq, T = tokens.shape
     bos = lm.tokenizer.bos_token_id if conf.exclude_bos else None
     passes = [_Pass(t, conf, tokens, bos) for t in targets]
-    live = list(dict.fromkeys(p.hookpoint for p in passes if p.target.activations is None))
+    live = list(dict.fromkeys(p.hookpoint for p in passes if p.target.activations is None and p.hookpoint != LORA_HOOKPOINT))
+    lora = any(p.hookpoint == LORA_HOOKPOINT and p.target.activations is None for p in passes)
+    if lora:
+        from saeforge.activations.lora import lora_activations
+
+        if not lm.lora_sites:
+            raise ValueError("maxact at the `lora` hookpoint needs the LM with its adapter attached (activations.lora.with_adapter)")
     B = conf.batch_size
     stored = {i: _stored_batches(p.target.activations, B * T, n_seq * T)
               for i, p in enumerate(passes) if p.target.activations is not None}
@@ -426,17 +431,19 @@ def collect_maxact_many(
     bar = tqdm(total=n_seq * T, unit="tok", unit_scale=True, desc=f"maxact {names}", disable=not conf.progress)
     start = time.perf_counter()
     try:
-        with ExitStack() as stack:
-            captured = stack.enter_context(capture_residual(lm.model, live, stop_after=True)) if live else {}
-            for seq0 in range(0, n_seq, B):
-                if live:
-                    ids = tokens[seq0 : seq0 + B].to(device=lm.device, dtype=torch.long)
+        for seq0 in range(0, n_seq, B):
+            ids = tokens[seq0 : seq0 + B].to(device=lm.device, dtype=torch.long)
+            batch: dict[str, Tensor] = {}
+            if live:  # one forward, stopped after the deepest hookpoint, captures them all
+                with capture_residual(lm.model, live, stop_after=True) as captured:
                     run_until_captured(lm.model, input_ids=ids)
-                for i, p in enumerate(passes):
-                    x = next(stored[i]) if i in stored else captured[p.hookpoint]
-                    p.encode(x.reshape(-1, x.shape[-1]), seq0)
-                captured.clear()
-                bar.update(min(B, n_seq - seq0) * T)
+                batch.update(captured)
+            if lora:  # the rank-r activations between LoRA A and B: their own forward
+                batch[LORA_HOOKPOINT] = lora_activations(lm.model, list(lm.lora_sites), ids)
+            for i, p in enumerate(passes):
+                x = next(stored[i]) if i in stored else batch[p.hookpoint]
+                p.encode(x.reshape(-1, x.shape[-1]), seq0)
+            bar.update(min(B, n_seq - seq0) * T)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -459,7 +466,7 @@ def collect_maxact_many(
             log.info("maxact %s: %d non-activating examples from %s, the rest random", p.hookpoint, n_hard,
                      conf.non_activating_source)
         results.append(MaxActResult(
-            hookpoint=p.hookpoint, layer=hookpoint_layer(p.hookpoint), d_sae=int(p.sae.cfg.d_sae),
+            hookpoint=p.hookpoint, layer=layer_label(p.hookpoint), d_sae=int(p.sae.cfg.d_sae),
             n_tokens=p.state.n_tokens, ctx_len=T, features={f: entries[f] for f in p.feat_ids},
             quantile_levels=list(conf.quantile_levels)))
     return results

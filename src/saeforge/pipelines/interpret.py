@@ -37,7 +37,7 @@ from saeforge.activations.store import is_complete, read_tokens
 from saeforge.interpret import records as records_io
 from saeforge.activations.corpus import iter_texts, load_corpus
 from saeforge.activations.windows import pack_windows
-from saeforge.lm.hookpoints import hookpoint_layer
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, layer_label
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.config import (
@@ -70,6 +70,16 @@ class IncompleteStages(RuntimeError):
         self.out, self.failures = out, failures
 
 
+class NotApplicable(Exception):
+    """A stage cannot run on this SAE (the message says why, in one line); it is skipped, not failed:
+    the log says `stage X: not applicable: <why>`, the stages file records the reason under
+    `NOT_APPLICABLE`, the stages that read its output are skipped too, and the dashboard shows it."""
+
+
+NOT_APPLICABLE = records_io.NOT_APPLICABLE
+NEEDS_SEP = ", which is not applicable: "
+
+
 class Context:
     """What the stages share: config, SAE source, output dir, features, and the lazily loaded LM."""
 
@@ -90,7 +100,7 @@ class Context:
         self.exclude_first_tokens = exclude_first_tokens(run_cfg, imported.exclude_first_tokens)
         """The first positions left out of every statistic: the run's data.exclude_first_tokens (imports: imported.*)."""
         self.hookpoint = source.hookpoint
-        self.layer = hookpoint_layer(self.hookpoint)
+        self.layer = layer_label(self.hookpoint)
         self.features: list[int] = []
         """The selected features (maxact and logit_lens run on them)."""
         self.kept: list[int] | None = None
@@ -105,8 +115,23 @@ class Context:
 
     @property
     def lm(self) -> LoadedLM:
+        """The LM, loaded on first use and shared by the SAEs of one run; for a `lora` SAE with the run's
+        adapter attached (`lora_sites` set)."""
         if self._shared.get("lm") is None:
             self._shared["lm"] = load_lm(self.model_cfg)
+        if self.hookpoint == LORA_HOOKPOINT and not self._shared["lm"].lora_sites:
+            from saeforge.activations.lora import with_adapter
+
+            lora = self.data_cfg.get("lora") if self.data_cfg is not None else None
+            if not (lora and lora.get("adapter")):
+                raise NotApplicable("a `lora` SAE needs its LoRA adapter: pass ckpt=<the training run> (its data.lora.adapter)")
+            self._shared["lm"] = with_adapter(self._shared["lm"], lora.adapter, lora.get("types"))
+            root = self.store_root()
+            if root is not None:  # steering splits W_dec[f] by this layout: it must be the store's
+                from saeforge.activations.lora import check_layout
+                from saeforge.activations.store import read_manifest
+
+                check_layout(list(self._shared["lm"].lora_sites), (read_manifest(root) or {}).get("lora_layout"), str(root))
         return self._shared["lm"]
 
     @property
@@ -121,13 +146,30 @@ class Context:
         root = cache_root(self.data_cfg and self.data_cfg.get("cache_dir")) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
         return root if is_complete(root) else None
 
+    def user_file(self) -> str | None:
+        """data.path of a run trained on the user's own activation file, else None."""
+        return str(self.data_cfg.path) if self.data_cfg is not None and self.data_cfg.get("path") else None
+
+    def user_tokens(self) -> torch.Tensor:
+        """The token windows of the user's file (NotApplicable, saying exactly what to add, when it has none)."""
+        from saeforge.activations.readers import missing_tokens_message, open_rows, read_user_tokens
+
+        path = self.user_file()
+        assert path is not None
+        n_rows = open_rows(path, None, self.data_cfg.get("h5_key", "activations")).n_rows
+        tokens = read_user_tokens(path, n_rows, len(self.lm.tokenizer))
+        if tokens is None:
+            raise NotApplicable(missing_tokens_message(path))
+        return tokens
+
     def windows(self) -> torch.Tensor:
-        """Token windows for the max-act pass: the store's (first n_tokens) or packed from the corpus."""
+        """Token windows for the max-act pass: the store's or the user file's (first n_tokens), or packed
+        from the corpus (computed once)."""
         if self._windows is None:
             n_tokens = int(self.cfg.interpret.n_tokens)
             root = self.store_root()
-            if root is not None:
-                tokens = read_tokens(root)
+            if root is not None or self.user_file():
+                tokens = read_tokens(root) if root is not None else self.user_tokens()
                 self._windows = tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
             else:
                 ctx_len = int(self.cfg.interpret.ctx_len)
@@ -214,21 +256,39 @@ def firing_frequencies(contexts: list[Context], tokens: torch.Tensor) -> list[to
     """`firing_frequency` of several SAEs on the same `tokens`: one forward per batch captures every hookpoint."""
     from saeforge.lm.capture import capture_residual, run_until_captured
 
-    lm = contexts[0].lm
+    lm = next((ctx.lm for ctx in contexts if ctx.hookpoint == LORA_HOOKPOINT), contexts[0].lm)  # lora: the adapter attached
     saes = [ctx.source.sae.to(lm.device) for ctx in contexts]
     hookpoints = list(dict.fromkeys(ctx.hookpoint for ctx in contexts))
+    residual = [h for h in hookpoints if h != LORA_HOOKPOINT]
     counts = [torch.zeros(sae.cfg.d_sae) for sae in saes]
     rows = [0] * len(contexts)
     for b in range(0, tokens.shape[0], 8):
         ids = tokens[b : b + 8].long().to(lm.device)
-        with capture_residual(lm.model, hookpoints) as cap:
-            run_until_captured(lm.model, input_ids=ids)
+        acts: dict[str, torch.Tensor] = {}
+        if residual:
+            with capture_residual(lm.model, residual) as cap:
+                run_until_captured(lm.model, input_ids=ids)
+            acts.update(cap)
+        if LORA_HOOKPOINT in hookpoints:
+            from saeforge.activations.lora import lora_activations
+
+            acts[LORA_HOOKPOINT] = lora_activations(lm.model, list(lm.lora_sites), ids)
         for i, (ctx, sae) in enumerate(zip(contexts, saes)):
             skip = ctx.exclude_first_tokens  # attention sinks, as maxact and training
-            x = cap[ctx.hookpoint][:, skip:].reshape(-1, sae.cfg.d_in).float()
+            x = acts[ctx.hookpoint][:, skip:].reshape(-1, sae.cfg.d_in).float()
             counts[i] += (sae.encode_inference(x) > 0).sum(0).float().cpu()
             rows[i] += x.shape[0]
     return [c / max(r, 1) for c, r in zip(counts, rows)]
+
+
+def not_applicable(ctx: Context) -> str | None:
+    """Why max-act cannot run on this SAE (no LoRA adapter, a user file without tokens), or None."""
+    try:
+        ctx.lm
+        ctx.windows()
+    except NotApplicable as reason:
+        return str(reason)
+    return None
 
 
 def same_windows(contexts: list[Context]) -> list[list[Context]]:
@@ -263,6 +323,7 @@ def run_maxact(ctx: Context) -> None:
     run_maxact_together([ctx])
 
 
+
 def run_maxact_together(contexts: list[Context]) -> None:
     """The max-act stage of several SAEs: one pass per group of contexts with the same windows, the LM
     running once per batch for all their hookpoints (stored activations are read instead where present)."""
@@ -274,11 +335,14 @@ def run_maxact_together(contexts: list[Context]) -> None:
         for ctx in group:
             root = ctx.store_root()
             stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
+            if ctx.user_file():  # the user's own file: its rows, linked to text by its `tokens`
+                root, stored = ctx.user_file(), open_rows(ctx.user_file(), None, ctx.data_cfg.get("h5_key", "activations"))
             if stored is not None:
                 log.info("maxact %s: reading stored activations from %s (no LM forward)", ctx.hookpoint, root)
             targets.append(MaxActTarget(ctx.source.sae, ctx.hookpoint, ctx.features, stored, ctx.exclude_first_tokens))
         conf = MaxActConfig.from_mapping(group[0].cfg.interpret.maxact)
-        results = collect_maxact_many(group[0].lm, targets, group[0].windows(), conf)
+        lms = [ctx.lm for ctx in group if ctx.hookpoint == LORA_HOOKPOINT] or [group[0].lm]  # lora: the adapter attached
+        results = collect_maxact_many(lms[0], targets, group[0].windows(), conf)
         for ctx, result in zip(group, results):
             records_io.write_maxact(ctx.out, result.to_records())
 
@@ -290,7 +354,7 @@ def run_logit_lens(ctx: Context) -> None:
     records = records_io.Records(hookpoint=ctx.hookpoint, layer=ctx.layer)
     for f in ctx.features:
         records.get(f)
-    lens_records(ctx.lm, ctx.source.sae, records, lcfg)
+    lens_records(ctx.lm, ctx.source.sae, records, lcfg, ctx.hookpoint)
     records_io.write_logit_lens(ctx.out, records)
 
 
@@ -493,11 +557,19 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     for ctx in contexts:
         ctx.out.mkdir(parents=True, exist_ok=True)
         d_in = ctx.source.sae.cfg.d_in
-        if ctx.lm.d_model != d_in and ctx.hookpoint != "lora":
+        if ctx.hookpoint != LORA_HOOKPOINT and ctx.lm.d_model != d_in:
             raise ValueError(f"the SAE has d_in={d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
     explicit = bool(cfg.interpret.get("features"))
     frequency = {id(c): None if explicit else sae_frequency(c.source) for c in contexts}
-    for group in same_windows([c for c in contexts if frequency[id(c)] is None and not explicit]):
+    measurable = []
+    for ctx in contexts:
+        if frequency[id(ctx)] is None and not explicit:
+            reason = not_applicable(ctx)
+            if reason is None:
+                measurable.append(ctx)
+            else:
+                log.info("no firing frequency to select features by (%s): taking the first interpret.max_latents", reason)
+    for group in same_windows(measurable):
         for ctx, freq in zip(group, firing_frequencies(group, group[0].windows()[:64])):
             frequency[id(ctx)] = freq
     for ctx in contexts:
@@ -518,19 +590,38 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
             previous = record.get(stage, {})
             same = previous.get("fingerprint") == prints[stage] and (ctx.out / OUTPUT[stage]).exists()
             complete = previous.get("complete", True) is not False
+            where = f" ({ctx.hookpoint})" if several else ""
             if same and complete and stage != "dashboard":
-                log.info("stage %s%s: up to date, skipped", stage, f" ({ctx.hookpoint})" if several else "")
+                log.info("stage %s%s: up to date, skipped", stage, where)
                 continue
             ctx.resuming = same and not complete
-            log.info("stage %s%s: %s", stage, f" ({ctx.hookpoint})" if several else "",
-                     "retrying the failed features" if ctx.resuming else "running")
-            todo.append((ctx, prints[stage]))
+            entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+            skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
+            reason = None
+            if skipped:
+                root_reason = str(record[skipped[0]][NOT_APPLICABLE]).split(NEEDS_SEP, 1)[-1]
+                reason = f"needs {skipped[0]}{NEEDS_SEP}{root_reason}"
+            elif stage == "maxact":
+                reason = not_applicable(ctx)
+            if reason is not None:
+                log.info("stage %s%s: not applicable: %s", stage, where, reason)
+                record[stage] = {**entry, NOT_APPLICABLE: reason}
+                records_io.write_stages(ctx.out, record)
+                continue
+            log.info("stage %s%s: %s", stage, where, "retrying the failed features" if ctx.resuming else "running")
+            todo.append((ctx, entry))
         if stage == "maxact" and todo:
             run_maxact_together([ctx for ctx, _ in todo])  # one LM forward per batch for every hookpoint
-        for ctx, fp in todo:
+        for ctx, entry in todo:
+            record = records[id(ctx)]
             if stage != "maxact":
-                RUNNERS[stage](ctx)
-            entry: dict[str, Any] = {"fingerprint": fp, "finished": datetime.now().isoformat(timespec="seconds")}
+                try:
+                    RUNNERS[stage](ctx)
+                except NotApplicable as reason:
+                    log.info("stage %s: not applicable: %s", stage, reason)
+                    record[stage] = {**entry, NOT_APPLICABLE: str(reason)}
+                    records_io.write_stages(ctx.out, record)
+                    continue
             if stage in CHECKS:
                 n_total, failures = CHECKS[stage](ctx)
                 if failures:
@@ -540,8 +631,8 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
                     failed[name] = groups
                     lines.append(failure_line(name, n_total, groups))
                     log.warning("%s", lines[-1])
-            records[id(ctx)][stage] = entry
-            records_io.write_stages(ctx.out, records[id(ctx)])
+            record[stage] = entry
+            records_io.write_stages(ctx.out, record)
             ctx.resuming = False
     for ctx in contexts:
         if ctx.kept is None and "maxact" in stages:

@@ -1,0 +1,121 @@
+"""The only reader and writer of concept-discovery files in an output folder.
+
+- `layer_{L}_l0_{L0}_activations.npz`, one per SAE configuration, with the reference's fields:
+  `activations` [n_fragments, d_sae] float32, `fragments`, `original_sentences`,
+  `concept_strength_labels`, `sentence_indices`, `token_positions`, `is_final_token`,
+  `fragment_lengths` (words), `layer`, `average_l0`, `num_features`. The CSR layout stores
+  `activations_data`, `activations_indices`, `activations_indptr` and `activations_shape` (the parts
+  of a `scipy.sparse.csr_matrix`) in place of `activations`. Files are written byte-deterministically
+  (fixed zip timestamps), so a resumed run gives the same bytes as an uninterrupted one.
+- `batch_progress.json`: `{"last_completed": i}`, the index of the last finished configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+
+from saeforge.atomic import atomic_path, atomic_write_json
+
+PROGRESS_FILE = "batch_progress.json"
+FRAGMENT_FIELDS = ("fragments", "original_sentences", "concept_strength_labels", "sentence_indices",
+                   "token_positions", "is_final_token", "fragment_lengths")
+CSR_PARTS = ("data", "indices", "indptr", "shape")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass
+class ConceptActivations:
+    """One SAE configuration's activations over every fragment (one row per sentence prefix)."""
+
+    activations: np.ndarray | scipy.sparse.csr_matrix
+    fragments: np.ndarray
+    original_sentences: np.ndarray
+    concept_strength_labels: np.ndarray
+    sentence_indices: np.ndarray
+    token_positions: np.ndarray
+    is_final_token: np.ndarray
+    fragment_lengths: np.ndarray
+    layer: int
+    average_l0: float
+    num_features: int
+
+    @property
+    def is_sparse(self) -> bool:
+        return scipy.sparse.issparse(self.activations)
+
+    def dense(self) -> np.ndarray:
+        """The activations as a dense float32 array (materialises a CSR file)."""
+        acts = self.activations
+        return np.asarray(acts.toarray() if scipy.sparse.issparse(acts) else acts, dtype=np.float32)
+
+
+def activation_file_name(layer: int, l0: int | float | str) -> str:
+    """The reference's name of one configuration's file."""
+    return f"layer_{layer}_l0_{l0}_activations.npz"
+
+
+def _fields(acts: ConceptActivations) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if acts.is_sparse:
+        csr = scipy.sparse.csr_matrix(acts.activations, dtype=np.float32)
+        out.update(activations_data=csr.data.astype(np.float32), activations_indices=csr.indices.astype(np.int32),
+                   activations_indptr=csr.indptr.astype(np.int64), activations_shape=np.asarray(csr.shape, np.int64))
+    else:
+        out["activations"] = np.ascontiguousarray(acts.activations, dtype=np.float32)
+    for name in FRAGMENT_FIELDS:
+        out[name] = np.asarray(getattr(acts, name))
+    out["layer"] = np.asarray(int(acts.layer))
+    out["average_l0"] = np.asarray(float(acts.average_l0))
+    out["num_features"] = np.asarray(int(acts.num_features))
+    return out
+
+
+def write_activations(path: str | Path, acts: ConceptActivations) -> None:
+    """Write one configuration's `.npz` atomically and byte-deterministically (readable by np.load)."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, array in _fields(acts).items():
+            if array.dtype == object:
+                raise TypeError(f"{path}: field {name!r} has dtype object; use str or numeric arrays")
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
+            with zf.open(info, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, array, allow_pickle=False)
+
+
+def read_activations(path: str | Path) -> ConceptActivations:
+    """Read a configuration file written by saeforge or by the reference script (dense or CSR)."""
+    with np.load(path, allow_pickle=False) as data:
+        names = set(data.files)
+        missing = [n for n in (*FRAGMENT_FIELDS, "layer", "average_l0", "num_features") if n not in names]
+        if "activations" not in names and "activations_data" not in names:
+            missing.insert(0, "activations")
+        if missing:
+            raise ValueError(f"{path}: not a concept-activation file, missing field(s) {missing}")
+        if "activations" in names:
+            activations = data["activations"]
+        else:
+            shape = tuple(int(s) for s in data["activations_shape"])
+            activations = scipy.sparse.csr_matrix(
+                (data["activations_data"], data["activations_indices"], data["activations_indptr"]), shape=shape)
+        return ConceptActivations(activations=activations, **{n: data[n] for n in FRAGMENT_FIELDS},
+                                  layer=int(data["layer"]), average_l0=float(data["average_l0"]),
+                                  num_features=int(data["num_features"]))
+
+
+def read_progress(folder: str | Path) -> int:
+    """Index of the last completed configuration, -1 when none (no or unreadable progress file)."""
+    path = Path(folder) / PROGRESS_FILE
+    try:
+        return int(json.loads(path.read_text())["last_completed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def write_progress(folder: str | Path, last_completed: int) -> None:
+    """Record that configurations 0..last_completed are written (atomically)."""
+    atomic_write_json(Path(folder) / PROGRESS_FILE, {"last_completed": int(last_completed)})
