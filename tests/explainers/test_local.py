@@ -122,3 +122,21 @@ def test_stop_strings_end_the_text(tiny_lm) -> None:
     assert len(cut.logprobs) < 12  # generation ended early, logprobs cut with the text
     penalised = asyncio.run(client.chat(messages, ChatParams(max_tokens=12, repetition_penalty=1.5)))
     assert penalised.ok
+
+
+def test_a_tokenizer_without_chat_template_gets_a_plain_transcript(tiny_lm) -> None:
+    import copy
+
+    model, tokenizer = tiny_lm
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None  # like a base model's GGUF (gemma3-270m)
+    client = LocalChatClient(model, base)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"},
+                {"role": "assistant", "content": "LABEL:"}]
+    def ids(text: str) -> list[int]:
+        return base(text, add_special_tokens=False)["input_ids"]
+
+    assert client._prompt_ids(messages) == ids("be brief\n\nUser: the cat\n\nAssistant: LABEL:")
+    plain = LocalChatClient(model, base, prefill=False)._prompt_ids(messages[:2])
+    assert plain == ids("be brief\n\nUser: the cat\n\nAssistant:")
+    assert asyncio.run(client.chat(messages, ChatParams(max_tokens=4))).ok

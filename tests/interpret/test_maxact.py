@@ -223,3 +223,14 @@ def test_stored_activations_give_the_model_path_result(tiny_lm, setup, result, t
                 assert ea.get("activation", 0) == pytest.approx(eb.get("activation", 0), abs=1e-4)
     with pytest.raises(ValueError, match="rows"):
         collect_maxact(tiny_lm, sae, HOOK, torch.cat([tokens, tokens]), CONF, activations=source)
+
+
+def test_joint_pass_equals_separate_passes(tiny_lm, setup, result):
+    from saeforge.interpret.maxact import MaxActTarget, collect_maxact_many
+
+    tokens, sae, _ = setup
+    other = collect_maxact(tiny_lm, sae, "layers.1", tokens, CONF, features=[0, 5, 9])
+    joint = collect_maxact_many(tiny_lm, [MaxActTarget(sae, "layers.1", [0, 5, 9]), MaxActTarget(sae, HOOK)], tokens, CONF)
+    assert [r.hookpoint for r in joint] == ["layers.1", HOOK]
+    assert joint[0].to_json() == other.to_json()
+    assert joint[1].to_json() == result.to_json()

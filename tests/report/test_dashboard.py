@@ -343,3 +343,20 @@ def test_command_line(interpret_dir, tmp_path, capsys):
     main([str(interpret_dir), "-o", str(tmp_path / "d.html"), "--title", "CLI run"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "d.html")
     assert "CLI run" in (tmp_path / "d.html").read_text(encoding="utf-8")
+
+
+def test_non_activating_examples_show_their_source(chromium, tmp_path):
+    d = write_interpret_dir(tmp_path, n_features=2, hostile=False, full=False)
+    doc = json.loads((d / "maxact.json").read_text())
+    doc["features"]["1"]["non_activating"] = [
+        {"tokens": [" the", " harbour", SCRIPT_ATTACK], "token_ids": [1, 2, 3], "seq": 4, "start": 1,
+         "source": "neighbours", "neighbour": 0, "cosine": 0.8123},
+        {"tokens": [" a", " field"], "token_ids": [4, 5], "seq": 9, "start": 2, "source": "random"}]
+    (d / "maxact.json").write_text(json.dumps(doc))
+    page = open_dashboard(chromium, write_dashboard(d), "#feature=1")
+    page.wait_for("document.querySelector('#feature-detail')?.dataset.feature === '1'")
+    text = page.evaluate("document.getElementById('detail').innerText")
+    assert "non-activating examples" in text.lower() and "from feature 0 (cosine 0.812)" in text
+    assert "neighbours" in text and "random" in text and "harbour" in text and "field" in text
+    assert page.evaluate(PWNED) == [None, None, None, None]
+    assert_clean(page)

@@ -308,7 +308,8 @@ class ExplainerConfig:
     kind: str = "local"
     """local (the run's LM, in process) | openai (any OpenAI-compatible server: vLLM, OpenRouter, OpenAI)."""
     model: Optional[str] = None
-    """Model id on the server; local: the name used in cache keys (null → the loaded model's name)."""
+    """Model id on the server; local: a separate explainer LM to load (hub id, local folder or .gguf
+    file), null (or the analysed model's name) → the analysed LM itself."""
     base_url: Optional[str] = None
     """openai: the server's /v1 root."""
     api_key_env: Optional[str] = None
@@ -371,6 +372,9 @@ class LoggerConfig:
 # ------------------------------------------------------------------------------------ interpret stages
 
 
+NON_ACTIVATING_SOURCES = ("random", "neighbours", "faiss")
+
+
 @dataclass
 class MaxActConfig:
     """Settings of the max-activation pass (`interpret.maxact.*`). The excluded first positions are
@@ -401,7 +405,15 @@ class MaxActConfig:
     exclude_bos: bool = True
     """Zero the activations at BOS positions (attention sinks) before any statistic."""
     n_non_activating: int = 20
-    """Random windows (seeded) per feature where the feature never fires."""
+    """Non-activating windows per feature (windows where the feature never fires)."""
+    non_activating_source: str = "random"
+    """Where non-activating windows come from: random (seeded) | neighbours (top examples of the
+    features nearest by decoder cosine) | faiss (contexts nearest by MiniLM embedding to the feature's
+    top examples, through faiss-cpu). Hard sources fill up with random windows when they find too few."""
+    n_neighbours: int = 10
+    """neighbours: how many nearest features (by decoder cosine) give their top examples."""
+    faiss_candidates: int = 4096
+    """faiss: windows (a seeded sample; all when fewer) embedded as the candidate contexts."""
     seed: int = 0
     """Seed of the reservoir keys and of the non-activating slices."""
     progress: bool = True
@@ -412,6 +424,9 @@ class MaxActConfig:
         require_at_least(self, "interpret.maxact", 1, ("batch_size", "n_examples", "n_quantiles", "examples_per_quantile",
                                                        "bucket_resolution", "hist_bins", "hist_resolution"))
         require_at_least(self, "interpret.maxact", 0, ("context_left", "context_right", "n_non_activating"))
+        require_at_least(self, "interpret.maxact", 1, ("n_neighbours", "faiss_candidates"))
+        require(self.non_activating_source in NON_ACTIVATING_SOURCES, "interpret.maxact.non_activating_source",
+                f"must be one of {', '.join(NON_ACTIVATING_SOURCES)}, got {self.non_activating_source!r}")
         if any(not 0.0 <= q <= 1.0 for q in self.quantile_levels):
             raise ConfigError(f"interpret.maxact.quantile_levels must lie in [0, 1], got {self.quantile_levels}")
 
@@ -631,8 +646,15 @@ class InterpretSettings:
     """Run in this order; any subset of maxact, logit_lens, steering, explain, score, dashboard."""
     features: Optional[List[int]] = None
     """Explicit feature ids; null: choose max_latents with `select`."""
-    max_latents: int = 50
-    """Features to interpret when `features` is null."""
+    max_latents: Optional[int] = 50
+    """Features to interpret when `features` is null; null → every alive feature."""
+    min_examples: int = 1
+    """Features with fewer activating examples (windows where they fire) than this skip the stages
+    after maxact and logit_lens; the skips are logged and recorded in the stages file."""
+    hookpoints: Optional[List[str]] = None
+    """Several SAEs in one run, the LM running once per batch for all of them: the SAEs of `ckpt`
+    (a run dir) at these hookpoints, or with a list of `ckpt`s one hookpoint per ckpt (same order);
+    null → `hookpoint`. Outputs go to interpret/<hookpoint>/ each."""
     select: str = "alive_first"
     """alive_first (ids in order, dead skipped) | frequency (most frequent first) | random (seeded, alive)."""
     n_tokens: int = 65536
@@ -657,7 +679,13 @@ class InterpretSettings:
         bad = [s for s in self.stages if s not in STAGES]
         require(not bad, "interpret.stages", f"has unknown stages {bad}; valid: {', '.join(STAGES)}")
         require(self.select in SELECT, "interpret.select", f"must be one of {', '.join(SELECT)}, got {self.select!r}")
-        require_at_least(self, "interpret", 1, ("max_latents", "n_tokens", "ctx_len"))
+        require_at_least(self, "interpret", 1, ("n_tokens", "ctx_len", "min_examples"))
+        require(self.max_latents is None or self.max_latents >= 1, "interpret.max_latents",
+                f"must be >= 1 or null (all alive features), got {self.max_latents}")
+        if self.hookpoints is not None:
+            self.hookpoints = [str(h) for h in self.hookpoints]
+            require(bool(self.hookpoints) and len(set(self.hookpoints)) == len(self.hookpoints), "interpret.hookpoints",
+                    f"must be a non-empty list of distinct hookpoints or null, got {self.hookpoints}")
 
 
 # ------------------------------------------------------------------------------------ top level
@@ -804,8 +832,9 @@ class InterpretConfig:
     """Text for max-act windows and steering prompts."""
     explainer: ExplainerConfig = field(default_factory=ExplainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    ckpt: Optional[str] = None
-    """What to interpret: a run dir, a .ckpt, or an exported/imported SAE dir."""
+    ckpt: Any = None
+    """What to interpret: a run dir, a .ckpt, or an exported/imported SAE dir; or a list of them
+    (several SAEs of one model, interpreted together: see interpret.hookpoints)."""
     hookpoint: Optional[str] = None
     """Which SAE of a run / the hookpoint of an imported SAE (null: from the SAE cfg)."""
     seed: int = 0

@@ -21,6 +21,16 @@ from saeforge.explainers.cache import ResponseCache, request_key
 log = logging.getLogger(__name__)
 
 
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% else %}Assistant: {{ m['content'] }}{% if not loop.last %}\n\n{% endif %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+"""The transcript for a tokenizer without a chat template (a base model such as the gemma3-270m GGUF)."""
+
+
 class _StopStrings(StoppingCriteria):
     """Ends a row once its generated text (after ``start``) contains one of ``stop``.
 
@@ -168,6 +178,8 @@ class LocalChatClient:
             template = {"continue_final_message": True, "add_generation_prompt": False}
         else:
             template = {"add_generation_prompt": True}
+        if not getattr(self.tokenizer, "chat_template", None):
+            template["chat_template"] = PLAIN_CHAT_TEMPLATE  # a base model: a plain transcript
         ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **template)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
             ids = ids["input_ids"]

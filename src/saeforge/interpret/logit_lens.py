@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from saeforge.config import LogitLensConfig
 from saeforge.interpret.maxact import TokenDecoder
+from saeforge.interpret.neighbours import decoder_neighbours
 from saeforge.interpret.records import LogitLens, Records
 from saeforge.lm.hookpoints import LORA_HOOKPOINT
 
@@ -99,10 +100,9 @@ def logit_lens(
         raise ValueError(f"SAE d_in={d_in} does not match the unembedding width {W_U.shape[1]}")
     gamma = final_norm_scale(lm.model, d_in)
     W_U_t = W_U.t()  # a view: (W_dec[f] ⊙ γ) · W_Uᵀ without copying the (possibly 262k-row) unembedding
-    unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     decode = TokenDecoder(lm.tokenizer)
     n_top = min(top_n, W_U.shape[0])
-    n_nb = min(n_neighbours, d_sae - 1)
+    nb_all_i, nb_all_v = decoder_neighbours(W_dec, feats, n_neighbours, chunk_elements)
     out: dict[str, Any] = {}
     idx = torch.tensor(feats, dtype=torch.long)
     chunk = max(1, chunk_elements // max(W_U.shape[0], d_sae))
@@ -112,9 +112,7 @@ def logit_lens(
             logits = (W_dec[f] * gamma) @ W_U_t
             top_v, top_i = logits.topk(n_top, dim=1)
             bot_v, bot_i = logits.topk(n_top, dim=1, largest=False)
-            cos = unit[f] @ unit.t()
-            cos[torch.arange(len(f)), f] = -torch.inf
-            nb_v, nb_i = cos.topk(n_nb, dim=1) if n_nb > 0 else (cos[:, :0], f[:, None][:, :0])
+            nb_i, nb_v = nb_all_i[s : s + chunk], nb_all_v[s : s + chunk]
             for r, fid in enumerate(f.tolist()):
                 out[str(fid)] = {
                     "top": [[t, round(v, 5)] for t, v in zip(decode(top_i[r].tolist()), top_v[r].tolist())],

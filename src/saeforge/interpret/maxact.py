@@ -21,7 +21,15 @@ The pass walks the token windows in batches: forward to the hookpoint (or read t
   (H = hist_bins·hist_resolution internal bins), re-binned at the end into `hist_bins` bins of
   (nearly) equal width over [0, top of the last occupied bin]; `quantiles` are interpolated from it.
 - **non-activating** [F, M]: bottom-M random keys over the windows where the feature is zero at
-  every (non-excluded) position; a seeded random slice of the display length is reported.
+  every (non-excluded) position; a seeded random slice of the display length is reported. With
+  `non_activating_source=neighbours|faiss` the pass also keeps a `fired` mask [n_seq, F] (bits, the
+  one part that grows with the number of windows) and interpret/negatives.py replaces them with hard
+  negatives after the pass; for neighbours the nearest features by decoder cosine join the pass as
+  extra columns (their top examples are needed, they are not reported).
+- **n_windows** [F]: windows where the feature fires (its activating examples, for min_examples).
+
+Several SAEs (`collect_maxact_many`, one `MaxActTarget` each) share the pass: each batch runs the LM
+once, capturing every hookpoint without stored rows, and every SAE merges it into its own state.
 
 Per-token context acts are stored when an example enters the state (top: float32, quantile
 reservoirs: float16), so no second pass over the windows is needed; that state is
@@ -46,6 +54,8 @@ from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowSource, read_chunk
 from saeforge.config import ConfigError, MaxActConfig
+from saeforge.interpret.negatives import ContextIndex, Embed, faiss_negatives, minilm_embed, neighbour_negatives
+from saeforge.interpret.neighbours import decoder_neighbours
 from saeforge.interpret.records import Records
 from saeforge.lm.capture import capture_residual, run_until_captured
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, canonical_name, layer_label
@@ -102,7 +112,8 @@ class TokenDecoder:
 class _State:
     """Fixed-size per-feature state of the pass (see the module docstring)."""
 
-    def __init__(self, n_feat: int, cfg: MaxActConfig, ctx_len: int, device: torch.device) -> None:
+    def __init__(self, n_feat: int, cfg: MaxActConfig, ctx_len: int, device: torch.device,
+                 fired: tuple[int, int] | None = None) -> None:
         F, N, L = n_feat, cfg.n_examples, cfg.context_len
         self.cfg, self.T, self.L = cfg, ctx_len, L
         self.G, self.K = cfg.n_quantiles * cfg.bucket_resolution, cfg.examples_per_quantile
@@ -122,6 +133,9 @@ class _State:
         self.res_ctx = torch.zeros(F * self.G, self.K, L, dtype=torch.float16, device=device)
         self.na_key = torch.full((F, self.M), torch.inf, device=device)
         self.na_seq = torch.full((F, self.M), -1, dtype=torch.int64, device=device)
+        self.n_windows = torch.zeros(F, dtype=torch.int64, device=device)
+        self.fired = torch.zeros(fired, dtype=torch.bool, device=device) if fired is not None else None
+        """[n_seq, first columns]: the window has a nonzero activation (kept for hard negatives only)."""
         self.n_tokens = 0
         self.rng = torch.Generator().manual_seed(cfg.seed)
 
@@ -147,6 +161,9 @@ class _State:
         self.n_tokens += counted
         win_max, win_arg = acts3.max(1)  # [B, F]
         batch_max = win_max.max(0).values
+        self.n_windows += (win_max > 0).sum(0)
+        if self.fired is not None:
+            self.fired[seq0 : seq0 + B] = win_max[:, : self.fired.shape[1]] > 0
         self.a_max = torch.maximum(self.a_max, batch_max)
         new_exp = torch.where(batch_max > 0, torch.frexp(batch_max).exponent.to(torch.int64), _UNSET_EXP)
         grow = (new_exp > self.exp).nonzero().squeeze(1)
@@ -286,6 +303,76 @@ def _stored_batches(source: RowSource, rows_per_batch: int, n_rows: int) -> Iter
         yield torch.cat(buf)[: n_rows - done]
 
 
+@dataclass
+class MaxActTarget:
+    """One SAE of a (joint) max-act pass."""
+
+    sae: Any
+    """Takes raw activations (`encode_inference`)."""
+    hookpoint: str
+    features: Sequence[int] | None = None
+    """Features to report; None: all."""
+    activations: RowSource | None = None
+    """The stored rows of this hookpoint in token order (then the LM does not run for it)."""
+    exclude_first_tokens: int = 2
+    """The first positions of every window counted in no statistic (the run's data.exclude_first_tokens)."""
+
+
+class _Pass:
+    """The per-target part of the pass: feature columns (the reported features, then any neighbours
+    that only lend their top examples), the state and the batch encoder."""
+
+    def __init__(self, target: MaxActTarget, conf: MaxActConfig, tokens: Tensor, bos: int | None) -> None:
+        if target.exclude_first_tokens < 0:
+            raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {target.exclude_first_tokens}")
+        sae = target.sae
+        n_seq, T = tokens.shape
+        d_sae = int(sae.cfg.d_sae)
+        if target.features is None:
+            self.feat_ids = list(range(d_sae))
+        else:
+            self.feat_ids = list(dict.fromkeys(int(f) for f in target.features))
+            bad = [f for f in self.feat_ids if not 0 <= f < d_sae]
+            if bad or not self.feat_ids:
+                raise ValueError(f"features must be non-empty ids in [0, {d_sae}), got bad ids {bad[:10]}")
+        source = target.activations
+        if source is not None:
+            if source.n_rows < n_seq * T:
+                raise ValueError(f"{source.description}: {source.n_rows} rows < {n_seq}×{T} tokens")
+            if source.d_in != sae.cfg.d_in:
+                raise ValueError(f"{source.description}: width {source.d_in} != SAE d_in {sae.cfg.d_in}")
+        self.neighbours: dict[int, list[tuple[int, float]]] = {}
+        columns = list(self.feat_ids)
+        hard = conf.n_non_activating > 0 and conf.non_activating_source != "random"
+        if hard and conf.non_activating_source == "neighbours":
+            ids, cos = decoder_neighbours(sae.W_dec, self.feat_ids, conf.n_neighbours)
+            self.neighbours = {f: list(zip(i, c)) for f, i, c in zip(self.feat_ids, ids.tolist(), cos.tolist())}
+            known = set(columns)
+            columns += sorted({g for nb in self.neighbours.values() for g, _ in nb} - known)
+        self.columns = columns
+        self.target, self.sae, self.T = target, sae, T
+        self.hookpoint = canonical_name(target.hookpoint)
+        self.device = next(sae.parameters()).device
+        self.cols = torch.tensor(columns, device=self.device) if columns != list(range(d_sae)) else None
+        self.state = _State(len(columns), conf, T, self.device, fired=(n_seq, len(self.feat_ids)) if hard else None)
+        self.tokens, self.bos, self.skip = tokens, bos, target.exclude_first_tokens
+
+    def encode(self, x: Tensor, seq0: int) -> None:
+        sae, device = self.sae, self.device
+        toks = self.tokens[seq0 : seq0 + x.shape[0] // self.T].to(device)
+        with torch.inference_mode():
+            acts = sae.encode_inference(x.to(device=device, dtype=sae.W_enc.dtype))
+            if self.cols is not None:
+                acts = acts.index_select(1, self.cols)
+            excluded = torch.zeros(toks.shape, dtype=torch.bool, device=device)
+            excluded[:, : self.skip] = True
+            if self.bos is not None:
+                excluded |= toks == self.bos
+            excluded = excluded.flatten()
+            acts[excluded] = 0
+            self.state.update(acts.float(), seq0, x.shape[0] - int(excluded.sum()))
+
+
 def collect_maxact(
     lm: Any,
     sae: Any,
@@ -295,6 +382,7 @@ def collect_maxact(
     features: Sequence[int] | None = None,
     activations: RowSource | None = None,
     exclude_first_tokens: int = 2,
+    embed: Embed | None = None,
 ) -> MaxActResult:
     """One streaming pass over `tokens` [n_seq, ctx_len]: top examples, quantile examples,
     non-activating windows, frequency, histogram and quantiles per feature (module docstring).
@@ -303,87 +391,85 @@ def collect_maxact(
     a RowSource of the stored rows of this hookpoint in token order, is given). `sae` takes raw
     activations (`encode_inference`). `features=None` means all features. The first
     `exclude_first_tokens` positions of every window (the training run's `data.exclude_first_tokens`)
-    count in no statistic. `cfg` None: the defaults.
+    count in no statistic. `cfg` None: the defaults. `embed` (faiss negatives): None → MiniLM.
     """
+    target = MaxActTarget(sae, hookpoint, features, activations, exclude_first_tokens)
+    return collect_maxact_many(lm, [target], tokens, cfg, embed)[0]
+
+
+def collect_maxact_many(
+    lm: Any,
+    targets: Sequence[MaxActTarget],
+    tokens: Tensor,
+    cfg: MaxActConfig | None = None,
+    embed: Embed | None = None,
+) -> list[MaxActResult]:
+    """`collect_maxact` for several SAEs (hookpoints) in one pass: each batch runs the LM once,
+    capturing every hookpoint that has no stored rows, and feeds every SAE. One result per target."""
     conf = cfg if cfg is not None else MaxActConfig()
-    if exclude_first_tokens < 0:
-        raise ConfigError(f"data.exclude_first_tokens must be >= 0, got {exclude_first_tokens}")
+    if not targets:
+        raise ValueError("collect_maxact_many needs at least one target")
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ValueError(f"tokens must be [n_seq, ctx_len] with n_seq > 0, got shape {tuple(tokens.shape)}")
     n_seq, T = tokens.shape
-    d_sae = int(sae.cfg.d_sae)
-    if features is None:
-        cols = None
-        feat_ids = list(range(d_sae))
-    else:
-        feat_ids = list(dict.fromkeys(int(f) for f in features))
-        bad = [f for f in feat_ids if not 0 <= f < d_sae]
-        if bad or not feat_ids:
-            raise ValueError(f"features must be non-empty ids in [0, {d_sae}), got bad ids {bad[:10]}")
-        cols = torch.tensor(feat_ids)
-    if activations is not None:
-        if activations.n_rows < n_seq * T:
-            raise ValueError(f"{activations.description}: {activations.n_rows} rows < {n_seq}×{T} tokens")
-        if activations.d_in != sae.cfg.d_in:
-            raise ValueError(f"{activations.description}: width {activations.d_in} != SAE d_in {sae.cfg.d_in}")
-    device = next(sae.parameters()).device
-    cols = cols.to(device) if cols is not None else None
-    state = _State(len(feat_ids), conf, T, device)
     bos = lm.tokenizer.bos_token_id if conf.exclude_bos else None
-    hookpoint = canonical_name(hookpoint)
+    passes = [_Pass(t, conf, tokens, bos) for t in targets]
+    live = list(dict.fromkeys(p.hookpoint for p in passes if p.target.activations is None and p.hookpoint != LORA_HOOKPOINT))
+    lora = any(p.hookpoint == LORA_HOOKPOINT and p.target.activations is None for p in passes)
+    if lora:
+        from saeforge.activations.lora import lora_activations
+
+        if not lm.lora_sites:
+            raise ValueError("maxact at the `lora` hookpoint needs the LM with its adapter attached (activations.lora.with_adapter)")
     B = conf.batch_size
-
-    def encode(x: Tensor, seq0: int) -> None:
-        toks = tokens[seq0 : seq0 + x.shape[0] // T].to(device)
-        with torch.inference_mode():
-            acts = sae.encode_inference(x.to(device=device, dtype=sae.W_enc.dtype))
-            if cols is not None:
-                acts = acts.index_select(1, cols)
-            excluded = torch.zeros(toks.shape, dtype=torch.bool, device=device)
-            excluded[:, :exclude_first_tokens] = True
-            if bos is not None:
-                excluded |= toks == bos
-            excluded = excluded.flatten()
-            acts[excluded] = 0
-            state.update(acts.float(), seq0, x.shape[0] - int(excluded.sum()))
-
-    bar = tqdm(total=n_seq * T, unit="tok", unit_scale=True, desc=f"maxact {hookpoint}", disable=not conf.progress)
+    stored = {i: _stored_batches(p.target.activations, B * T, n_seq * T)
+              for i, p in enumerate(passes) if p.target.activations is not None}
+    names = ",".join(dict.fromkeys(p.hookpoint for p in passes))
+    if stored:
+        log.info("maxact: reading stored activations for %d of %d SAEs", len(stored), len(passes))
+    bar = tqdm(total=n_seq * T, unit="tok", unit_scale=True, desc=f"maxact {names}", disable=not conf.progress)
     start = time.perf_counter()
     try:
-        if activations is not None:
-            for i, x in enumerate(_stored_batches(activations, B * T, n_seq * T)):
-                encode(x, i * B)
-                bar.update(x.shape[0])
-        elif hookpoint == LORA_HOOKPOINT:
-            from saeforge.activations.lora import lora_activations
-
-            if not lm.lora_sites:
-                raise ValueError("maxact at the `lora` hookpoint needs the LM with its adapter attached (activations.lora.with_adapter)")
-            for seq0 in range(0, n_seq, B):
-                ids = tokens[seq0 : seq0 + B].to(device=lm.device, dtype=torch.long)
-                x = lora_activations(lm.model, list(lm.lora_sites), ids)
-                encode(x.reshape(-1, x.shape[-1]), seq0)
-                bar.update(ids.numel())
-        else:
-            model = lm.model
-            with capture_residual(model, [hookpoint], stop_after=True) as captured:
-                for seq0 in range(0, n_seq, B):
-                    ids = tokens[seq0 : seq0 + B].to(device=lm.device, dtype=torch.long)
-                    run_until_captured(model, input_ids=ids)
-                    x = captured.pop(hookpoint)
-                    encode(x.reshape(-1, x.shape[-1]), seq0)
-                    bar.update(ids.numel())
+        for seq0 in range(0, n_seq, B):
+            ids = tokens[seq0 : seq0 + B].to(device=lm.device, dtype=torch.long)
+            batch: dict[str, Tensor] = {}
+            if live:  # one forward, stopped after the deepest hookpoint, captures them all
+                with capture_residual(lm.model, live, stop_after=True) as captured:
+                    run_until_captured(lm.model, input_ids=ids)
+                batch.update(captured)
+            if lora:  # the rank-r activations between LoRA A and B: their own forward
+                batch[LORA_HOOKPOINT] = lora_activations(lm.model, list(lm.lora_sites), ids)
+            for i, p in enumerate(passes):
+                x = next(stored[i]) if i in stored else batch[p.hookpoint]
+                p.encode(x.reshape(-1, x.shape[-1]), seq0)
+            bar.update(min(B, n_seq - seq0) * T)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
-    log.info("maxact %s: %d tokens in %.1f s (%.0f tokens/s)", hookpoint, n_seq * T, elapsed,
-             n_seq * T / max(elapsed, 1e-9))
-    return MaxActResult(
-        hookpoint=hookpoint, layer=layer_label(hookpoint), d_sae=d_sae, n_tokens=state.n_tokens,
-        ctx_len=T, features=_assemble(state, conf, feat_ids, tokens, TokenDecoder(lm.tokenizer)),
-        quantile_levels=list(conf.quantile_levels),
-    )
+    log.info("maxact %s: %d tokens in %.1f s (%.0f tokens/s)", names, n_seq * T, elapsed, n_seq * T / max(elapsed, 1e-9))
+    decode = TokenDecoder(lm.tokenizer)
+    index: ContextIndex | None = None
+    results = []
+    for p in passes:
+        entries = _assemble(p.state, conf, p.columns, tokens, decode)
+        fired = p.state.fired
+        if fired is not None:
+            column = {f: i for i, f in enumerate(p.feat_ids)}
+            if conf.non_activating_source == "neighbours":
+                n_hard = neighbour_negatives(entries, p.feat_ids, p.neighbours, fired, column, conf.n_non_activating)
+            else:
+                if index is None:
+                    index = ContextIndex(tokens.tolist(), conf.context_len, conf.faiss_candidates, conf.seed, decode,
+                                         embed or minilm_embed())
+                n_hard = faiss_negatives(entries, p.feat_ids, index, fired, column, conf.n_non_activating)
+            log.info("maxact %s: %d non-activating examples from %s, the rest random", p.hookpoint, n_hard,
+                     conf.non_activating_source)
+        results.append(MaxActResult(
+            hookpoint=p.hookpoint, layer=layer_label(p.hookpoint), d_sae=int(p.sae.cfg.d_sae),
+            n_tokens=p.state.n_tokens, ctx_len=T, features={f: entries[f] for f in p.feat_ids},
+            quantile_levels=list(conf.quantile_levels)))
+    return results
 
 
 # ------------------------------------------------------------------------------ output
@@ -486,6 +572,7 @@ def _assemble(state: _State, conf: MaxActConfig, feat_ids: list[int], tokens: Te
         a_max = float(state.a_max[i])
         entry: dict[str, Any] = {
             "feature": f, "frequency": n_fired / n_tok, "a_max": _r(a_max), "n_fired": n_fired,
+            "n_windows": int(state.n_windows[i]),
             "quantiles": [_r(q) for q in quant[i]] if n_fired else [],
             "histogram": _histogram_out(state.hist[i], float(scale[i]), conf.hist_bins),
         }

@@ -252,6 +252,8 @@ class FeatureRecord:
     a_max: float | None = None
     """The largest activation seen; None means the feature has no max-act entry."""
     n_fired: int | None = None
+    n_windows: int | None = None
+    """Windows where the feature fires (its activating examples, one per window; None: older files)."""
     quantiles: list[float] = field(default_factory=list)
     """Quantiles of the nonzero activations at the run's `quantile_levels`."""
     histogram: dict[str, Any] | None = None
@@ -281,12 +283,14 @@ class FeatureRecord:
     def maxact_entry(self) -> dict[str, Any]:
         """This feature's entry of the max-act file (the dict explain and score sample from)."""
         return {"feature": self.feature, "frequency": self.frequency, "a_max": self.a_max, "n_fired": self.n_fired,
+                **({"n_windows": self.n_windows} if self.n_windows is not None else {}),
                 "quantiles": self.quantiles, "histogram": self.histogram, "top": [e.to_json() for e in self.top],
                 "quantile_examples": [e.to_json() for e in self.quantile_examples],
                 "non_activating": [e.to_json() for e in self.non_activating]}
 
     def set_maxact(self, entry: Mapping[str, Any]) -> None:
         self.frequency, self.a_max, self.n_fired = entry.get("frequency"), entry.get("a_max"), entry.get("n_fired")
+        self.n_windows = entry.get("n_windows")
         self.quantiles = list(entry.get("quantiles") or [])
         self.histogram = entry.get("histogram")
         self.top = [Example.from_json(e) for e in entry.get("top") or []]
@@ -686,6 +690,27 @@ def read_summary(out_dir: str | Path, strict: bool = True) -> list[dict[str, str
         return []
 
 
+def write_combined_summary(root: str | Path, out_dirs: Sequence[str | Path]) -> Path | None:
+    """One summary CSV in `root` holding the rows of every hookpoint directory's summary (several SAEs
+    interpreted together), their columns in first-seen order plus `hookpoint`; None when none has rows."""
+    columns: list[str] = []
+    rows: list[dict[str, str]] = []
+    for out in out_dirs:
+        for row in read_summary(out):
+            columns += [c for c in row if c not in columns]
+            rows.append({**row, "hookpoint": Path(out).name})
+    if not rows:
+        return None
+    path = Path(root) / SUMMARY
+    columns.append("hookpoint")
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    return path
+
+
 def summary_by_feature(rows: Iterable[Mapping[str, str]], layer: int | str | None) -> dict[int, dict[str, str]]:
     """Summary rows by feature; for a feature with rows of several layers, `layer`'s row wins."""
     out: dict[int, dict[str, str]] = {}
@@ -750,6 +775,6 @@ __all__ = [
     "LogitLens", "Records", "Steering", "explanations_from_json", "explanations_json", "headline", "headline_field", "load_records",
     "read_explanations", "read_logit_lens", "read_run_config", "read_maxact", "read_scores", "read_stages", "read_steering",
     "read_steering_texts", "read_summary", "score_columns", "scores_path", "stage_output", "steering_text_path",
-    "steering_texts_complete", "summary_by_feature", "write_effects", "write_explanations", "write_logit_lens",
+    "steering_texts_complete", "summary_by_feature", "write_combined_summary", "write_effects", "write_explanations", "write_logit_lens",
     "write_maxact", "write_run_config", "write_scores", "write_stages", "write_steering_texts", "write_summary",
 ]

@@ -99,8 +99,15 @@ NEEDS_SEP = ", which is not applicable: "
 class Context:
     """What the stages share: config, SAE source, output dir, features, and the lazily loaded LM."""
 
-    def __init__(self, cfg: DictConfig, source: SAESource, out: Path, lm: LoadedLM | None):
-        self.cfg, self.source, self.out, self._lm = cfg, source, out, lm
+    def __init__(self, cfg: DictConfig, source: SAESource, out: Path, lm: LoadedLM | None,
+                 shared: dict[str, Any] | None = None, ckpt: str | None = None):
+        self.cfg, self.source, self.out = cfg, source, out
+        self._shared: dict[str, Any] = shared if shared is not None else {}
+        """The LM and the explainer client, shared by the contexts of one run (several hookpoints)."""
+        if lm is not None:
+            self._shared.setdefault("lm", lm)
+        self.ckpt = ckpt if ckpt is not None else str(cfg.ckpt)
+        """The ckpt this SAE came from (its stages' fingerprints name it)."""
         run_cfg = source.run_cfg
         self.model_cfg = run_cfg.model if run_cfg is not None else cfg.model
         self.corpus_cfg = run_cfg.corpus if run_cfg is not None else cfg.corpus
@@ -111,33 +118,46 @@ class Context:
         self.hookpoint = source.hookpoint
         self.layer = layer_label(self.hookpoint)
         self.features: list[int] = []
+        """The selected features (maxact and logit_lens run on them)."""
+        self.kept: list[int] | None = None
+        """`features` less those with fewer than interpret.min_examples activating examples; None: not filtered."""
         prompts_cfg = cfg.get("prompts")
         self.prompt_file, self.prompt_origin = resolve_prompt_file(prompts_cfg.get("override") if prompts_cfg else None,
                                                                    source.run_dir)
         """The prompt override file in effect and where it came from (prompts.resolve_prompt_file)."""
         self.resuming = False
         """True while a stage reruns because its last run with the same fingerprint was incomplete."""
-        self._client: Any = None
+        self._windows: torch.Tensor | None = None
+
+    @property
+    def _lm(self) -> LoadedLM | None:
+        return self._shared.get("lm")
 
     @property
     def lm(self) -> LoadedLM:
-        """The LM, loaded on first use; for a `lora` SAE with the run's adapter attached (`lora_sites` set)."""
-        if self._lm is None:
-            self._lm = load_lm(self.model_cfg)
-        if self.hookpoint == LORA_HOOKPOINT and not self._lm.lora_sites:
+        """The LM, loaded on first use and shared by the SAEs of one run; for a `lora` SAE with the run's
+        adapter attached (`lora_sites` set)."""
+        if self._shared.get("lm") is None:
+            self._shared["lm"] = load_lm(self.model_cfg)
+        if self.hookpoint == LORA_HOOKPOINT and not self._shared["lm"].lora_sites:
             from saeforge.activations.lora import with_adapter
 
             lora = self.data_cfg.get("lora") if self.data_cfg is not None else None
             if not (lora and lora.get("adapter")):
                 raise NotApplicable("a `lora` SAE needs its LoRA adapter: pass ckpt=<the training run> (its data.lora.adapter)")
-            self._lm = with_adapter(self._lm, lora.adapter, lora.get("types"))
+            self._shared["lm"] = with_adapter(self._shared["lm"], lora.adapter, lora.get("types"))
             root = self.store_root()
             if root is not None:  # steering splits W_dec[f] by this layout: it must be the store's
                 from saeforge.activations.lora import check_layout
                 from saeforge.activations.store import read_manifest
 
-                check_layout(list(self._lm.lora_sites), (read_manifest(root) or {}).get("lora_layout"), str(root))
-        return self._lm
+                check_layout(list(self._shared["lm"].lora_sites), (read_manifest(root) or {}).get("lora_layout"), str(root))
+        return self._shared["lm"]
+
+    @property
+    def eligible(self) -> list[int]:
+        """The features of the stages after maxact and logit_lens (`kept` once filtered, else `features`)."""
+        return self.kept if self.kept is not None else self.features
 
     def store_root(self) -> Path | None:
         """The training run's activation store, when it exists and holds this hookpoint."""
@@ -164,23 +184,37 @@ class Context:
 
     def windows(self) -> torch.Tensor:
         """Token windows for the max-act pass: the store's or the user file's (first n_tokens), or packed
-        from the corpus."""
-        n_tokens = int(self.cfg.interpret.n_tokens)
-        root = self.store_root()
-        if root is not None or self.user_file():
-            tokens = read_tokens(root) if root is not None else self.user_tokens()
-            return tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
-        ctx_len = int(self.cfg.interpret.ctx_len)
-        corpus = load_corpus(self.corpus_cfg, cache_root(self.data_cfg and self.data_cfg.get("cache_dir")))
-        return pack_windows(iter_texts(corpus, self.corpus_cfg.get("column", "text")), self.lm.tokenizer, ctx_len, n_tokens)
+        from the corpus (computed once)."""
+        if self._windows is None:
+            n_tokens = int(self.cfg.interpret.n_tokens)
+            root = self.store_root()
+            if root is not None or self.user_file():
+                tokens = read_tokens(root) if root is not None else self.user_tokens()
+                self._windows = tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
+            else:
+                ctx_len = int(self.cfg.interpret.ctx_len)
+                corpus = load_corpus(self.corpus_cfg, cache_root(self.data_cfg and self.data_cfg.get("cache_dir")))
+                self._windows = pack_windows(iter_texts(corpus, self.corpus_cfg.get("column", "text")), self.lm.tokenizer,
+                                             ctx_len, n_tokens)
+        return self._windows
 
     def client(self) -> Any:
-        if self._client is None:
+        if self._shared.get("client") is None:
             from saeforge.explainers.factory import make_client
 
-            lm = (self.lm.model, self.lm.tokenizer) if self.cfg.explainer.kind == "local" else None
-            self._client = make_client(self.cfg.explainer, lm=lm)
-        return self._client
+            lm = self.explainer_lm() if self.cfg.explainer.kind == "local" else None
+            self._shared["client"] = make_client(self.cfg.explainer, lm=lm)
+        return self._shared["client"]
+
+    def explainer_lm(self) -> tuple[Any, Any]:
+        """explainer.kind=local: (model, tokenizer) of `explainer.model` loaded as a separate LM (hub id,
+        folder or .gguf file), or of the analysed LM when explainer.model is null or names it."""
+        name = self.cfg.explainer.get("model")
+        if not name or str(name) == str(self.model_cfg.get("name")):
+            return self.lm.model, self.lm.tokenizer
+        log.info("explainer: loading %s as a separate local explainer LM", name)
+        explainer = load_lm({"name": str(name), "device": str(self.model_cfg.get("device", "auto"))})
+        return explainer.model, explainer.tokenizer
 
 
 def output_root(cfg: DictConfig, source: SAESource) -> Path:
@@ -223,7 +257,7 @@ def select_features(ctx: Context, frequency: torch.Tensor | None) -> list[int]:
         if bad:
             raise ValueError(f"interpret.features {bad} outside the SAE's [0, {d_sae})")
         return features
-    n = int(icfg.max_latents)
+    n = int(icfg.max_latents) if icfg.get("max_latents") is not None else d_sae  # null: every alive feature
     if frequency is None:
         return list(range(min(n, d_sae)))
     alive = (frequency > 0).nonzero().flatten()
@@ -243,26 +277,61 @@ def select_features(ctx: Context, frequency: torch.Tensor | None) -> list[int]:
 @torch.no_grad()
 def firing_frequency(ctx: Context, tokens: torch.Tensor) -> torch.Tensor:
     """Per-feature firing frequency on `tokens` (forward to the hookpoint + encode), for selection."""
+    return firing_frequencies([ctx], tokens)[0]
+
+
+@torch.no_grad()
+def firing_frequencies(contexts: list[Context], tokens: torch.Tensor) -> list[torch.Tensor]:
+    """`firing_frequency` of several SAEs on the same `tokens`: one forward per batch captures every hookpoint."""
     from saeforge.lm.capture import capture_residual, run_until_captured
 
-    sae = ctx.source.sae.to(ctx.lm.device)
-    counts = torch.zeros(sae.cfg.d_sae)
-    rows = 0
-    skip = ctx.exclude_first_tokens  # attention sinks, as maxact and training
+    lm = next((ctx.lm for ctx in contexts if ctx.hookpoint == LORA_HOOKPOINT), contexts[0].lm)  # lora: the adapter attached
+    saes = [ctx.source.sae.to(lm.device) for ctx in contexts]
+    hookpoints = list(dict.fromkeys(ctx.hookpoint for ctx in contexts))
+    residual = [h for h in hookpoints if h != LORA_HOOKPOINT]
+    counts = [torch.zeros(sae.cfg.d_sae) for sae in saes]
+    rows = [0] * len(contexts)
     for b in range(0, tokens.shape[0], 8):
-        ids = tokens[b : b + 8].long().to(ctx.lm.device)
-        if ctx.hookpoint == LORA_HOOKPOINT:
+        ids = tokens[b : b + 8].long().to(lm.device)
+        acts: dict[str, torch.Tensor] = {}
+        if residual:
+            with capture_residual(lm.model, residual) as cap:
+                run_until_captured(lm.model, input_ids=ids)
+            acts.update(cap)
+        if LORA_HOOKPOINT in hookpoints:
             from saeforge.activations.lora import lora_activations
 
-            acts = lora_activations(ctx.lm.model, list(ctx.lm.lora_sites), ids)
+            acts[LORA_HOOKPOINT] = lora_activations(lm.model, list(lm.lora_sites), ids)
+        for i, (ctx, sae) in enumerate(zip(contexts, saes)):
+            skip = ctx.exclude_first_tokens  # attention sinks, as maxact and training
+            x = acts[ctx.hookpoint][:, skip:].reshape(-1, sae.cfg.d_in).float()
+            counts[i] += (sae.encode_inference(x) > 0).sum(0).float().cpu()
+            rows[i] += x.shape[0]
+    return [c / max(r, 1) for c, r in zip(counts, rows)]
+
+
+def not_applicable(ctx: Context) -> str | None:
+    """Why max-act cannot run on this SAE (no LoRA adapter, a user file without tokens), or None."""
+    try:
+        ctx.lm
+        ctx.windows()
+    except NotApplicable as reason:
+        return str(reason)
+    return None
+
+
+def same_windows(contexts: list[Context]) -> list[list[Context]]:
+    """The contexts grouped by identical max-act windows (one joint pass per group)."""
+    groups: list[list[Context]] = []
+    for ctx in contexts:
+        for group in groups:
+            w, v = group[0].windows(), ctx.windows()
+            if w.shape == v.shape and torch.equal(w, v):
+                group.append(ctx)
+                break
         else:
-            with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
-                run_until_captured(ctx.lm.model, input_ids=ids)
-            acts = cap[ctx.hookpoint]
-        x = acts[:, skip:].reshape(-1, sae.cfg.d_in).float()
-        counts += (sae.encode_inference(x) > 0).sum(0).float().cpu()
-        rows += x.shape[0]
-    return counts / rows
+            groups.append([ctx])
+    return groups
 
 
 def sae_frequency(source: SAESource) -> torch.Tensor | None:
@@ -280,19 +349,31 @@ def sae_frequency(source: SAESource) -> torch.Tensor | None:
 
 # ---- stages ----------------------------------------------------------------------------------
 def run_maxact(ctx: Context) -> None:
-    from saeforge.activations.readers import open_rows
-    from saeforge.interpret.maxact import collect_maxact
+    run_maxact_together([ctx])
 
-    root = ctx.store_root()
-    stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
-    if ctx.user_file():  # the user's own file: its rows, linked to text by its `tokens`
-        root, stored = ctx.user_file(), open_rows(ctx.user_file(), None, ctx.data_cfg.get("h5_key", "activations"))
-    if stored is not None:
-        log.info("maxact: reading stored activations from %s (no LM forward)", root)
-    conf = MaxActConfig.from_mapping(ctx.cfg.interpret.maxact)
-    result = collect_maxact(ctx.lm, ctx.source.sae, ctx.hookpoint, ctx.windows(), conf, ctx.features, stored,
-                            exclude_first_tokens=ctx.exclude_first_tokens)
-    records_io.write_maxact(ctx.out, result.to_records())
+
+
+def run_maxact_together(contexts: list[Context]) -> None:
+    """The max-act stage of several SAEs: one pass per group of contexts with the same windows, the LM
+    running once per batch for all their hookpoints (stored activations are read instead where present)."""
+    from saeforge.activations.readers import open_rows
+    from saeforge.interpret.maxact import MaxActTarget, collect_maxact_many
+
+    for group in same_windows(contexts):
+        targets = []
+        for ctx in group:
+            root = ctx.store_root()
+            stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
+            if ctx.user_file():  # the user's own file: its rows, linked to text by its `tokens`
+                root, stored = ctx.user_file(), open_rows(ctx.user_file(), None, ctx.data_cfg.get("h5_key", "activations"))
+            if stored is not None:
+                log.info("maxact %s: reading stored activations from %s (no LM forward)", ctx.hookpoint, root)
+            targets.append(MaxActTarget(ctx.source.sae, ctx.hookpoint, ctx.features, stored, ctx.exclude_first_tokens))
+        conf = MaxActConfig.from_mapping(group[0].cfg.interpret.maxact)
+        lms = [ctx.lm for ctx in group if ctx.hookpoint == LORA_HOOKPOINT] or [group[0].lm]  # lora: the adapter attached
+        results = collect_maxact_many(lms[0], targets, group[0].windows(), conf)
+        for ctx, result in zip(group, results):
+            records_io.write_maxact(ctx.out, result.to_records())
 
 
 def run_logit_lens(ctx: Context) -> None:
@@ -316,7 +397,7 @@ def run_steering_stage(ctx: Context) -> None:
 
     records = read_maxact(ctx)
     a_max = records.a_max()
-    features = [f for f in ctx.features if a_max.get(f, 0) > 0]
+    features = [f for f in ctx.eligible if a_max.get(f, 0) > 0]
     scfg = SteeringConfig.from_mapping(ctx.cfg.interpret.steering)
     corpus = None if scfg.prompts_file else load_corpus(ctx.corpus_cfg, cache_root(ctx.data_cfg and ctx.data_cfg.get("cache_dir")))
     prompts = resolve_prompts(scfg, corpus, ctx.corpus_cfg.get("column", "text"))
@@ -329,7 +410,7 @@ def run_explain_stage(ctx: Context) -> None:
 
     records = records_io.read_steering(ctx.out, read_maxact(ctx))
     explainable = set(records.with_maxact())
-    features = [f for f in ctx.features if f in explainable]
+    features = [f for f in ctx.eligible if f in explainable]
     explain_records(ctx.client(), records, features,
                     load_prompts(ctx.prompt_file), make_chat_params(ctx.cfg.explainer), ctx.out,
                     ctx.hookpoint, ctx.layer, explain_config(ctx.cfg),
@@ -348,7 +429,7 @@ def run_score_stage(ctx: Context) -> None:
     labelled = any(s not in records_io.LABEL_FREE for s in scorers)  # intruder alone needs no explanations
     records_io.read_explanations(ctx.out, ctx.layer, records, required=labelled)
     score_records(ctx.client() if needs_llm else None, embedder, records,
-                  ctx.features, load_prompts(ctx.prompt_file), make_chat_params(ctx.cfg.explainer), ctx.out,
+                  ctx.eligible, load_prompts(ctx.prompt_file), make_chat_params(ctx.cfg.explainer), ctx.out,
                   ctx.hookpoint, ctx.layer, scfg)
 
 
@@ -371,7 +452,7 @@ def check_steering(ctx: Context) -> tuple[int, dict[int, str]]:
 
     records = records_io.read_steering(ctx.out, read_maxact(ctx), texts=False)
     a_max = records.a_max()
-    features = [f for f in ctx.features if a_max.get(f, 0) > 0]
+    features = [f for f in ctx.eligible if a_max.get(f, 0) > 0]
     return len(features), unfinished(records, features)
 
 
@@ -381,7 +462,7 @@ def check_explain(ctx: Context) -> tuple[int, dict[int, str]]:
     records = read_maxact(ctx)
     records_io.read_explanations(ctx.out, ctx.layer, records)
     explainable = set(records.with_maxact())
-    features = [f for f in ctx.features if f in explainable]
+    features = [f for f in ctx.eligible if f in explainable]
     return len(features), unfinished(records, features, explain_config(ctx.cfg).source)
 
 
@@ -392,7 +473,7 @@ def check_score(ctx: Context) -> tuple[int, dict[int, str]]:
     records = read_maxact(ctx)
     records_io.read_explanations(ctx.out, ctx.layer, records)
     records_io.read_scores(ctx.out, scorers, records)
-    scored = [f for f in ctx.features if f in records.features and records[f].label]
+    scored = [f for f in ctx.eligible if f in records.features and records[f].label]
     return len(scored), unfinished(records, scored, scorers)
 
 
@@ -420,9 +501,10 @@ def failure_line(stage: str, n_total: int, groups: dict[str, list[int]]) -> str:
     return f"{stage}: {n_failed}/{n_total} failed: " + "; ".join(parts)
 
 
-def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[str, Any]],
-                 prompt_file: Path | None = None) -> dict[str, str]:
-    """The fingerprint of every stage: its settings, the features, the SAE and its upstream stages'
+def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[str, Any]], ckpt: str | None = None,
+                 eligible: list[int] | None = None, prompt_file: Path | None = None) -> dict[str, str]:
+    """The fingerprint of every stage: its settings (with the prompt file in effect), the features
+    (`eligible` after maxact and logit_lens, when given), the SAE's ckpt and its upstream stages'
     fingerprints — an upstream stage recorded incomplete under its current fingerprint counts as
     different ("+partial"), so a stage that read partial outputs reruns once they are complete."""
     prints: dict[str, str] = {}
@@ -433,79 +515,170 @@ def stage_prints(cfg: DictConfig, features: list[int], record: dict[str, dict[st
             if record.get(u, {}).get("fingerprint") == fp and record[u].get("complete", True) is False:
                 fp += "+partial"
             upstream.append(fp)
-        prints[stage] = fingerprint(stage, stage_settings(cfg, stage, prompt_file), features, str(cfg.ckpt), upstream)
+        feats = features if stage in ("maxact", "logit_lens") or eligible is None else eligible
+        prints[stage] = fingerprint(stage, stage_settings(cfg, stage, prompt_file), feats,
+                                    str(cfg.ckpt) if ckpt is None else ckpt, upstream)
     return prints
 
 
+def resolve_sources(settings: Any) -> list[tuple[str, SAESource]]:
+    """(ckpt, SAE) pairs of `ckpt` (one or a list) and `hookpoint` / `interpret.hookpoints`
+    (a run dir with several hookpoints, or one hookpoint per ckpt); each hookpoint at most once."""
+    from saeforge.lm.hookpoints import canonical_name
+    from saeforge.pipelines.validate import interpret_ckpts
+
+    ckpts = interpret_ckpts(settings)
+    wanted = settings.interpret.hookpoints
+    if wanted is None:
+        pairs = [(c, settings.hookpoint) for c in ckpts]
+    elif len(ckpts) == 1:
+        pairs = [(ckpts[0], h) for h in wanted]
+    else:
+        pairs = list(zip(ckpts, wanted))
+    out: list[tuple[str, SAESource]] = []
+    for ckpt, hookpoint in pairs:
+        source = resolve_sae(ckpt, hookpoint)
+        if wanted is not None and source.hookpoint != canonical_name(str(hookpoint)):
+            raise ValueError(f"ckpt={ckpt!r} has no SAE at hookpoint {hookpoint} (found {source.hookpoint})")
+        out.append((ckpt, source))
+    seen = [s.hookpoint for _, s in out]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"several SAEs at the same hookpoint {seen}: their outputs would share interpret/<hookpoint>/")
+    return out
+
+
+def apply_min_examples(ctx: Context, record: dict[str, dict[str, Any]]) -> None:
+    """Set `ctx.kept`: the selected features with at least interpret.min_examples activating examples
+    (windows where they fire, from the max-act file); log and record the skipped ones in the stages file."""
+    minimum = int(ctx.cfg.interpret.get("min_examples", 0) or 0)
+    if minimum <= 0 or not (ctx.out / OUTPUT["maxact"]).exists():
+        ctx.kept = None
+        return
+    records = read_maxact(ctx)
+    counts = {f: (r.n_windows if r.n_windows is not None else len(r.top)) for f, r in records.features.items()}
+    skipped = [f for f in ctx.features if counts.get(f, 0) < minimum]
+    ctx.kept = [f for f in ctx.features if f not in skipped]
+    log.info("min_examples=%d: %d of %d features skipped at %s (too few activating examples)%s", minimum, len(skipped),
+             len(ctx.features), ctx.hookpoint, f": {skipped[:20]}" if skipped else "")
+    record.setdefault("maxact", {})["min_examples"] = {"min_examples": minimum, "n_skipped": len(skipped), "skipped": skipped}
+    records_io.write_stages(ctx.out, record)
+
+
 def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
-    """Run the configured stages; returns the interpret output directory.
+    """Run the configured stages; returns the interpret output directory (with several SAEs: the
+    `interpret/` folder holding one directory per hookpoint).
+
+    Several SAEs (`interpret.hookpoints`, or a list of `ckpt`s) share the LM and the explainer; the
+    max-act pass runs once for all of them, the other stages run per SAE.
 
     Raises `IncompleteStages` after the last stage when a stage left features without a final
     result, unless `interpret.allow_partial` (then the failures are only reported).
     """
     settings = validate_interpret(cfg)  # first: bad settings fail here, before any load
     stages = list(settings.interpret.stages)
-    source = resolve_sae(settings.ckpt, settings.hookpoint)
-    root = output_root(cfg, source)
-    out = root / "interpret" / source.hookpoint
-    prompt_file, prompt_origin = resolve_prompt_file(cfg.prompts.get("override"), root)
+    sources = resolve_sources(settings)
+    root = output_root(cfg, sources[0][1]) / "interpret"
+    prompt_file, prompt_origin = resolve_prompt_file(cfg.prompts.get("override"), root.parent)
     prompts = load_prompts(prompt_file)  # a bad prompt file fails here, before the LM loads
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cfg, source, out, lm)
-    ctx.prompt_file, ctx.prompt_origin = prompt_file, prompt_origin
-    if source.hookpoint != LORA_HOOKPOINT and ctx.lm.d_model != source.sae.cfg.d_in:
-        raise ValueError(f"the SAE has d_in={source.sae.cfg.d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
-    frequency = None if cfg.interpret.get("features") else sae_frequency(source)
-    if frequency is None and not cfg.interpret.get("features"):
-        try:
-            frequency = firing_frequency(ctx, ctx.windows()[:64])
-        except NotApplicable as reason:
-            log.info("no firing frequency to select features by (%s): taking the first interpret.max_latents", reason)
-    ctx.features = select_features(ctx, frequency)
-    log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
-    write_run_record(ctx, prompts)
+    shared: dict[str, Any] = {}
+    contexts = [Context(cfg, source, root / source.hookpoint, lm, shared, ckpt) for ckpt, source in sources]
+    for ctx in contexts:
+        ctx.prompt_file, ctx.prompt_origin = prompt_file, prompt_origin
+    models = {json.dumps(OmegaConf.to_container(c.model_cfg, resolve=True), sort_keys=True, default=str) for c in contexts}
+    if len(models) > 1:
+        raise ValueError(f"the SAEs of {[c.ckpt for c in contexts]} come from different models; interpret them one at a time")
+    for ctx in contexts:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        d_in = ctx.source.sae.cfg.d_in
+        if ctx.hookpoint != LORA_HOOKPOINT and ctx.lm.d_model != d_in:
+            raise ValueError(f"the SAE has d_in={d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
+    explicit = bool(cfg.interpret.get("features"))
+    frequency = {id(c): None if explicit else sae_frequency(c.source) for c in contexts}
+    measurable = []
+    for ctx in contexts:
+        if frequency[id(ctx)] is None and not explicit:
+            reason = not_applicable(ctx)
+            if reason is None:
+                measurable.append(ctx)
+            else:
+                log.info("no firing frequency to select features by (%s): taking the first interpret.max_latents", reason)
+    for group in same_windows(measurable):
+        for ctx, freq in zip(group, firing_frequencies(group, group[0].windows()[:64])):
+            frequency[id(ctx)] = freq
+    for ctx in contexts:
+        ctx.features = select_features(ctx, frequency[id(ctx)])
+        log.info("interpreting %d features of %s at %s → %s", len(ctx.features), ctx.source.description, ctx.hookpoint, ctx.out)
+        write_run_record(ctx, prompts)
 
-    record = records_io.read_stages(out)
+    records = {id(c): records_io.read_stages(c.out) for c in contexts}
     failed: dict[str, dict[str, list[int]]] = {}
     lines: list[str] = []
+    several = len(contexts) > 1
     for stage in stages:
-        prints = stage_prints(cfg, ctx.features, record, prompt_file)  # again per stage: upstream completeness may change
-        previous = record.get(stage, {})
-        same = previous.get("fingerprint") == prints[stage] and (out / OUTPUT[stage]).exists()
-        complete = previous.get("complete", True) is not False
-        if same and complete and stage != "dashboard":
-            log.info("stage %s: up to date, skipped", stage)
-            continue
-        ctx.resuming = same and not complete
-        entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
-        skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
-        try:
+        todo = []
+        for ctx in contexts:
+            record = records[id(ctx)]
+            if stage not in ("maxact", "logit_lens") and ctx.kept is None:
+                apply_min_examples(ctx, record)
+            prints = stage_prints(cfg, ctx.features, record, ctx.ckpt, ctx.eligible, ctx.prompt_file)  # again per stage: upstream completeness may change
+            previous = record.get(stage, {})
+            same = previous.get("fingerprint") == prints[stage] and (ctx.out / OUTPUT[stage]).exists()
+            complete = previous.get("complete", True) is not False
+            where = f" ({ctx.hookpoint})" if several else ""
+            if same and complete and stage != "dashboard":
+                log.info("stage %s%s: up to date, skipped", stage, where)
+                continue
+            ctx.resuming = same and not complete
+            entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+            skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
+            reason = None
             if skipped:
                 root_reason = str(record[skipped[0]][NOT_APPLICABLE]).split(NEEDS_SEP, 1)[-1]
-                raise NotApplicable(f"needs {skipped[0]}{NEEDS_SEP}{root_reason}")
-            log.info("stage %s: %s", stage, "retrying the failed features" if ctx.resuming else "running")
-            RUNNERS[stage](ctx)
-        except NotApplicable as reason:
-            log.info("stage %s: not applicable: %s", stage, reason)
-            record[stage] = {**entry, NOT_APPLICABLE: str(reason)}
-            records_io.write_stages(out, record)
-            continue
-        if stage in CHECKS:
-            n_total, failures = CHECKS[stage](ctx)
-            if failures:
-                groups = group_failures(failures)
-                entry.update(complete=False, failures=groups)
-                failed[stage] = groups
-                lines.append(failure_line(stage, n_total, groups))
-                log.warning("%s", lines[-1])
-        record[stage] = entry
-        records_io.write_stages(out, record)
-        if stage in SUMMARY_FEEDS:
-            write_run_summary(ctx)
-    if any(s in SUMMARY_FEEDS for s in stages) and not (out / records_io.SUMMARY).is_file():
-        write_run_summary(ctx)  # every feeding stage was up to date, but the summary is gone
-    ctx.resuming = False
-    log_to_wandb(cfg, out, source.run_dir)
+                reason = f"needs {skipped[0]}{NEEDS_SEP}{root_reason}"
+            elif stage == "maxact":
+                reason = not_applicable(ctx)
+            if reason is not None:
+                log.info("stage %s%s: not applicable: %s", stage, where, reason)
+                record[stage] = {**entry, NOT_APPLICABLE: reason}
+                records_io.write_stages(ctx.out, record)
+                continue
+            log.info("stage %s%s: %s", stage, where, "retrying the failed features" if ctx.resuming else "running")
+            todo.append((ctx, entry))
+        if stage == "maxact" and todo:
+            run_maxact_together([ctx for ctx, _ in todo])  # one LM forward per batch for every hookpoint
+        for ctx, entry in todo:
+            record = records[id(ctx)]
+            if stage != "maxact":
+                try:
+                    RUNNERS[stage](ctx)
+                except NotApplicable as reason:
+                    log.info("stage %s: not applicable: %s", stage, reason)
+                    record[stage] = {**entry, NOT_APPLICABLE: str(reason)}
+                    records_io.write_stages(ctx.out, record)
+                    continue
+            if stage in CHECKS:
+                n_total, failures = CHECKS[stage](ctx)
+                if failures:
+                    groups = group_failures(failures)
+                    entry.update(complete=False, failures=groups)
+                    name = f"{ctx.hookpoint}:{stage}" if several else stage
+                    failed[name] = groups
+                    lines.append(failure_line(name, n_total, groups))
+                    log.warning("%s", lines[-1])
+            record[stage] = entry
+            records_io.write_stages(ctx.out, record)
+            if stage in SUMMARY_FEEDS:
+                write_run_summary(ctx)
+            ctx.resuming = False
+    for ctx in contexts:
+        if any(s in SUMMARY_FEEDS for s in stages) and not (ctx.out / records_io.SUMMARY).is_file():
+            write_run_summary(ctx)  # every feeding stage was up to date, but the summary is gone
+        if ctx.kept is None and "maxact" in stages:
+            apply_min_examples(ctx, records[id(ctx)])  # recorded even when only maxact ran
+        log_to_wandb(cfg, ctx.out, ctx.source.run_dir)
+    if several and records_io.write_combined_summary(root, [ctx.out for ctx in contexts]) is not None:
+        log.info("summary of every hookpoint: %s", root / records_io.SUMMARY)
+    out = root if several else contexts[0].out
     if failed:
         allow = settings.interpret.allow_partial
         message = "\n".join(["interpret finished with failures (a rerun retries only the failed features):", *lines,

@@ -214,6 +214,19 @@ def validate_interpret(cfg: DictConfig) -> InterpretConfig:
         load_prompts(resolve_prompt_file(settings.prompts.override, settings.run.dir or None)[0])
     except (OSError, ValueError) as err:
         raise ConfigError(f"prompts: {' '.join(str(err).split())}") from None
+    ckpts = interpret_ckpts(settings)
+    hookpoints = settings.interpret.hookpoints
+    if len(ckpts) > 1 and hookpoints is not None and len(hookpoints) != len(ckpts):
+        raise ConfigError(f"interpret.hookpoints has {len(hookpoints)} entries but ckpt lists {len(ckpts)} SAEs: "
+                          "give one hookpoint per ckpt, or interpret.hookpoints=null")
+    if hookpoints is not None and settings.hookpoint:
+        raise ConfigError("give either hookpoint or interpret.hookpoints, not both")
+    check_local_explainer(settings.explainer.kind, settings.explainer.model)
+    if settings.interpret.maxact.non_activating_source == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            raise ConfigError("interpret.maxact.non_activating_source=faiss needs faiss-cpu: pip install faiss-cpu==1.15.1")
     return settings
 
 
@@ -232,6 +245,29 @@ def check_surprisal_client(settings: InterpretConfig) -> None:
                           "use explainer=local or a vLLM server (explainer=vllm), or drop surprisal")
 
 
+def check_local_explainer(kind: str, model: str | None) -> None:
+    """explainer.kind=local with explainer.model naming a file or folder: it must exist (a .gguf file or
+    a folder with config.json); other names are hub ids or the analysed model's name."""
+    if kind != "local" or not model:
+        return
+    path = Path(str(model)).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"explainer.model={model}: no such .gguf file")
+    elif path.exists() or str(model).startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"explainer.model={model}: not a model folder (no config.json) or a .gguf file")
+
+
+def interpret_ckpts(settings: InterpretConfig) -> list[str]:
+    """`ckpt` as a list of paths (one entry for a single ckpt)."""
+    ckpt = settings.ckpt
+    ckpts = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt) if isinstance(ckpt, (list, tuple)) else None
+    if not ckpts or not all(isinstance(c, (str, Path)) and str(c) for c in ckpts):
+        raise ConfigError(f"ckpt must be a path or a non-empty list of paths, got {ckpt!r}")
+    return [str(c) for c in ckpts]
+
+
 def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
     """Excluded first positions: the training run's data.exclude_first_tokens, else `imported.exclude_first_tokens`."""
     if run_cfg is not None and run_cfg.get("data") is not None:
@@ -239,5 +275,5 @@ def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
     return int(imported)
 
 
-__all__ = ["TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "trainer_kwargs_from", "validate_evaluate",
+__all__ = ["TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "interpret_ckpts", "trainer_kwargs_from", "validate_evaluate",
            "validate_interpret", "validate_train"]

@@ -156,7 +156,7 @@ def _example(raw: Any) -> dict[str, Any] | None:
     if not isinstance(max_pos, int) or not 0 <= max_pos < len(tokens):
         max_pos = max(range(len(acts)), key=acts.__getitem__) if acts else 0
     ex = {"activation": _num(raw.get("activation")), "tokens": tokens, "acts": acts, "max_pos": max_pos}
-    for key in ("bucket", "seq", "start"):
+    for key in ("bucket", "seq", "start", "source", "neighbour", "cosine", "similarity"):
         if key in raw:
             ex[key] = _clean(raw[key])
     return ex
@@ -229,7 +229,7 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
         if isinstance(hist, dict) and hist.get("counts"):
             entry["histogram"] = {"edges": [_num(x) for x in hist.get("edges") or []],
                                   "counts": [_num(x) for x in hist["counts"]]}
-        for key in ("top", "quantile_examples"):
+        for key in ("top", "quantile_examples", "non_activating"):
             examples = [ex for ex in map(_example, m.get(key) or []) if ex is not None]
             if examples:
                 entry[key] = examples

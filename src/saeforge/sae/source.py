@@ -74,7 +74,11 @@ def resolve_sae(ckpt: str | Path, hookpoint: str | None = None) -> SAESource:
         if not exported:
             raise ValueError(f"run directory {path} has no exported SAE under sae/ (did training finish a checkpoint?)")
         if hookpoint:
-            exported = [p for p in exported if p.parent.name == canonical_name(hookpoint)] or exported
+            found = [p for p in exported if p.parent.name == canonical_name(hookpoint)]
+            if not found:
+                raise ValueError(f"run directory {path} has no SAE at hookpoint {hookpoint}; it has "
+                                 f"{', '.join(p.parent.name for p in exported)}")
+            exported = found
         path = exported[0].parent
     if path.suffix == ".ckpt":
         sae, info = _from_lightning(path)
