@@ -667,6 +667,8 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
                     log.warning("%s", lines[-1])
             record[stage] = entry
             records_io.write_stages(ctx.out, record)
+            if stage == "maxact":
+                apply_min_examples(ctx, record)  # before the summary, which lists the kept features only
             if stage in SUMMARY_FEEDS:
                 write_run_summary(ctx)
             ctx.resuming = False
@@ -698,8 +700,8 @@ def write_run_summary(ctx: Context) -> None:
         records.layer = ctx.layer
     scorers = list(dict.fromkeys([str(s) for s in ctx.cfg.interpret.score.scorers]
                                  + sorted({s for r in records.features.values() for s in r.scores})))
-    descriptions = {f: top_token_description(records.get(f)) for f in ctx.features}
-    records_io.write_summary(ctx.out, records, ctx.features, scorers, top_tokens=descriptions)
+    descriptions = {f: top_token_description(records.get(f)) for f in ctx.eligible}
+    records_io.write_summary(ctx.out, records, ctx.eligible, scorers, top_tokens=descriptions)
 
 
 def package_versions() -> dict[str, str]:
