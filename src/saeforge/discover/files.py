@@ -8,6 +8,10 @@
   of a `scipy.sparse.csr_matrix`) in place of `activations`. Files are written byte-deterministically
   (fixed zip timestamps), so a resumed run gives the same bytes as an uninterrupted one.
 - `batch_progress.json`: `{"last_completed": i}`, the index of the last finished configuration.
+- `configurations.json`: the resolved SAE set, one entry per configuration in order (`index`, `file`,
+  `hookpoint`, `layer`, `l0`, `average_l0`, `source`, `local`, `neuronpedia_id`, `d_in`, `d_sae`) and
+  the extraction's `fingerprint` (inputs that decide the files' content; a rerun with other inputs
+  refuses to continue). The analysis reads the Neuronpedia ids from it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse
@@ -23,6 +28,8 @@ import scipy.sparse
 from saeforge.atomic import atomic_path, atomic_write_json
 
 PROGRESS_FILE = "batch_progress.json"
+CONFIGURATIONS_FILE = "configurations.json"
+CONFIGURATIONS_VERSION = 1
 FRAGMENT_FIELDS = ("fragments", "original_sentences", "concept_strength_labels", "sentence_indices",
                    "token_positions", "is_final_token", "fragment_lengths")
 CSR_PARTS = ("data", "indices", "indptr", "shape")
@@ -119,3 +126,23 @@ def read_progress(folder: str | Path) -> int:
 def write_progress(folder: str | Path, last_completed: int) -> None:
     """Record that configurations 0..last_completed are written (atomically)."""
     atomic_write_json(Path(folder) / PROGRESS_FILE, {"last_completed": int(last_completed)})
+
+
+def write_configurations(folder: str | Path, fingerprint: str, configurations: list[dict[str, Any]]) -> None:
+    """Record the resolved SAE set (one dict per configuration, in order) and the extraction's fingerprint."""
+    atomic_write_json(Path(folder) / CONFIGURATIONS_FILE, {
+        "format_version": CONFIGURATIONS_VERSION, "fingerprint": fingerprint, "configurations": configurations})
+
+
+def read_configurations(folder: str | Path) -> dict[str, Any] | None:
+    """`{"fingerprint": ..., "configurations": [...]}` of an output folder, None when there is none."""
+    path = Path(folder) / CONFIGURATIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("configurations"), list):
+        raise ValueError(f"{path}: expected an object with a `configurations` list")
+    return data
