@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ from scipy.stats import false_discovery_control, rankdata, spearmanr
 from saeforge.config.schema import ConceptAnalysisConfig
 from saeforge.discover.analyze import analyze_concepts
 from saeforge.discover.files import (RANKING_COLUMNS, ConceptActivations, activation_file_name, read_ranking,
-                                     read_top_features, report_path, write_activations)
+                                     read_top_features, report_path, write_activations,
+                                     write_configurations)
 from saeforge.discover.stats import Permutations, auroc, benjamini_hochberg, sentence_activations
 
 MARKERS = ["cat", "dog", "horse", "owl", "fox", "bear"]
@@ -72,10 +72,12 @@ def write_planted(folder: Path, n: int = 80, seed: int = 0, d_sae: int = 48) -> 
     for layer, l0, planted, sparse in ((1, 8, None, True), (2, 16, PLANTED, True), (3, 8, None, False)):
         acts = make_activations(sentences, labels, rng, d_sae, planted, layer, l0, sparse)
         write_activations(folder / activation_file_name(layer, l0), acts)
-    (folder / "configurations.json").write_text(json.dumps([
-        {"name": "sae-a", "layer": 1, "l0": 8, "neuronpedia_id": "smollm2/1-res-a"},
-        {"name": "sae-b", "layer": 2, "l0": 16, "neuronpedia_id": "smollm2/2-res-b", "path": "/runs/b"},
-        {"name": "sae-c", "layer": 3, "l0": 8}]))
+    write_configurations(folder, "test", [
+        {"file": activation_file_name(1, 8), "layer": 1, "l0": "8", "source": "release-a/sae-a",
+         "neuronpedia_id": "smollm2/1-res-a"},
+        {"file": activation_file_name(2, 16), "layer": 2, "l0": "16", "source": "release-b/sae-b",
+         "neuronpedia_id": "smollm2/2-res-b", "local": "/runs/b"},
+        {"file": activation_file_name(3, 8), "layer": 3, "l0": "8", "source": str(folder), "neuronpedia_id": None}])
     return sentences
 
 
@@ -84,11 +86,11 @@ def test_planted_feature_ranks_first(tmp_path: Path) -> None:
     ranking = analyze_concepts(tmp_path / "acts", tmp_path / "out", ConceptAnalysisConfig(top_features=3))
     rows = read_ranking(ranking)
     best = rows[0]
-    assert (best["sae"], best["layer"], best["l0"], int(best["feature"])) == ("sae-b", "2", "16", PLANTED)
+    assert (best["sae"], best["layer"], best["l0"], int(best["feature"])) == ("release-b/sae-b", "2", "16", PLANTED)
     assert float(best["spearman"]) > 0.8 and float(best["q"]) < 0.05
     assert float(best["auroc_ge3"]) > 0.9 and best["monotonic"] == "True" and float(best["selectivity"]) > 0.9
     assert best["neuronpedia_url"] == f"https://www.neuronpedia.org/smollm2/2-res-b/{PLANTED}"
-    assert all(r["neuronpedia_url"] == "" for r in rows if r["sae"] == "sae-c")  # no id, no link
+    assert all(r["neuronpedia_url"] == "" for r in rows if r["sae"] == "layer_3_l0_8")  # no id, no link
     assert sum(float(r["q"]) < 0.05 for r in rows) <= 2  # the noise features stay insignificant
     top = read_top_features(tmp_path / "out")
     first = top["top_features"][0]

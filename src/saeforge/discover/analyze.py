@@ -7,7 +7,6 @@ features × SAEs, the never-firing features counted with p = 1.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import shlex
@@ -18,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from saeforge.config.schema import ConceptAnalysisConfig
+from saeforge.discover.concepts import read_concepts
 from saeforge.discover.files import (RANKING_COLUMNS, activation_files, read_activations, read_configurations,
                                      report_path, write_ranking, write_top_features)
 from saeforge.discover.stats import (LABELS, STAT_COLUMNS, Permutations, SentenceActivations, benjamini_hochberg,
@@ -36,29 +36,25 @@ def neuronpedia_url(neuronpedia_id: str | None, feature: int) -> str:
 
 
 def _csv_labels(path: Path, sentences: np.ndarray) -> np.ndarray:
-    """Labels of `path` for the extracted sentences (same sentences, same order)."""
-    with Path(path).open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if len(rows) != sentences.size:
-        raise ValueError(f"{path}: {len(rows)} sentences, but the activation files hold {sentences.size}")
-    labels = []
-    for i, (row, sentence) in enumerate(zip(rows, sentences), start=2):
-        if row.get("sentence") != str(sentence):
-            raise ValueError(f"{path}: row {i}: sentence differs from the extracted one ({str(sentence)[:60]!r})")
-        try:
-            label = int(row["concept_strength_label"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: row {i}: concept_strength_label must be an integer 0-3") from None
-        if label not in LABELS:
-            raise ValueError(f"{path}: row {i}: concept_strength_label {label} outside 0-3")
-        labels.append(label)
-    return np.asarray(labels, dtype=np.int64)
+    """Labels of the CSV at `path` (checked by read_concepts) for the extracted sentences, in their order."""
+    concepts = read_concepts(path)
+    if len(concepts.sentences) != sentences.size:
+        raise ValueError(f"{path}: {len(concepts.sentences)} sentences, but the activation files hold {sentences.size}")
+    for i, (mine, extracted) in enumerate(zip(concepts.sentences, sentences)):
+        if mine != str(extracted):
+            raise ValueError(f"{path}: sentence {i + 1} differs from the extracted one ({str(extracted)[:60]!r})")
+    return np.asarray(concepts.labels, dtype=np.int64)
 
 
 def _sae_info(layer: int, l0: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"sae": str(meta.get("name") or path.name.removesuffix("_activations.npz")), "layer": layer,
-            "l0": meta.get("l0", l0), "neuronpedia_id": meta.get("neuronpedia_id") or meta.get("neuronpedia"),
-            "ckpt": meta.get("path") or meta.get("ckpt"), "hookpoint": meta.get("hookpoint"), "file": path.name}
+    """Name, Neuronpedia id and local SAE of one file, from its configurations.json entry (if any).
+
+    The name is the entry's name, else its source when that is a registry or hub id, else the file stem."""
+    source = str(meta.get("source") or "")
+    name = meta.get("name") or (source if source and not Path(source).exists() else "")
+    return {"sae": str(name or path.name.removesuffix("_activations.npz")), "layer": layer,
+            "l0": meta.get("l0", l0), "neuronpedia_id": meta.get("neuronpedia_id"),
+            "ckpt": meta.get("local"), "hookpoint": meta.get("hookpoint"), "file": path.name}
 
 
 def _number(value: float) -> float | None:
@@ -112,7 +108,8 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     if not files:
         raise FileNotFoundError(f"{activations_dir}: no layer_*_l0_*_activations.npz files to analyse")
     out_dir.mkdir(parents=True, exist_ok=True)
-    configurations = read_configurations(activations_dir)
+    resolved = read_configurations(activations_dir) or {"configurations": []}
+    configurations = {c["file"]: c for c in resolved["configurations"] if isinstance(c, dict) and "file" in c}
     perms: Permutations | None = None
     results: list[tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]] = []
     n_tests = 0

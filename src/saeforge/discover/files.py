@@ -11,8 +11,10 @@
 - Analysis outputs: `ranking.csv` (RANKING_COLUMNS first, then extra statistics), `top_features.json`
   (each top feature's statistics, per-label sentence activations, top sentences and fragments, and the
   interpret commands) and `concepts_report.html` (written by report/concepts.py at `report_path`).
-  `configurations.json` (the resolved SAE set: name, layer, l0, hookpoint, neuronpedia_id, path) is
-  read here for the SAE names and Neuronpedia ids.
+- `configurations.json`: the resolved SAE set, one entry per configuration in order (`index`, `file`,
+  `hookpoint`, `layer`, `l0`, `average_l0`, `source`, `local`, `neuronpedia_id`, `d_in`, `d_sae`) and
+  the extraction's `fingerprint` (inputs that decide the files' content; a rerun with other inputs
+  refuses to continue). The analysis reads the Neuronpedia ids from it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse
@@ -31,6 +34,7 @@ import scipy.sparse
 from saeforge.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 PROGRESS_FILE = "batch_progress.json"
+CONFIGURATIONS_VERSION = 1
 FRAGMENT_FIELDS = ("fragments", "original_sentences", "concept_strength_labels", "sentence_indices",
                    "token_positions", "is_final_token", "fragment_lengths")
 CSR_PARTS = ("data", "indices", "indptr", "shape")
@@ -91,21 +95,6 @@ def activation_files(folder: str | Path) -> list[tuple[int, str, Path]]:
             return float("inf"), l0
 
     return sorted(found, key=lambda item: (item[0], l0_key(item[1])))
-
-
-def read_configurations(folder: str | Path) -> dict[str, dict]:
-    """The resolved SAE set in `folder`/configurations.json, keyed by activation file name ({} when absent)."""
-    path = Path(folder) / CONFIGURATIONS_FILE
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    entries = data.get("configurations", data.get("saes", [])) if isinstance(data, dict) else data
-    out = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or "layer" not in entry or "l0" not in entry:
-            raise ValueError(f"{path}: every configuration needs layer and l0, got {entry!r}")
-        out[entry.get("file") or activation_file_name(entry["layer"], entry["l0"])] = entry
-    return out
 
 
 def write_ranking(folder: str | Path, rows: list[dict]) -> Path:
@@ -207,3 +196,23 @@ def read_progress(folder: str | Path) -> int:
 def write_progress(folder: str | Path, last_completed: int) -> None:
     """Record that configurations 0..last_completed are written (atomically)."""
     atomic_write_json(Path(folder) / PROGRESS_FILE, {"last_completed": int(last_completed)})
+
+
+def write_configurations(folder: str | Path, fingerprint: str, configurations: list[dict[str, Any]]) -> None:
+    """Record the resolved SAE set (one dict per configuration, in order) and the extraction's fingerprint."""
+    atomic_write_json(Path(folder) / CONFIGURATIONS_FILE, {
+        "format_version": CONFIGURATIONS_VERSION, "fingerprint": fingerprint, "configurations": configurations})
+
+
+def read_configurations(folder: str | Path) -> dict[str, Any] | None:
+    """`{"fingerprint": ..., "configurations": [...]}` of an output folder, None when there is none."""
+    path = Path(folder) / CONFIGURATIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("configurations"), list):
+        raise ValueError(f"{path}: expected an object with a `configurations` list")
+    return data
