@@ -13,7 +13,8 @@ from scipy.stats import false_discovery_control, rankdata, spearmanr
 
 from saeforge.config.schema import ConceptAnalysisConfig
 from saeforge.discover.analyze import analyze_concepts
-from saeforge.discover.files import (RANKING_COLUMNS, ConceptActivations, activation_file_name, read_ranking,
+from saeforge.discover import stats
+from saeforge.discover.files import (FRAGMENT_FIELDS, RANKING_COLUMNS, ConceptActivations, activation_file_name, read_ranking,
                                      read_top_features, report_path, write_activations,
                                      write_configurations)
 from saeforge.discover.stats import Permutations, auroc, benjamini_hochberg, sentence_activations
@@ -125,7 +126,7 @@ def test_statistics_match_scipy() -> None:
     assert np.allclose(benjamini_hochberg(p, 8), false_discovery_control([*p, 1, 1, 1, 1])[:4])
 
 
-def test_dense_and_sparse_files_agree(tmp_path: Path) -> None:
+def test_dense_and_sparse_files_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     sentences, labels = planted_sentences(20, rng)
     dense = make_activations(sentences, labels, np.random.default_rng(2), 16, 3, 0, 4, sparse=False)
@@ -133,6 +134,13 @@ def test_dense_and_sparse_files_agree(tmp_path: Path) -> None:
     a, b = sentence_activations(dense), sentence_activations(sparse)
     assert np.array_equal(a.max, b.max.toarray()) and np.array_equal(a.final, b.final.toarray())
     assert np.array_equal(a.labels, labels)
+    monkeypatch.setattr(stats, "BLOCK_NONZEROS", 7)  # many blocks, and the fragments out of sentence order
+    order = np.random.default_rng(3).permutation(sparse.activations.shape[0])
+    sparse.activations = sparse.activations[order]
+    for name in FRAGMENT_FIELDS:
+        setattr(sparse, name, getattr(sparse, name)[order])
+    c = sentence_activations(sparse)
+    assert np.array_equal(a.max, c.max.toarray()) and np.array_equal(a.final, c.final.toarray())
 
 
 def test_null_calibration(tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ STAT_COLUMNS = ("spearman", "auroc_ge1", "auroc_ge2", "auroc_ge3", "selectivity"
 """Per-feature statistics `feature_stats` returns, one float64 array each (monotonic as 0/1)."""
 TAIL_EXCEEDANCES = 10
 """Below this many shuffles reaching |ρ|, the p-value comes from the t tail (see Permutations.p_values)."""
+BLOCK_NONZEROS = 1 << 20
+"""Nonzeros of a CSR file turned into sentence maxima at a time."""
 CHUNK_BYTES = 64 << 20
 """Working-set budget of one feature chunk (dense sentence × feature arrays and shuffled ρ)."""
 
@@ -83,12 +85,7 @@ def sentence_activations(acts: ConceptActivations, source: str = "") -> Sentence
         raise ValueError(f"{source}: every sentence needs exactly one fragment with is_final_token")
     d = int(acts.activations.shape[1])
     if scipy.sparse.issparse(acts.activations):
-        coo = acts.activations.tocoo()
-        key = sent[coo.row] * d + coo.col.astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        keys, starts = np.unique(key[order], return_index=True)
-        values = np.maximum.reduceat(coo.data[order], starts) if keys.size else coo.data[:0]
-        maximum = scipy.sparse.csc_matrix((values, (keys // d, keys % d)), shape=(n_sent, d), dtype=np.float32)
+        maximum = _sparse_sentence_max(scipy.sparse.csr_matrix(acts.activations), sent, n_sent)
         final = scipy.sparse.csc_matrix(acts.activations[final_rows], dtype=np.float32)
     else:
         dense = np.asarray(acts.activations, dtype=np.float32)
@@ -98,6 +95,35 @@ def sentence_activations(acts: ConceptActivations, source: str = "") -> Sentence
         maximum = np.maximum.reduceat(ordered, starts, axis=0)
         final = dense[final_rows]
     return SentenceActivations(max=maximum, final=final, labels=labels, sentences=sentences)
+
+
+def _sparse_sentence_max(csr: scipy.sparse.csr_matrix, sent: np.ndarray, n_sent: int) -> scipy.sparse.csc_matrix:
+    """Per-sentence max of a CSR's rows, built from its nonzeros in blocks of BLOCK_NONZEROS (bounded
+    scratch memory); the sentence's rows need not be contiguous."""
+    d = csr.shape[1]
+    order = np.argsort(sent, kind="stable")
+    if np.any(order != np.arange(order.size)):
+        csr, sent = csr[order], sent[order]
+    bounds = np.searchsorted(sent, np.arange(n_sent + 1))  # sentence s: rows bounds[s]:bounds[s + 1]
+    cuts = [0]
+    while cuts[-1] < n_sent:  # whole sentences per block, about BLOCK_NONZEROS nonzeros each
+        target = csr.indptr[bounds[cuts[-1]]] + BLOCK_NONZEROS
+        nxt = int(np.searchsorted(csr.indptr[bounds], target, side="right")) - 1
+        cuts.append(min(max(nxt, cuts[-1] + 1), n_sent))
+    rows, cols, vals = [], [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        block = csr[bounds[a]:bounds[b]].tocoo()
+        key = (sent[bounds[a]:bounds[b]][block.row] - a) * d + block.col.astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        keys, starts = np.unique(key[order], return_index=True)
+        if keys.size:
+            vals.append(np.maximum.reduceat(block.data[order], starts).astype(np.float32))
+            rows.append((keys // d + a).astype(np.int32))
+            cols.append((keys % d).astype(np.int32))
+    if not vals:
+        return scipy.sparse.csc_matrix((n_sent, d), dtype=np.float32)
+    return scipy.sparse.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(n_sent, d)).tocsc()
 
 
 class Permutations:
