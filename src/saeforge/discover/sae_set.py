@@ -15,9 +15,9 @@ Each entry names its hookpoint (`hookpoint`, or `layer` → `layers.N`) and its 
 else `name`): the output file is `layer_{L}_l0_{l0 or name}_activations.npz`. For registry SAEs the
 layer and l0 default to what the SAELens registry and sae_id say. Sources, exactly one per entry:
 - `path`: a local SAE in any format `saeforge.sae.formats.load_sae` reads;
-- `release` + `sae_id`: resolved through SAELens's pretrained registry (its own
-  `get_pretrained_saes_directory`, loaded from the installed file without importing sae_lens) to a
-  Hugging Face repo and folder, then read from the local Hugging Face cache only (no download);
+- `release` + `sae_id`: resolved through SAELens's pretrained registry (the installed package's
+  `pretrained_saes.yaml`, which its `get_pretrained_saes_directory` reads) to a Hugging Face repo and
+  folder, then read from the local Hugging Face cache only (no download);
 - `repo` (+ `revision`) + `path`: a file or folder in a Hugging Face repo, from the local cache only.
 
 `resolve_sae_set` checks the whole set before any model loads: the files exist, every hookpoint
@@ -28,7 +28,6 @@ folder, e.g. a `-canonical` release); other SAEs get none.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -74,19 +73,36 @@ class ResolvedSAE:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RegistryRelease:
+    """One release of SAELens's pretrained registry (the fields of its PretrainedSAELookup we use)."""
+
+    repo_id: str
+    saes_map: dict[str, str]
+    """sae_id → folder in the repo."""
+    expected_l0: dict[str, float]
+    neuronpedia_id: dict[str, str]
+
+
 @cache
-def saelens_registry() -> dict[str, Any]:
-    """SAELens's pretrained-SAE directory (release → PretrainedSAELookup), from the installed package."""
+def saelens_registry() -> dict[str, RegistryRelease]:
+    """SAELens's pretrained-SAE registry (release → RegistryRelease), read from the installed package's
+    pretrained_saes.yaml, the file its get_pretrained_saes_directory reads (importing sae_lens itself
+    would pull in TransformerLens and take seconds)."""
     try:
         folder = installed_package_folder("sae_lens", "SAELens releases in an SAE set need `pip install sae-lens`")
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    spec = importlib.util.spec_from_file_location("_saelens_pretrained_saes_directory",
-                                                  folder / "loading" / "pretrained_saes_directory.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # that module needs only yaml; sae_lens/__init__ would import far more
-    return module.get_pretrained_saes_directory()
+    with open(folder / "pretrained_saes.yaml") as handle:
+        data = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    out = {}
+    for release, value in data.items():
+        saes = value.get("saes") or []
+        out[release] = RegistryRelease(
+            repo_id=str(value["repo_id"]), saes_map={str(s["id"]): str(s["path"]) for s in saes},
+            expected_l0={str(s["id"]): float(s["l0"]) for s in saes if s.get("l0")},
+            neuronpedia_id={str(s["id"]): str(s["neuronpedia"]) for s in saes if s.get("neuronpedia")})
+    return out
 
 
 def hub_cache_dir() -> Path:

@@ -205,8 +205,9 @@ def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
 
 
 def _npy_shape(handle: Any) -> tuple[int, ...]:
-    version = np.lib.format.read_magic(handle)
-    shape, _, _ = np.lib.format._read_array_header(handle, version)  # header only, no data read
+    major, _ = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, _ = read(handle)  # the header only, no data read
     return tuple(int(s) for s in shape)
 
 
