@@ -3,7 +3,7 @@
 1. The labelled CSV: sentences of the bundled Gutenberg books, labelled by VADER's negative intensity
    (`vaderSentiment`, Hutto & Gilbert 2014: the `neg` share of polarity_scores), binned to
    0 (neg = 0), 1 (≤ 0.15), 2 (≤ 0.30), 3 (> 0.30); a seeded sample of the same count per label.
-2. The SAEs: six small TopK SAEs the demo trains with train.py, at layers 5, 15 and 25 and k = 16
+2. The SAEs: six small TopK SAEs the demo trains with train.py, at layers 3, 9 and 15 and k = 16
    and 64, all from one activation store (one LM pass captures the three hookpoints).
 3. `python discover.py concepts=... saes=...`: extraction, then the ranking, top sentences and report.
 
@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from saeforge.paths import installed_package_folder  # noqa: E402
 
 RUN = Path(os.environ.get("DEMO_CONCEPTS_DIR", ROOT / "runs" / "demo-concepts")).resolve()
-TOKENS = int(os.environ.get("DEMO_CONCEPTS_TOKENS", "120000"))
+TOKENS = int(os.environ.get("DEMO_CONCEPTS_TOKENS", "40000"))
 PER_LABEL = int(os.environ.get("DEMO_CONCEPTS_PER_LABEL", "100"))
-LAYERS = (5, 15, 25)
+LAYERS = (3, 9, 15)
 KS = (16, 64)
 BINS = (0.0, 0.15, 0.30)
 """VADER `neg` upper bounds of labels 0, 1, 2; above the last is label 3."""

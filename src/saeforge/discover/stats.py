@@ -83,7 +83,6 @@ def sentence_activations(acts: ConceptActivations, source: str = "") -> Sentence
     final_rows = final_rows[np.argsort(sent[final_rows], kind="stable")]
     if final_rows.size != n_sent or np.any(sent[final_rows] != np.arange(n_sent)):
         raise ValueError(f"{source}: every sentence needs exactly one fragment with is_final_token")
-    d = int(acts.activations.shape[1])
     if scipy.sparse.issparse(acts.activations):
         maximum = _sparse_sentence_max(scipy.sparse.csr_matrix(acts.activations), sent, n_sent)
         final = scipy.sparse.csc_matrix(acts.activations[final_rows], dtype=np.float32)
