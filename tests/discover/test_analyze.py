@@ -172,3 +172,20 @@ def test_report_escapes_text(tmp_path: Path, bad: str) -> None:
     page = report_path(tmp_path / "out").read_text()
     assert bad not in page and "<script" not in page and "<img" not in page
     assert bad.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;") in page
+
+
+def test_labels_from_another_csv(tmp_path: Path) -> None:
+    """concepts_csv relabels the extracted sentences without re-extraction; other sentences are refused."""
+    sentences = write_planted(tmp_path / "acts", n=40)
+    texts = [" ".join(words) for words in sentences]
+    relabelled = tmp_path / "relabelled.csv"
+    with relabelled.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["sentence", "concept_strength_label"], *[(t, i % 4) for i, t in enumerate(texts)]])
+    settings = ConceptAnalysisConfig(n_permutations=200, top_features=1)
+    rows = read_ranking(analyze_concepts(tmp_path / "acts", tmp_path / "out", settings, concepts_csv=relabelled))
+    planted = next(r for r in rows if r["sae"] == "release-b/sae-b" and int(r["feature"]) == PLANTED)
+    assert float(planted["q"]) > 0.05  # the new labels do not count marker words
+    with relabelled.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["sentence", "concept_strength_label"], *[(t + "!", 1 + i % 2) for i, t in enumerate(texts)]])
+    with pytest.raises(ValueError, match="sentence 1 differs"):
+        analyze_concepts(tmp_path / "acts", tmp_path / "out", settings, concepts_csv=relabelled)
