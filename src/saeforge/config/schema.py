@@ -658,9 +658,19 @@ class ConceptAnalysisConfig:
     """Features (over all SAEs) in the report, with their top sentences and fragments."""
     seed: int = 0
     """Seed of the label shuffles."""
+    activation: str = "max"
+    """Sentence-level activation the ranking uses: max (over the sentence's fragments) | final (last
+    token). The ρ of both is reported either way (spearman_max, spearman_final)."""
+    examples_per_feature: int = 10
+    """Top sentences and top fragments kept per top feature (top_features.json and the report)."""
+    interpret_features: int = 10
+    """Features per SAE in the printed `python interpret.py ... interpret.features=[...]` commands."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, "discover.analysis", 1, ("n_permutations", "top_features"))
+        require_at_least(self, "discover.analysis", 1, ("n_permutations", "top_features", "examples_per_feature",
+                                                        "interpret_features"))
+        require(self.activation in ("max", "final"), "discover.analysis.activation",
+                f"must be max or final, got {self.activation!r}")
         if not 0.0 < self.fdr_alpha < 1.0:
             raise ConfigError(f"discover.analysis.fdr_alpha must lie in (0, 1), got {self.fdr_alpha}")
 
