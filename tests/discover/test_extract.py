@@ -117,3 +117,14 @@ def test_killed_extraction_resumes_identical_and_devices_split_the_saes(tmp_path
     assert digest(folder) == reference
     run([*args, f"run.dir={tmp_path / 'two'}", "trainer.devices=2"], tmp_path)
     assert digest(tmp_path / "two" / "activations") == reference
+
+
+def test_the_entry_point_rejects_a_bad_csv_row_before_any_model_load(tmp_path):
+    write_saes(tmp_path, [(1, 4)])
+    (tmp_path / "bad.csv").write_text("sentence,concept_strength_label\nfine,0\nnot fine,7\n")
+    # a model that cannot load: the CSV must fail first, with one line and exit status 2
+    done = run(["discover.py", "model=hub", "model.name=/nowhere/model", "logger=none",
+                f"concepts={tmp_path / 'bad.csv'}", f"saes={tmp_path / 'saes.yaml'}", f"run.dir={tmp_path / 'out'}"],
+               tmp_path, expect=2)
+    assert done.stderr.strip() == f"error: {tmp_path / 'bad.csv'} row 3: concept_strength_label=7 is outside 0–3"
+    assert not (tmp_path / "out").exists()
