@@ -255,10 +255,11 @@ def extraction_fingerprint(concepts: ConceptSentences, saes: list[ResolvedSAE], 
 
 def extract_concepts(concepts: ConceptSentences, saes: list[ResolvedSAE], model_cfg: Any, out: Path, *,
                      fingerprint: str, layout: str = "auto", batch_size: int = 16, encode_rows: int = 4096,
-                     max_tokens: int = 128, devices: int = 1) -> ExtractStats:
+                     max_tokens: int = 128, devices: int = 1, lm: Any = None) -> ExtractStats:
     """Write one npz per configuration into `out` (skipping those already written), then remove the cache.
 
-    The caller has checked the inputs and the folder's fingerprint (pipelines/discover.py).
+    The caller has checked the inputs and the folder's fingerprint (pipelines/discover.py). `lm`: an
+    already loaded LoadedLM of `model_cfg` (else it is loaded here, only when something is left to do).
     """
     from saeforge.lm.loading import load_lm
 
@@ -275,7 +276,7 @@ def extract_concepts(concepts: ConceptSentences, saes: list[ResolvedSAE], model_
         log.info("discover: all %d configurations are already extracted in %s", len(saes), out)
         return stats
     log.info("discover: %d of %d configurations to extract (%d already written)", len(todo), len(saes), len(done))
-    lm = load_lm(model_cfg)
+    lm = lm if lm is not None else load_lm(model_cfg)
     frags = build_fragments(lm.tokenizer, concepts, max_tokens)
     hookpoints = sorted({saes[i].hookpoint for i in todo}, key=lambda h: int(h.split(".")[1]))
     if not cache_ready(cache, fingerprint, hookpoints):
