@@ -104,7 +104,7 @@ def main() -> None:
     saes.write_text(json.dumps({"saes": train_saes()}, indent=2))
     out = RUN / "discover"
     step("discover", "discover.py", f"concepts={concepts}", f"saes={saes}", "model=smollm2", f"run.dir={out}",
-         "discover.analysis.top_features=12")
+         "discover.analysis.top_features=12", "discover.analysis.skip_first_tokens=1")
     rows = list(csv.DictReader((out / "analysis" / "ranking.csv").open()))
     top = json.loads((out / "analysis" / "top_features.json").read_text())
     significant = sum(1 for r in rows if float(r["q"]) < 0.05)

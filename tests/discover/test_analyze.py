@@ -141,6 +141,11 @@ def test_dense_and_sparse_files_agree(monkeypatch: pytest.MonkeyPatch) -> None:
         setattr(sparse, name, getattr(sparse, name)[order])
     c = sentence_activations(sparse)
     assert np.array_equal(a.max, c.max.toarray()) and np.array_equal(a.final, c.final.toarray())
+    first_out = dense.dense() * (dense.token_positions >= 1)[:, None]  # skip_first_tokens=1, by hand
+    expected = np.stack([first_out[dense.sentence_indices == s].max(axis=0) for s in range(len(sentences))])
+    assert np.array_equal(sentence_activations(dense, skip_first_tokens=1).max, expected)
+    skipped = sentence_activations(sparse, skip_first_tokens=1)
+    assert np.array_equal(skipped.max.toarray(), expected) and np.array_equal(skipped.final.toarray(), a.final)
 
 
 def test_null_calibration(tmp_path: Path) -> None:

@@ -661,6 +661,10 @@ class ConceptAnalysisConfig:
     activation: str = "max"
     """Sentence-level activation the ranking uses: max (over the sentence's fragments) | final (last
     token). The ρ of both is reported either way (spearman_max, spearman_final)."""
+    skip_first_tokens: int = 0
+    """Fragments ending at token positions below this are left out of the sentence max (1 drops the
+    first token, an attention sink with a huge norm in SmolLM2 and many LMs); 0 keeps every fragment,
+    as the reference does. The final-token value is kept either way."""
     examples_per_feature: int = 10
     """Top sentences and top fragments kept per top feature (top_features.json and the report)."""
     interpret_features: int = 10
@@ -669,6 +673,8 @@ class ConceptAnalysisConfig:
     def __post_init__(self) -> None:
         require_at_least(self, "discover.analysis", 1, ("n_permutations", "top_features", "examples_per_feature",
                                                         "interpret_features"))
+        require(self.skip_first_tokens >= 0, "discover.analysis.skip_first_tokens",
+                f"must be >= 0, got {self.skip_first_tokens}")
         require(self.activation in ("max", "final"), "discover.analysis.activation",
                 f"must be max or final, got {self.activation!r}")
         if not 0.0 < self.fdr_alpha < 1.0:

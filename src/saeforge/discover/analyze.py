@@ -75,11 +75,13 @@ def _rows(info: dict[str, Any], features: np.ndarray, stats: dict[str, np.ndarra
     return rows
 
 
-def _examples(acts: Any, sentence: SentenceActivations, feature: int, which: str, n: int) -> dict[str, Any]:
+def _examples(acts: Any, sentence: SentenceActivations, feature: int, which: str, n: int,
+              skip_first_tokens: int) -> dict[str, Any]:
     values = sentence.columns(which, np.asarray([feature]))[:, 0]
     order = np.argsort(-values, kind="stable")[:n]
     column = acts.activations[:, [feature]]
     fragment_values = np.asarray(column.toarray() if hasattr(column, "toarray") else column, dtype=np.float64)[:, 0]
+    fragment_values[np.asarray(acts.token_positions) < skip_first_tokens] = 0.0
     top_fragments = np.argsort(-fragment_values, kind="stable")[:n]
     return {
         "per_label": {str(k): [round(float(v), 5) for v in values[sentence.labels == k]] for k in LABELS},
@@ -115,7 +117,7 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     n_tests = 0
     for layer, l0, path in tqdm(files, desc="analyse SAEs", unit="sae"):
         acts = read_activations(path)
-        sentence = sentence_activations(acts, str(path))
+        sentence = sentence_activations(acts, str(path), settings.skip_first_tokens)
         if concepts_csv is not None:
             sentence.labels = _csv_labels(Path(concepts_csv), sentence.sentences)
         if perms is None:
@@ -150,10 +152,10 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     details: dict[tuple[str, int], dict] = {}
     for file, file_rows in tqdm(wanted.items(), desc="top-feature examples", unit="sae"):
         acts = read_activations(activations_dir / file)
-        sentence = sentence_activations(acts, file)
+        sentence = sentence_activations(acts, file, settings.skip_first_tokens)
         for row in file_rows:
             details[(row["sae"], row["feature"])] = _examples(acts, sentence, row["feature"], settings.activation,
-                                                              settings.examples_per_feature)
+                                                              settings.examples_per_feature, settings.skip_first_tokens)
         del acts, sentence
     commands = []
     for info in infos.values():

@@ -68,8 +68,9 @@ class SentenceActivations:
         return np.flatnonzero((self.max != 0).any(axis=0))
 
 
-def sentence_activations(acts: ConceptActivations, source: str = "") -> SentenceActivations:
-    """Max over each sentence's fragments and the final-token value (activations are ≥ 0, as SAE codes are)."""
+def sentence_activations(acts: ConceptActivations, source: str = "", skip_first_tokens: int = 0) -> SentenceActivations:
+    """Max over each sentence's fragments (those at token positions ≥ skip_first_tokens) and the
+    final-token value (activations are ≥ 0, as SAE codes are)."""
     sent = np.asarray(acts.sentence_indices, dtype=np.int64)
     n_sent = int(sent.max()) + 1 if sent.size else 0
     present = np.bincount(sent, minlength=n_sent) > 0
@@ -83,16 +84,23 @@ def sentence_activations(acts: ConceptActivations, source: str = "") -> Sentence
     final_rows = final_rows[np.argsort(sent[final_rows], kind="stable")]
     if final_rows.size != n_sent or np.any(sent[final_rows] != np.arange(n_sent)):
         raise ValueError(f"{source}: every sentence needs exactly one fragment with is_final_token")
+    skipped = np.asarray(acts.token_positions) < skip_first_tokens
     if scipy.sparse.issparse(acts.activations):
-        maximum = _sparse_sentence_max(scipy.sparse.csr_matrix(acts.activations), sent, n_sent)
+        csr = scipy.sparse.csr_matrix(acts.activations)
+        if skipped.any():
+            csr = scipy.sparse.csr_matrix(scipy.sparse.diags((~skipped).astype(np.float32)) @ csr)
+            csr.eliminate_zeros()
+        maximum = _sparse_sentence_max(csr, sent, n_sent)
         final = scipy.sparse.csc_matrix(acts.activations[final_rows], dtype=np.float32)
     else:
         dense = np.asarray(acts.activations, dtype=np.float32)
+        final = dense[final_rows]
+        if skipped.any():
+            dense = np.where(skipped[:, None], np.float32(0), dense)
         order = np.argsort(sent, kind="stable")
         ordered = dense if np.all(order == np.arange(order.size)) else dense[order]
         starts = np.searchsorted(sent[order], np.arange(n_sent))
         maximum = np.maximum.reduceat(ordered, starts, axis=0)
-        final = dense[final_rows]
     return SentenceActivations(max=maximum, final=final, labels=labels, sentences=sentences)
 
 
