@@ -818,8 +818,8 @@ class DiscoverSettings:
     it a rerun continues where the last one stopped (and refuses a folder extracted from other inputs)."""
     batch_size: int = 16
     """Sentences per LM forward."""
-    encode_rows: int = 4096
-    """Fragments encoded per SAE step (bounds the memory of one encode)."""
+    encode_rows: int = 1024
+    """Fragments encoded per SAE step (bounds the memory of one encode: rows × d_sae floats)."""
     max_tokens: int = 128
     """Tokens kept per sentence (longer sentences are cut, with a warning)."""
     devices: Optional[int] = None

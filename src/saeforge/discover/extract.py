@@ -172,15 +172,15 @@ def encode_configuration(sae_entry: ResolvedSAE, cache: Path, n_fragments: int, 
     data, indices, counts = [], [], []
     for start in range(0, n_fragments, encode_rows):
         x = torch.from_numpy(np.array(rows[start : start + encode_rows])).to(device, sae.W_enc.dtype)
-        acts = sae.encode_inference(x).float()
         if dense is not None:
+            acts = sae.encode_inference(x).float()
             dense[start : start + len(x)] = acts.cpu().numpy()
             counts.append((acts != 0).sum(1).cpu().numpy())
             continue
-        nz = acts != 0
-        counts.append(nz.sum(1).cpu().numpy())
-        indices.append(nz.nonzero()[:, 1].to(torch.int32).cpu().numpy())  # row-major: CSR order
-        data.append(acts[nz].cpu().numpy())
+        r, c, v = sae.encode_inference_sparse(x)  # row-major, the nonzeros of encode_inference
+        counts.append(torch.bincount(r, minlength=len(x)).cpu().numpy())
+        indices.append(c.to(torch.int32).cpu().numpy())
+        data.append(v.float().cpu().numpy())
     del sae, rows
     per_row = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     mean_l0 = float(per_row.mean()) if per_row.size else 0.0
@@ -254,7 +254,7 @@ def extraction_fingerprint(concepts: ConceptSentences, saes: list[ResolvedSAE], 
 
 
 def extract_concepts(concepts: ConceptSentences, saes: list[ResolvedSAE], model_cfg: Any, out: Path, *,
-                     fingerprint: str, layout: str = "auto", batch_size: int = 16, encode_rows: int = 4096,
+                     fingerprint: str, layout: str = "auto", batch_size: int = 16, encode_rows: int = 1024,
                      max_tokens: int = 128, devices: int = 1, lm: Any = None) -> ExtractStats:
     """Write one npz per configuration into `out` (skipping those already written), then remove the cache.
 
