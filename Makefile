@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo bench chromium vllm serve-explainer clean
+.PHONY: setup test test-fast demo demo-concepts bench chromium vllm serve-explainer clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ test-fast: setup
 demo: setup
 	$(PY) scripts/demo.py
 
+# Concept discovery on SmolLM2: six small SAEs it trains, Gutenberg sentences labelled by VADER (README).
+demo-concepts: setup
+	$(PY) scripts/demo_concepts.py
+
 # Every benchmark prints its ratio measured side by side in one run (see each script's docstring).
 bench: setup vllm
 	$(PY) bench/extract.py
@@ -53,6 +57,7 @@ bench: setup vllm
 	$(PY) bench/maxact.py
 	$(PY) bench/steering.py
 	$(PY) bench/explain.py
+	$(PY) bench/discover.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

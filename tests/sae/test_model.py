@@ -115,3 +115,17 @@ def test_batch_topk_sampled_path_equals_a_full_topk_on_heavy_tailed_rows():
     assert torch.equal(pre[rows, cols], vals)
     flat = rows * 4096 + cols
     assert torch.equal(flat, flat.sort().values)  # row-major
+
+
+@pytest.mark.parametrize("architecture, k", [("topk", 8), ("batchtopk", 8), ("jumprelu", None)])
+def test_encode_inference_sparse_is_the_nonzeros_of_encode_inference(architecture, k):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=64, k=k, architecture=architecture))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.threshold = torch.rand(64) * 0.5 if architecture == "jumprelu" else torch.tensor(0.3)
+    x = torch.randn(50, 16)
+    dense = sae.encode_inference(x)
+    rows, cols, vals = sae.encode_inference_sparse(x)
+    assert torch.equal(torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, dense.shape).to_dense(), dense)
+    assert bool((rows[1:] > rows[:-1]).logical_or((rows[1:] == rows[:-1]) & (cols[1:] > cols[:-1])).all())  # row-major

@@ -18,6 +18,8 @@ from saeforge.config.checks import (
 from saeforge.config.schema import (
     CORPUS_KINDS,
     DEFAULT_STRENGTHS,
+    DISCOVER_LAYOUTS,
+    DISCOVER_STAGES,
     EXPLAIN_SOURCES,
     EXPLAIN_STRATEGIES,
     EXPLAINER_KINDS,
@@ -25,6 +27,9 @@ from saeforge.config.schema import (
     STAGES,
     STRENGTH_PRESETS,
     ChatParamsConfig,
+    ConceptAnalysisConfig,
+    DiscoverConfig,
+    DiscoverSettings,
     CorpusConfig,
     DataConfig,
     EvaluateConfig,
@@ -49,7 +54,7 @@ from saeforge.config.schema import (
     parse_strengths,
 )
 
-SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "interpret": InterpretConfig}
+SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "interpret": InterpretConfig, "discover": DiscoverConfig}
 """Entry-point config name → its schema (configs/<name>.yaml starts from `<name>_schema`)."""
 
 
@@ -72,7 +77,7 @@ except ImportError:  # pragma: no cover - hydra not installed
 
 
 __all__ = [
-    "CORPUS_KINDS", "DEFAULT_STRENGTHS", "EXPLAIN_SOURCES", "EXPLAIN_STRATEGIES", "EXPLAINER_KINDS", "SCHEMAS", "SCORERS", "STAGES", "STRENGTH_PRESETS", "ChatParamsConfig", "ConfigError", "ENV_NAME", "CorpusConfig",
+    "CORPUS_KINDS", "DEFAULT_STRENGTHS", "DISCOVER_LAYOUTS", "DISCOVER_STAGES", "ConceptAnalysisConfig", "DiscoverConfig", "DiscoverSettings", "EXPLAIN_SOURCES", "EXPLAIN_STRATEGIES", "EXPLAINER_KINDS", "SCHEMAS", "SCORERS", "STAGES", "STRENGTH_PRESETS", "ChatParamsConfig", "ConfigError", "ENV_NAME", "CorpusConfig",
     "DataConfig", "EvaluateConfig", "EvaluateSettings", "ExplainConfig", "ExplainerConfig", "ImportedSAEConfig",
     "InterpretConfig", "InterpretSettings", "LoggerConfig", "LogitLensConfig", "LoraConfig", "MaxActConfig", "ModelConfig",
     "PromptsConfig", "SAESettings", "ScoreConfig", "SteeringConfig", "TinyModelConfig", "TrainConfig", "check_env_name", "check_key_path", "check_overrides", "check_secret_overrides", "looks_like_key", "mask",

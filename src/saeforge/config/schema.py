@@ -719,9 +719,25 @@ class ConceptAnalysisConfig:
     """Features (over all SAEs) in the report, with their top sentences and fragments."""
     seed: int = 0
     """Seed of the label shuffles."""
+    activation: str = "max"
+    """Sentence-level activation the ranking uses: max (over the sentence's fragments) | final (last
+    token). The ρ of both is reported either way (spearman_max, spearman_final)."""
+    skip_first_tokens: int = 0
+    """Fragments ending at token positions below this are left out of the sentence max (1 drops the
+    first token, an attention sink with a huge norm in SmolLM2 and many LMs); 0 keeps every fragment,
+    as the reference does. The final-token value is kept either way."""
+    examples_per_feature: int = 10
+    """Top sentences and top fragments kept per top feature (top_features.json and the report)."""
+    interpret_features: int = 10
+    """Features per SAE in the printed `python interpret.py ... interpret.features=[...]` commands."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, "discover.analysis", 1, ("n_permutations", "top_features"))
+        require_at_least(self, "discover.analysis", 1, ("n_permutations", "top_features", "examples_per_feature",
+                                                        "interpret_features"))
+        require(self.skip_first_tokens >= 0, "discover.analysis.skip_first_tokens",
+                f"must be >= 0, got {self.skip_first_tokens}")
+        require(self.activation in ("max", "final"), "discover.analysis.activation",
+                f"must be max or final, got {self.activation!r}")
         if not 0.0 < self.fdr_alpha < 1.0:
             raise ConfigError(f"discover.analysis.fdr_alpha must lie in (0, 1), got {self.fdr_alpha}")
 
@@ -843,3 +859,59 @@ class InterpretConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     interpret: InterpretSettings = field(default_factory=InterpretSettings)
     imported: ImportedSAEConfig = field(default_factory=ImportedSAEConfig)
+
+
+DISCOVER_STAGES = ("extract", "analyze", "all")
+DISCOVER_LAYOUTS = ("auto", "dense", "csr")
+
+
+@dataclass
+class DiscoverSettings:
+    """The `discover` section of `python discover.py`: extraction settings (analysis: `discover.analysis.*`)."""
+
+    stage: str = "all"
+    """extract (SAE activations of every sentence prefix, the GPU-heavy half), analyze (statistics
+    from the extracted files, CPU), or all (both)."""
+    layout: str = "auto"
+    """Activation matrix in each npz: dense (float32 [n_fragments, d_sae], the reference's), csr
+    (scipy CSR parts), or auto (CSR when most entries are zero)."""
+    overwrite: bool = False
+    """Start extraction over: delete the folder's activation files, progress and cache first. Without
+    it a rerun continues where the last one stopped (and refuses a folder extracted from other inputs)."""
+    batch_size: int = 16
+    """Sentences per LM forward."""
+    encode_rows: int = 1024
+    """Fragments encoded per SAE step (bounds the memory of one encode: rows × d_sae floats)."""
+    max_tokens: int = 128
+    """Tokens kept per sentence (longer sentences are cut, with a warning)."""
+    devices: Optional[int] = None
+    """Processes that share the per-SAE encoding (CUDA devices when the model is on CUDA, else CPU
+    processes); null: `trainer.devices` when it is an integer, else 1. The LM runs once either way."""
+    analysis: ConceptAnalysisConfig = field(default_factory=ConceptAnalysisConfig)
+
+    def __post_init__(self) -> None:
+        require(self.stage in DISCOVER_STAGES, "discover.stage", f"must be one of {DISCOVER_STAGES}, got {self.stage!r}")
+        require(self.layout in DISCOVER_LAYOUTS, "discover.layout", f"must be one of {DISCOVER_LAYOUTS}, got {self.layout!r}")
+        require_at_least(self, "discover", 1, ("batch_size", "encode_rows", "max_tokens"))
+        require(self.devices is None or self.devices >= 1, "discover.devices", f"must be >= 1 or null, got {self.devices}")
+
+
+@dataclass
+class DiscoverConfig:
+    """`python discover.py concepts=<csv> saes=<yaml|json>`: concept discovery."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The LM every SAE of the set reads."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    concepts: Optional[str] = None
+    """CSV with columns sentence, concept_strength_label (integer 0–3)."""
+    saes: Optional[str] = None
+    """The SAE set: a YAML or JSON file (saeforge.discover.sae_set)."""
+    trainer: Dict[str, Any] = field(default_factory=dict)
+    """Only `devices` is read (processes for the per-SAE encoding, as discover.devices)."""
+    seed: int = 0
+    """Seed for anything sampled."""
+    run: OutputRunConfig = field(default_factory=OutputRunConfig)
+    """run.dir: the output folder; null: runs/discover-<CSV name>. Activation files go to
+    <run.dir>/activations, the analysis to <run.dir>/analysis."""
+    discover: DiscoverSettings = field(default_factory=DiscoverSettings)

@@ -8,25 +8,45 @@
   of a `scipy.sparse.csr_matrix`) in place of `activations`. Files are written byte-deterministically
   (fixed zip timestamps), so a resumed run gives the same bytes as an uninterrupted one.
 - `batch_progress.json`: `{"last_completed": i}`, the index of the last finished configuration.
+- Analysis outputs: `ranking.csv` (RANKING_COLUMNS first, then extra statistics), `top_features.json`
+  (each top feature's statistics, per-label sentence activations, top sentences and fragments, and the
+  interpret commands) and `concepts_report.html` (written by report/concepts.py at `report_path`).
+- `configurations.json`: the resolved SAE set, one entry per configuration in order (`index`, `file`,
+  `hookpoint`, `layer`, `l0`, `average_l0`, `source`, `local`, `neuronpedia_id`, `d_in`, `d_sae`) and
+  the extraction's `fingerprint` (inputs that decide the files' content; a rerun with other inputs
+  refuses to continue). The analysis reads the Neuronpedia ids from it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse
 
-from saeforge.atomic import atomic_path, atomic_write_json
+from saeforge.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 PROGRESS_FILE = "batch_progress.json"
+CONFIGURATIONS_VERSION = 1
 FRAGMENT_FIELDS = ("fragments", "original_sentences", "concept_strength_labels", "sentence_indices",
                    "token_positions", "is_final_token", "fragment_lengths")
 CSR_PARTS = ("data", "indices", "indptr", "shape")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_FILE_PATTERN = re.compile(r"^layer_(\d+)_l0_(.+)_activations\.npz$")
+RANKING_FILE = "ranking.csv"
+RANKING_COLUMNS = ("sae", "layer", "l0", "feature", "spearman", "auroc_ge1", "auroc_ge2", "auroc_ge3",
+                   "selectivity", "monotonic", "p", "q", "neuronpedia_url")
+"""The reference's ranking columns, in order; extra columns follow them."""
+TOP_FEATURES_FILE = "top_features.json"
+CONFIGURATIONS_FILE = "configurations.json"
+REPORT_FILE = "concepts_report.html"
 
 
 @dataclass
@@ -58,6 +78,63 @@ class ConceptActivations:
 def activation_file_name(layer: int, l0: int | float | str) -> str:
     """The reference's name of one configuration's file."""
     return f"layer_{layer}_l0_{l0}_activations.npz"
+
+
+def activation_files(folder: str | Path) -> list[tuple[int, str, Path]]:
+    """(layer, l0 as named, path) of every configuration file in `folder`, by layer then numeric l0."""
+    found = []
+    for path in Path(folder).glob("layer_*_l0_*_activations.npz"):
+        match = _FILE_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), path))
+
+    def l0_key(l0: str) -> tuple[float, str]:
+        try:
+            return float(l0), l0
+        except ValueError:
+            return float("inf"), l0
+
+    return sorted(found, key=lambda item: (item[0], l0_key(item[1])))
+
+
+def write_ranking(folder: str | Path, rows: list[dict]) -> Path:
+    """Write `ranking.csv` atomically: RANKING_COLUMNS, then any extra keys of the rows (first row's order)."""
+    extra = [k for k in (rows[0] if rows else {}) if k not in RANKING_COLUMNS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*RANKING_COLUMNS, *extra], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(folder) / RANKING_FILE
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def read_ranking(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a `ranking.csv` (a file or its folder), as strings, best first."""
+    path = Path(path)
+    path = path / RANKING_FILE if path.is_dir() else path
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in RANKING_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a concept ranking, missing column(s) {missing}")
+        return list(reader)
+
+
+def write_top_features(folder: str | Path, data: dict) -> Path:
+    """Write `top_features.json` atomically."""
+    path = Path(folder) / TOP_FEATURES_FILE
+    atomic_write_json(path, data)
+    return path
+
+
+def read_top_features(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / TOP_FEATURES_FILE).read_text())
+
+
+def report_path(folder: str | Path) -> Path:
+    """Where the concept report of an analysis folder goes."""
+    return Path(folder) / REPORT_FILE
 
 
 def _fields(acts: ConceptActivations) -> dict[str, np.ndarray]:
@@ -119,3 +196,23 @@ def read_progress(folder: str | Path) -> int:
 def write_progress(folder: str | Path, last_completed: int) -> None:
     """Record that configurations 0..last_completed are written (atomically)."""
     atomic_write_json(Path(folder) / PROGRESS_FILE, {"last_completed": int(last_completed)})
+
+
+def write_configurations(folder: str | Path, fingerprint: str, configurations: list[dict[str, Any]]) -> None:
+    """Record the resolved SAE set (one dict per configuration, in order) and the extraction's fingerprint."""
+    atomic_write_json(Path(folder) / CONFIGURATIONS_FILE, {
+        "format_version": CONFIGURATIONS_VERSION, "fingerprint": fingerprint, "configurations": configurations})
+
+
+def read_configurations(folder: str | Path) -> dict[str, Any] | None:
+    """`{"fingerprint": ..., "configurations": [...]}` of an output folder, None when there is none."""
+    path = Path(folder) / CONFIGURATIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("configurations"), list):
+        raise ValueError(f"{path}: expected an object with a `configurations` list")
+    return data

@@ -275,5 +275,62 @@ def exclude_first_tokens(run_cfg: DictConfig | None, imported: int) -> int:
     return int(imported)
 
 
-__all__ = ["TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "interpret_ckpts", "trainer_kwargs_from", "validate_evaluate",
-           "validate_interpret", "validate_train"]
+@dataclass
+class DiscoverPlan:
+    """What `validate_discover` checked: settings, sentences, the resolved SAE set, folders, fingerprint."""
+
+    cfg: DictConfig
+    settings: Any  # DiscoverConfig
+    concepts: Any  # ConceptSentences | None (analyze without a CSV)
+    saes: list[Any]  # [ResolvedSAE]; empty for discover.stage=analyze
+    out: Path
+    activations_dir: Path
+    fingerprint: str
+    devices: int
+
+
+def validate_discover(cfg: DictConfig) -> DiscoverPlan:
+    """`discover.py`: the CSV, the SAE set (files, hookpoints, widths) and the output folder, before any model load."""
+    from saeforge.config import DiscoverConfig
+    from saeforge.discover.concepts import read_concepts
+    from saeforge.discover.extract import extraction_fingerprint
+    from saeforge.discover.files import read_configurations
+    from saeforge.discover.sae_set import resolve_sae_set
+    from saeforge.lm.dimensions import model_dimensions
+
+    settings = from_config(DiscoverConfig, cfg, "")
+    stage = settings.discover.stage
+    if stage != "analyze" and not settings.concepts:
+        raise ConfigError("concepts is required: give concepts=<CSV with columns sentence, concept_strength_label>")
+    if stage != "analyze" and not settings.saes:
+        raise ConfigError("saes is required: give saes=<YAML or JSON SAE set>")
+    concepts = read_concepts(settings.concepts) if settings.concepts else None
+    name = Path(str(settings.concepts)).stem if settings.concepts else "concepts"
+    out = Path(settings.run.dir).expanduser() if settings.run.dir else Path("runs") / f"discover-{name}"
+    acts_dir = out / "activations"
+    devices = settings.discover.devices
+    if devices is None:
+        trainer_devices = settings.trainer.get("devices")
+        devices = trainer_devices if isinstance(trainer_devices, int) and trainer_devices > 0 else 1
+    if stage == "analyze":
+        if read_configurations(acts_dir) is None and not list(acts_dir.glob("layer_*_activations.npz")):
+            raise ConfigError(f"discover.stage=analyze: {acts_dir} holds no extracted activations (run discover.stage=extract first)")
+        return DiscoverPlan(cfg, settings, concepts, [], out, acts_dir, "", int(devices))
+    try:
+        dims = model_dimensions(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    saes = resolve_sae_set(str(settings.saes), dims.n_layers, dims.d_model)
+    fingerprint = extraction_fingerprint(concepts, saes, cfg.model, settings.discover)
+    try:
+        existing = read_configurations(acts_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if existing is not None and existing.get("fingerprint") != fingerprint and not settings.discover.overwrite:
+        raise ConfigError(f"run.dir={str(out)!r} holds an extraction of other inputs (CSV, SAE set, model or "
+                          "discover settings); set discover.overwrite=true to start over, or pick another run.dir")
+    return DiscoverPlan(cfg, settings, concepts, saes, out, acts_dir, fingerprint, int(devices))
+
+
+__all__ = ["DiscoverPlan", "TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "interpret_ckpts", "trainer_kwargs_from", "validate_evaluate",
+           "validate_discover", "validate_interpret", "validate_train"]

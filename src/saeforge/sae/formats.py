@@ -202,3 +202,40 @@ def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         "cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope) or ae.pt (dictionary_learning), "
         "or one of those files."
     )
+
+
+def _npy_shape(handle: Any) -> tuple[int, ...]:
+    major, _ = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, _ = read(handle)  # the header only, no data read
+    return tuple(int(s) for s in shape)
+
+
+def sae_dimensions(path: str | Path) -> tuple[int, int]:
+    """(d_in, d_sae) of an SAE that `load_sae` reads, from file headers only (no weights loaded)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path
+    if path.is_dir():
+        for name in (SAELENS_WEIGHTS, "sae.safetensors", "params.npz", "ae.pt"):
+            if (path / name).exists():
+                file = path / name
+                break
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), "pt") as f:
+            key = "W_enc" if "W_enc" in f.keys() else "encoder.weight"
+            shape = tuple(f.get_slice(key).get_shape())
+        return (shape[0], shape[1]) if key == "W_enc" else (shape[1], shape[0])
+    if file.suffix == ".npz":
+        with zipfile.ZipFile(file) as zf, zf.open("W_enc.npy") as handle:
+            d_in, d_sae = _npy_shape(handle)
+        return d_in, d_sae
+    if file.suffix in (".pt", ".pth"):
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        d_sae, d_in = sd["encoder.weight"].shape
+        return int(d_in), int(d_sae)
+    sae = load_sae(path)[0]  # raises load_sae's error for anything unrecognised
+    return sae.cfg.d_in, sae.cfg.d_sae

@@ -204,6 +204,20 @@ class SparseAutoencoder(nn.Module):
             return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
         return torch.relu(pre) * (pre > self.threshold)
 
+    def encode_inference_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The nonzeros of `encode_inference(x)` as row-major (rows, cols, vals), columns ascending per row,
+        without building the dense [B, d_sae] result."""
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc  # as encode_inference, bit for bit
+        if self.cfg.architecture == "topk":
+            vals, idx = pre.topk(int(self.cfg.k), dim=1, sorted=False)
+            idx, order = idx.sort(dim=1)
+            vals = vals.gather(1, order)
+            keep = vals > 0
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
+            return rows[keep], idx[keep], vals[keep]
+        rows, cols = ((pre > self.threshold) & (pre > 0)).nonzero(as_tuple=True)
+        return rows, cols, pre[rows, cols]
+
     def decode(self, acts: Tensor) -> Tensor:
         """x̂ = acts · W_dec + b_dec for dense acts [B, d_sae]."""
         return acts @ self.W_dec + self.b_dec
