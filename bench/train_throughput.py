@@ -21,11 +21,11 @@ import torch
 
 
 def make_ours(d_in: int, d_sae: int, k: float, sample: torch.Tensor):
-    from saeforge.sae.module import SAEModule
+    from saeforge.sae.module import SAEModule, make_adam
 
     module = SAEModule({"d_sae": d_sae, "k": k, "architecture": "batchtopk"}, d_in=d_in)
     module.initialize(sample)
-    opt = torch.optim.Adam(module.sae.parameters(), lr=float(module.c["lr"]))
+    opt = make_adam(module.sae.parameters(), float(module.c["lr"]))
 
     def step(batch: torch.Tensor) -> None:
         x = module.normalize(batch)
