@@ -1,12 +1,17 @@
-"""Training throughput: saeforge's SAE step vs SAELens 6.54's BatchTopK training step (CPU).
+"""Training throughput: saeforge's SAE step vs SAELens 6.54's BatchTopK training step (CPU),
+against the floor, and end to end through train.py.
 
 Ours: exactly the step SAEModule runs, without Lightning's loop overhead — normalise, forward
 (dense encoder GEMM + sparse decode / sparse encoder backward), mse + AuxK, backward, remove the
 decoder-parallel gradient, Adam step, renormalise decoder rows, dead-latent + threshold update.
 SAELens: `BatchTopKTrainingSAE.training_forward_pass(TrainStepInput(...))`, the firing statistics,
 backward, clip_grad_norm_(1.0), Adam step — the body of SAELens's `SAETrainer._train_step`.
-Both run on the same in-memory random activations, fp32, same thread count; steps alternate
-(ours, theirs, ours, ...) so background load hits both equally.
+Floor: the encoder-forward GEMM + ReLU alone, ReLU((x − b_dec)·W_enc + b_enc): the one dense term
+a sparse-aware step must pay. All run on the same in-memory random activations, fp32, same thread
+count; steps alternate (ours, theirs, floor, ours, ...) so background load hits all equally.
+End to end (--e2e): `train.py data.path=<HDF5 file>` at the same shape streams from disk for
+--e2e-steps steps in the same run; its final line reports its training tokens/s, which is set
+against the bench step's (goal: >= 0.85x).
 
     python bench/train_throughput.py            # quick: 2 warm-up + 4 timed steps each (< 2 min)
     python bench/train_throughput.py --steps 20 --batch 4096 --threads 2
@@ -21,11 +26,11 @@ import torch
 
 
 def make_ours(d_in: int, d_sae: int, k: float, sample: torch.Tensor):
-    from saeforge.sae.module import SAEModule
+    from saeforge.sae.module import SAEModule, make_adam
 
     module = SAEModule({"d_sae": d_sae, "k": k, "architecture": "batchtopk"}, d_in=d_in)
     module.initialize(sample)
-    opt = torch.optim.Adam(module.sae.parameters(), lr=float(module.c["lr"]))
+    opt = make_adam(module.sae.parameters(), float(module.c["lr"]))
 
     def step(batch: torch.Tensor) -> None:
         x = module.normalize(batch)
@@ -36,6 +41,16 @@ def make_ours(d_in: int, d_sae: int, k: float, sample: torch.Tensor):
         opt.zero_grad(set_to_none=True)
         module.sae.normalize_decoder_()
         module._update_state(out.latent_indices, out.min_kept, batch.shape[0])
+
+    return step
+
+
+def make_floor(d_in: int, d_sae: int):
+    """The encoder GEMM + ReLU alone, at the SAE's shapes."""
+    W_enc, b_enc, b_dec = torch.randn(d_in, d_sae) / d_in**0.5, torch.zeros(d_sae), torch.zeros(d_in)
+
+    def step(batch: torch.Tensor) -> None:
+        torch.addmm(b_enc, batch - b_dec, W_enc).relu_()
 
     return step
 
@@ -78,6 +93,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--n-batches", type=int, default=4, help="distinct in-memory batches to cycle")
+    p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run train.py on an HDF5 file of this shape and compare its tokens/s")
+    p.add_argument("--e2e-steps", type=int, default=24, help="optimizer steps of the train.py run")
     p.add_argument("--stream-rss", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak RSS while streaming files of 1x and 10x the shuffle buffer")
     args = p.parse_args()
@@ -86,7 +104,8 @@ def main() -> None:
     torch.manual_seed(0)
     data = [torch.randn(args.batch, args.d_in) * 3 + 1 for _ in range(args.n_batches)]
     impls = {"saeforge": make_ours(args.d_in, args.d_sae, args.k, data[0][:2048]),
-             "sae_lens": make_saelens(args.d_in, args.d_sae, args.k)}
+             "sae_lens": make_saelens(args.d_in, args.d_sae, args.k),
+             "floor": make_floor(args.d_in, args.d_sae)}
     elapsed = dict.fromkeys(impls, 0.0)
     for i in range(args.warmup + args.steps):
         for name, step in impls.items():
@@ -100,8 +119,44 @@ def main() -> None:
     for name, v in tps.items():
         print(f"{name:>9}: {v:10.0f} tokens/s")
     print(f"    ratio: {tps['saeforge'] / tps['sae_lens']:.2f}x (saeforge / sae_lens)")
+    print(f"    ratio: {tps['saeforge'] / tps['floor']:.2f}x (saeforge / floor: encoder GEMM + ReLU alone)")
+    if args.e2e:
+        e2e = train_entry_tokens_per_s(args)
+        print(f"end to end: train.py streaming from an HDF5 file {e2e:10.0f} tokens/s = "
+              f"{e2e / tps['saeforge']:.2f}x the bench step ({tps['saeforge']:.0f})")
     if args.stream_rss:
         stream_rss(args.d_in)
+
+
+def train_entry_tokens_per_s(args: argparse.Namespace) -> float:
+    """`train.py` on a random HDF5 file of this shape, --e2e-steps steps; the tokens/s it prints at the end."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import h5py
+
+    root = Path(__file__).resolve().parents[1]
+    rows = args.batch * (args.e2e_steps + 2) * 51 // 50 + args.batch  # + the 2% held out
+    with tempfile.TemporaryDirectory() as tmp:
+        with h5py.File(f"{tmp}/acts.h5", "w") as f:
+            ds = f.create_dataset("activations", shape=(rows, args.d_in), dtype="f4", chunks=(4096, args.d_in))
+            for start in range(0, rows, 16384):
+                stop = min(rows, start + 16384)
+                ds[start:stop] = (torch.randn(stop - start, args.d_in) * 3 + 1).numpy()
+        cmd = [sys.executable, str(root / "train.py"), f"data.path={tmp}/acts.h5", "logger=none", f"run.dir={tmp}/run",
+               "trainer=cpu", "trainer.enable_progress_bar=false", f"trainer.max_steps={args.e2e_steps}",
+               f"data.batch_size={args.batch}", f"checkpoint_every_n_steps={10 * args.e2e_steps}",
+               f"sae.d_sae={args.d_sae}", f"sae.k={args.k}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(root / "src")}
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    found = re.search(r"training ([\d,]+) tokens/s", out.stdout)
+    if out.returncode != 0 or not found:
+        raise SystemExit(f"train.py failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(found.group(1).replace(",", ""))
 
 
 def _stream_peak_rss(path: str, buffer_rows: int) -> tuple[float, int]:

@@ -102,6 +102,21 @@ def test_calibrate_threshold_hits_k():
     assert abs(float(l0) - 4.0) <= 0.02 * 4.0
 
 
+def test_calibrate_threshold_is_exact_when_a_row_has_more_than_8k_latents_above_it():
+    import warnings
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=256, k=2.0))
+    rows = torch.randn(300, 16)
+    rows[:3] *= 30  # three rows whose pre-activations dwarf everyone else's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = calibrate_threshold(sae, lambda: (rows[i : i + 100] for i in range(0, 300, 100)))
+    pre = sae.pre_acts(rows)
+    assert int((pre > t).sum(1).max()) > 16  # the case the 8k pool alone gets wrong
+    assert int((pre > t).sum()) == round(2.0 * 300)
+
+
 def test_batch_topk_sampled_path_equals_a_full_topk_on_heavy_tailed_rows():
     from saeforge.sae.model import select_batch_topk
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Iterable, Literal, NamedTuple
+from typing import Callable, Iterable, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -186,7 +185,7 @@ class SparseAutoencoder(nn.Module):
     # ---- encoder / decoder -------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         """ReLU((x − b_dec)·W_enc + b_enc) → [B, d_sae]."""
-        return torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training-time selection of kept latents from `pre` (row-major triples)."""
@@ -308,28 +307,42 @@ class SparseAutoencoder(nn.Module):
 
 
 @torch.no_grad()
-def calibrate_threshold(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> float:
-    """Set and return `sae.threshold` so JumpReLU inference has L0 ≈ k on `batches`.
+def calibrate_threshold(sae: SparseAutoencoder, batches: Iterable[Tensor] | Callable[[], Iterable[Tensor]]) -> float:
+    """Set and return `sae.threshold` so JumpReLU inference has L0 = k on `batches` (exact).
 
-    t is the (round(k·N)+1)-th largest positive pre-activation over all N rows, so exactly
-    round(k·N) entries exceed it. Each row contributes its top min(d_sae, 8⌈k⌉) values; a warning
-    says when a row might have had more above t (then L0 is underestimated).
+    t lies midway between the (round(k·N)+1)-th and the round(k·N)-th largest positive
+    pre-activation over all N rows, so exactly round(k·N) entries exceed it. Pass 1 pools each
+    row's top min(d_sae, 8⌈k⌉) values: its t₁ is exact unless some row had all its pooled values above t₁ (a row with many active latents);
+    then pass 2 re-reads the rows and finds t exactly among the entries above t₁ (t₁ ≤ t, since
+    the pool is a subset of all entries). `batches` is a callable returning a fresh iterable (re-read for pass 2) or an iterable
+    (kept in memory).
     """
+    read = batches if callable(batches) else (lambda rows=list(batches): rows)
     k = float(sae.cfg.k)
     kk = min(sae.cfg.d_sae, 8 * math.ceil(k))
     pool, row_mins, n = [], [], 0
-    for x in batches:
+    for x in read():
         v = sae.pre_acts(x.to(sae.W_enc)).topk(kk, dim=1, sorted=False).values
         pool.append(v.flatten())
         row_mins.append(v.min(dim=1).values)
         n += x.shape[0]
     if n == 0:
         raise ValueError("calibrate_threshold got no rows")
-    values = torch.cat(pool)
-    values = values[values > 0]
     target = round(k * n)
-    t = 0.0 if target >= values.numel() else float(values.kthvalue(values.numel() - target).values)
+    t = _kth_above(torch.cat(pool), target)
     if kk < sae.cfg.d_sae and bool((torch.cat(row_mins) > t).any()):
-        warnings.warn("calibrate_threshold: some rows may have more than 8k latents above the threshold")
+        above = [pre[pre > t] for pre in (sae.pre_acts(x.to(sae.W_enc)) for x in read())]
+        t = max(t, _kth_above(torch.cat(above), target))
     sae.threshold = torch.tensor(t, dtype=sae.W_enc.dtype, device=sae.W_enc.device)
     return t
+
+
+def _kth_above(values: Tensor, target: int) -> float:
+    """Midway between the (target+1)-th and the target-th largest positive value (0.0 when there are at
+    most `target`): exactly `target` values exceed it, and no value sits on it (rounding cannot flip one)."""
+    values = values[values > 0]
+    n = values.numel()
+    if target >= n:
+        return 0.0
+    below = float(values.kthvalue(n - target).values)
+    return below if target == 0 else (below + float(values.kthvalue(n - target + 1).values)) / 2

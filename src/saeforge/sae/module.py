@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
@@ -55,6 +55,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_mean", torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(self.c["d_sae"], dtype=torch.long))
         self._last_step_time: float | None = None
+        self.throughput = Throughput()
 
     # ---- setup -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -91,6 +92,15 @@ class SAEModule(L.LightningModule):
         return horizon
 
     # ---- training ----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.throughput.start()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.throughput.tokens += batch.shape[0] * (self.trainer.world_size if self._trainer is not None else 1)
+
+    def on_train_end(self) -> None:
+        self.throughput.stop()
+
     def training_step(self, batch: Tensor, batch_idx: int = 0) -> Tensor:
         x = self.normalize(batch)
         n_tokens = _all_reduce_(torch.tensor(x.shape[0], device=x.device), dist.ReduceOp.SUM)
@@ -141,7 +151,7 @@ class SAEModule(L.LightningModule):
         self.sae.normalize_decoder_()
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.sae.parameters(), lr=float(self.c["lr"]))
+        opt = make_adam(self.sae.parameters(), float(self.c["lr"]))
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 0
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -161,17 +171,48 @@ class SAEModule(L.LightningModule):
         self.log("val/l0_inference", metrics.l0(acts), sync_dist=True)
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[Tensor]) -> float | None:
-        """Set the JumpReLU threshold so inference L0 ≈ k on held-out RAW `batches` (batchtopk only)."""
+    def calibrate(self, batches: Iterable[Tensor] | Callable[[], Iterable[Tensor]]) -> float | None:
+        """Set the JumpReLU threshold so inference L0 = k on held-out RAW `batches` (batchtopk only).
+
+        `batches`: a callable returning a fresh iterable (re-read when an exact second pass is
+        needed, see `calibrate_threshold`) or an iterable (kept in memory)."""
         if self.c["architecture"] != "batchtopk":
             return None
-        return calibrate_threshold(self.sae, (self.normalize(b.to(self.input_mean.device)) for b in batches))
+        read = batches if callable(batches) else (lambda rows=list(batches): rows)
+        return calibrate_threshold(self.sae, lambda: (self.normalize(b.to(self.input_mean.device)) for b in read()))
 
     @torch.no_grad()
     def export_sae(self) -> SparseAutoencoder:
         """A CPU copy of the SAE that works on RAW activations (input normalisation folded in)."""
         mean = self.input_mean if self.c["mean_center"] else None
         return self.sae.fold_input_normalization(float(self.input_scale), mean).cpu().eval()
+
+
+def make_adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one pass over each parameter: several times faster on CPU)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+class Throughput:
+    """Training tokens per second, from the start of the first step of this fit to its end (data
+    streaming, validation and checkpoints included; process start-up and the final export not)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.t0: float | None = None
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.t0 is not None:
+            self.seconds = time.perf_counter() - self.t0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def lr_factor(step: int, warmup_steps: int, decay_start: float, total_steps: int) -> float:
