@@ -38,17 +38,19 @@ def store_rows(tmp_path_factory):
     return rows, read_tokens(store.root).long()
 
 
-def fake_run(tmp: Path, data_path: Path, rows: torch.Tensor) -> Path:
-    """A run directory as training on `data.path` leaves it: run_config.yaml and the exported SAE."""
+def fake_run(tmp: Path, data_path: Path, rows: torch.Tensor, hookpoint: str | None = HP) -> Path:
+    """A run directory as training on `data.path` leaves it: run_config.yaml and the exported SAE
+    (under the file's stem when no hookpoint was given)."""
     run = tmp / "run"
     cfg = compose_config("train", ["model=tiny", "logger=none", f"run.dir={run}", f"data.path={data_path}",
-                                   f"data.hookpoint={HP}", f"data.cache_dir={tmp / 'cache'}"])
+                                   *([f"data.hookpoint={hookpoint}"] if hookpoint else []), f"data.cache_dir={tmp / 'cache'}"])
     run.mkdir(parents=True)
     OmegaConf.save(cfg, run / "run_config.yaml")
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=rows.shape[1], d_sae=32, k=4))
     sae.init_from_sample(rows[:512])
-    write_saelens(sae, run / "sae" / HP, hook_name=HP, hook_layer=2)
+    name = hookpoint or data_path.stem
+    write_saelens(sae, run / "sae" / name, hook_name=name, hook_layer=2 if hookpoint else None)
     return run
 
 
@@ -82,13 +84,26 @@ def test_user_hdf5_with_tokens_gives_maxact_and_steering(tmp_path, store_rows, t
     assert set(labels) == set(maxact["features"]) and all(e["status"] in ("success", "generic", "parse_error") for e in labels.values())
 
 
+def test_user_hdf5_without_tokens_at_an_lm_hookpoint_takes_maxact_from_the_corpus(tmp_path, store_rows, tiny_lm):
+    rows, _ = store_rows
+    path = tmp_path / "mine.h5"
+    with h5py.File(path, "w") as f:
+        f["activations"] = rows.numpy()
+    out = interpret(interpret_cfg(fake_run(tmp_path, path, rows), "interpret.stages=[maxact,logit_lens]"), lm=tiny_lm)
+    stages = json.loads((out / "stages.json").read_text())
+    assert not any("not_applicable" in e for e in stages.values() if isinstance(e, dict))
+    maxact = json.loads((out / "maxact.json").read_text())
+    assert maxact["layer"] == 2 and any(e["top"] for e in maxact["features"].values())
+
+
 def test_user_hdf5_without_tokens_says_what_to_add(tmp_path, store_rows, tiny_lm, caplog):
+    """A file without a hookpoint (its SAE is named after the file): nothing links its rows to text."""
     rows, _ = store_rows
     path = tmp_path / "mine.h5"
     with h5py.File(path, "w") as f:
         f["activations"] = rows.numpy()
     with caplog.at_level("INFO"):
-        out = interpret(interpret_cfg(fake_run(tmp_path, path, rows),
+        out = interpret(interpret_cfg(fake_run(tmp_path, path, rows, hookpoint=None),
                                       "interpret.stages=[maxact,logit_lens,steering,explain,dashboard]"), lm=tiny_lm)
     stages = json.loads((out / "stages.json").read_text())
     reason = stages["maxact"]["not_applicable"]

@@ -45,7 +45,7 @@ from saeforge.activations.store import is_complete, read_tokens
 from saeforge.interpret import records as records_io
 from saeforge.activations.corpus import iter_texts, load_corpus
 from saeforge.activations.windows import pack_windows
-from saeforge.lm.hookpoints import LORA_HOOKPOINT, layer_label
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, layer_label, resolve_hookpoint
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.config import (
@@ -170,17 +170,29 @@ class Context:
         """data.path of a run trained on the user's own activation file, else None."""
         return str(self.data_cfg.path) if self.data_cfg is not None and self.data_cfg.get("path") else None
 
-    def user_tokens(self) -> torch.Tensor:
-        """The token windows of the user's file (NotApplicable, saying exactly what to add, when it has none)."""
+    def user_tokens(self) -> torch.Tensor | None:
+        """The token windows of the user's file. Without them: None when the SAE's hookpoint is one of
+        the LM's own (max-act then runs the LM over the corpus at that hookpoint), else NotApplicable
+        saying exactly what to add."""
         from saeforge.activations.readers import missing_tokens_message, open_rows, read_user_tokens
 
         path = self.user_file()
         assert path is not None
         n_rows = open_rows(path, None, self.data_cfg.get("h5_key", "activations")).n_rows
         tokens = read_user_tokens(path, n_rows, len(self.lm.tokenizer))
-        if tokens is None:
+        if tokens is None and not self.hookpoint_in_lm():
             raise NotApplicable(missing_tokens_message(path))
         return tokens
+
+    def hookpoint_in_lm(self) -> bool:
+        """True when the SAE's hookpoint is a residual hookpoint of the loaded LM (not `lora`, not a file stem)."""
+        if self.hookpoint == LORA_HOOKPOINT:
+            return False
+        try:
+            resolve_hookpoint(self.lm.model, self.hookpoint)
+        except (KeyError, ValueError, IndexError):
+            return False
+        return True
 
     def windows(self) -> torch.Tensor:
         """Token windows for the max-act pass: the store's or the user file's (first n_tokens), or packed
@@ -188,8 +200,8 @@ class Context:
         if self._windows is None:
             n_tokens = int(self.cfg.interpret.n_tokens)
             root = self.store_root()
-            if root is not None or self.user_file():
-                tokens = read_tokens(root) if root is not None else self.user_tokens()
+            tokens = read_tokens(root) if root is not None else self.user_tokens() if self.user_file() else None
+            if tokens is not None:
                 self._windows = tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
             else:
                 ctx_len = int(self.cfg.interpret.ctx_len)
@@ -364,7 +376,7 @@ def run_maxact_together(contexts: list[Context]) -> None:
         for ctx in group:
             root = ctx.store_root()
             stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
-            if ctx.user_file():  # the user's own file: its rows, linked to text by its `tokens`
+            if ctx.user_file() and ctx.user_tokens() is not None:  # the user's own rows, linked to text by its `tokens`
                 root, stored = ctx.user_file(), open_rows(ctx.user_file(), None, ctx.data_cfg.get("h5_key", "activations"))
             if stored is not None:
                 log.info("maxact %s: reading stored activations from %s (no LM forward)", ctx.hookpoint, root)
