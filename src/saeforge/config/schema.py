@@ -175,6 +175,10 @@ class DataConfig:
     """float32 | float16 | bfloat16 (safetensors only)."""
     extract_batch_size: int = 8
     """Windows per forward pass."""
+    extract_devices: int = 1
+    """Processes that extract the store, each a disjoint set of shards: cuda:0..N-1 when the model runs on
+    CUDA, else N CPU processes sharing the cores. The store is byte-identical for any N. (`trainer.devices`
+    is for training only.)"""
     shard_tokens: int = 65536
     """Rows per shard (rounded down to whole windows)."""
     cache_dir: Optional[str] = "${oc.env:SAEFORGE_CACHE,.cache/saeforge}"
@@ -204,7 +208,7 @@ class DataConfig:
     """DataLoader workers."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, "data", 1, ("n_tokens", "ctx_len", "extract_batch_size", "shard_tokens", "batch_size",
+        require_at_least(self, "data", 1, ("n_tokens", "ctx_len", "extract_batch_size", "extract_devices", "shard_tokens", "batch_size",
                                             "shuffle_buffer", "read_rows"))
         require_at_least(self, "data", 0, ("exclude_first_tokens", "num_workers"))
         require(self.exclude_first_tokens < self.ctx_len, "data.exclude_first_tokens",
