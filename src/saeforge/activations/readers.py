@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from saeforge.activations import integrity
-from saeforge.activations.store import MANIFEST
+from saeforge.activations.store import MANIFEST, TOKENS
 
 FLOAT_SAFETENSORS = {"F32", "F16", "BF16", "F64"}
 
@@ -118,7 +118,7 @@ def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activa
         files = sorted({path / s["path"] for s in manifest["shards"][hookpoint]})
         key = "activations"
     elif path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.h5"))
+        files = [p for p in sorted(path.glob("*.safetensors")) if p.name != TOKENS] or sorted(path.glob("*.h5"))
         if not files:
             raise ValueError(f"{path}: no .safetensors or .h5 files in this folder")
     else:
@@ -150,3 +150,53 @@ def open_rows(path: str | Path, hookpoint: str | None = None, key: str = "activa
         chunks += _split(file, key, n, read_rows)
     assert d_in is not None
     return RowSource(chunks, d_in, f"{path} [{key}]", window_len)
+
+
+TOKENS_KEY = "tokens"
+"""The token windows of a user file: a 2-D integer dataset/tensor `tokens` [n_seq, ctx_len]."""
+
+
+def missing_tokens_message(path: str | Path) -> str:
+    """What to add to a user activation file so that interpretation can show its rows as text."""
+    path = Path(path).expanduser()
+    where = (f"a dataset `{TOKENS_KEY}` to {path.name}" if path.suffix in (".h5", ".hdf5")
+             else f"{TOKENS} (a tensor `{TOKENS_KEY}`) to {path if path.is_dir() else path.parent}")
+    return (f"data.path={str(path)!r} has no token ids, so its rows cannot be shown as text: add {where}, "
+            f"integers [n_seq, ctx_len] from the tokenizer of model=, where activation row r is token "
+            f"(r // ctx_len, r % ctx_len)")
+
+
+def read_user_tokens(path: str | Path, n_rows: int, vocab_size: int | None = None) -> torch.Tensor | None:
+    """The token windows [n_seq, ctx_len] (int64) that a user file's rows come from, or None when it has
+    none: a `tokens` dataset inside an HDF5 file, or tokens.safetensors in the folder (the store layout)
+    or beside a safetensors file. ValueError, naming the file, for a wrong shape or dtype, more tokens
+    than activation rows, or ids outside the vocabulary."""
+    path = Path(path).expanduser()
+    tokens: torch.Tensor | None = None
+    source = path
+    if path.is_file() and path.suffix in (".h5", ".hdf5"):
+        with h5py.File(path, "r") as f:
+            if TOKENS_KEY in f:
+                data = np.asarray(f[TOKENS_KEY][()])
+                if data.dtype.kind not in "iu":
+                    raise ValueError(f"{path}:{TOKENS_KEY} must hold integer token ids, got dtype {data.dtype}")
+                tokens = torch.from_numpy(data.astype(np.int64))
+    else:
+        source = (path if path.is_dir() else path.parent) / TOKENS
+        if source.is_file():
+            with safe_open(str(source), "pt") as f:
+                if TOKENS_KEY not in f.keys():
+                    raise ValueError(f"{source}: no tensor {TOKENS_KEY!r} (found {sorted(f.keys())})")
+                tokens = f.get_tensor(TOKENS_KEY)
+            if tokens.is_floating_point() or tokens.dtype == torch.bool:
+                raise ValueError(f"{source}:{TOKENS_KEY} must hold integer token ids, got {tokens.dtype}")
+            tokens = tokens.long()
+    if tokens is None:
+        return None
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise ValueError(f"{source}:{TOKENS_KEY} must be 2-D [n_seq, ctx_len], got shape {tuple(tokens.shape)}")
+    if tokens.numel() > n_rows:
+        raise ValueError(f"{source}:{TOKENS_KEY} has {tokens.numel()} tokens but the activations have only {n_rows} rows")
+    if vocab_size is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"{source}:{TOKENS_KEY} has ids outside [0, {vocab_size}) of model='s tokenizer")
+    return tokens

@@ -48,7 +48,7 @@ from saeforge.activations.readers import RowSource, read_chunk
 from saeforge.config import ConfigError, MaxActConfig
 from saeforge.interpret.records import Records
 from saeforge.lm.capture import capture_residual, run_until_captured
-from saeforge.lm.hookpoints import canonical_name, hookpoint_layer
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, canonical_name, layer_label
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,16 @@ def collect_maxact(
             for i, x in enumerate(_stored_batches(activations, B * T, n_seq * T)):
                 encode(x, i * B)
                 bar.update(x.shape[0])
+        elif hookpoint == LORA_HOOKPOINT:
+            from saeforge.activations.lora import lora_activations
+
+            if not lm.lora_sites:
+                raise ValueError("maxact at the `lora` hookpoint needs the LM with its adapter attached (activations.lora.with_adapter)")
+            for seq0 in range(0, n_seq, B):
+                ids = tokens[seq0 : seq0 + B].to(device=lm.device, dtype=torch.long)
+                x = lora_activations(lm.model, list(lm.lora_sites), ids)
+                encode(x.reshape(-1, x.shape[-1]), seq0)
+                bar.update(ids.numel())
         else:
             model = lm.model
             with capture_residual(model, [hookpoint], stop_after=True) as captured:
@@ -370,7 +380,7 @@ def collect_maxact(
     log.info("maxact %s: %d tokens in %.1f s (%.0f tokens/s)", hookpoint, n_seq * T, elapsed,
              n_seq * T / max(elapsed, 1e-9))
     return MaxActResult(
-        hookpoint=hookpoint, layer=hookpoint_layer(hookpoint), d_sae=d_sae, n_tokens=state.n_tokens,
+        hookpoint=hookpoint, layer=layer_label(hookpoint), d_sae=d_sae, n_tokens=state.n_tokens,
         ctx_len=T, features=_assemble(state, conf, feat_ids, tokens, TokenDecoder(lm.tokenizer)),
         quantile_levels=list(conf.quantile_levels),
     )

@@ -24,7 +24,10 @@ Files under one hookpoint's interpret directory (README.md, "Interpretation outp
   columns of other runs are kept.
 - `STAGES` `{format_version, "<stage>": {fingerprint, finished, complete, failures}}` (`complete`
   false, with `failures` `{reason: [features]}`, when some features of the stage failed; files
-  without `complete` count as complete)
+  without `complete` count as complete; `not_applicable`, a one-line reason, when the stage could not
+  run on this SAE and was skipped)
+- `layer` everywhere (JSON, summary.csv, steering file names) is `hookpoints.layer_label`: the block
+  index of `layers.N`, the hookpoint name for others (`lora` for a LoRA SAE)
 
 `format_version` is `FORMAT_VERSION`; files without it (older runs) read the same. All writes go
 through `saeforge.atomic`.
@@ -57,6 +60,8 @@ EXPLANATIONS_DIR = "explanations"
 SCORES_DIR = "scores"
 SUMMARY = "summary.csv"
 STAGES = "stages.json"
+NOT_APPLICABLE = "not_applicable"
+"""Key of a stages-file entry whose stage could not run on this SAE; its value is the one-line reason."""
 DASHBOARD = "dashboard.html"
 
 _STEERING_PREFIX = "generated_texts_layer_"
@@ -112,14 +117,27 @@ class LogitLens:
     """`[token, logit]` pairs, smallest first."""
     neighbours: list[list[Any]] = field(default_factory=list)
     """`[feature, cosine]` pairs, nearest first."""
+    by_type: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """LoRA features only: per adapter type `{defined, norm, top, bottom}` or `{defined: false, norm, note}`."""
+    layout: dict[str, Any] | None = None
+    """LoRA features only: `{layers, types, norms [layer][type], share {type: share}}` of |W_dec[f]|."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"top": self.top, "bottom": self.bottom, "neighbours": self.neighbours}
+        doc: dict[str, Any] = {"top": self.top, "bottom": self.bottom, "neighbours": self.neighbours}
+        if self.by_type:
+            doc["by_type"] = self.by_type
+        if self.layout is not None:
+            doc["layout"] = self.layout
+        return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> LogitLens:
+        by_type = doc.get("by_type")
+        layout = doc.get("layout")
         return cls([list(p) for p in doc.get("top") or []], [list(p) for p in doc.get("bottom") or []],
-                   [list(p) for p in doc.get("neighbours") or []])
+                   [list(p) for p in doc.get("neighbours") or []],
+                   dict(by_type) if isinstance(by_type, Mapping) else {},
+                   dict(layout) if isinstance(layout, Mapping) else None)
 
 
 @dataclass
@@ -159,7 +177,7 @@ class Explanation:
     end a feature's explain stage; `RETRYABLE_STATUSES` leave it to be asked again."""
     source: str = "maxact"
     """What the explainer saw: maxact | steering."""
-    layer: int | None = None
+    layer: int | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Everything else stored with it (raw reply, error, the example split, a steering explanation…)."""
 
@@ -249,7 +267,7 @@ class Records:
     """The records of one hookpoint, with the run-level header of the max-act file."""
 
     hookpoint: str | None = None
-    layer: int | None = None
+    layer: int | str | None = None
     d_sae: int | None = None
     n_tokens: int | None = None
     """Tokens counted in the max-act statistics."""
@@ -394,12 +412,12 @@ def read_logit_lens(out_dir: str | Path, records: Records | None = None, strict:
 
 
 # ------------------------------------------------------------------------------ steering
-def steering_text_path(out_dir: str | Path, layer: int | None, feature: int, prompt_index: int) -> Path:
+def steering_text_path(out_dir: str | Path, layer: int | str | None, feature: int, prompt_index: int) -> Path:
     """Path of one (feature, prompt) steered-texts file."""
     return Path(out_dir) / STEERING_DIR / f"{_STEERING_PREFIX}{layer}_feature_{feature}_prompt_{prompt_index}.json"
 
 
-def write_steering_texts(out_dir: str | Path, layer: int | None, feature: int, prompt_index: int,
+def write_steering_texts(out_dir: str | Path, layer: int | str | None, feature: int, prompt_index: int,
                          prompt: str, texts: Mapping[str, str]) -> Path:
     """One prompt's `{"original": ..., "<strength>": ...}` in the seed shape (no format_version)."""
     path = steering_text_path(out_dir, layer, feature, prompt_index)
@@ -407,12 +425,12 @@ def write_steering_texts(out_dir: str | Path, layer: int | None, feature: int, p
     return path
 
 
-def steering_texts_complete(out_dir: str | Path, layer: int | None, feature: int, n_prompts: int) -> bool:
+def steering_texts_complete(out_dir: str | Path, layer: int | str | None, feature: int, n_prompts: int) -> bool:
     """True when the files of all `n_prompts` prompts of the feature exist (resume)."""
     return all(steering_text_path(out_dir, layer, feature, p).is_file() for p in range(n_prompts))
 
 
-def _steering_files(out_dir: Path, layer: int | None) -> dict[int, list[tuple[int, Path]]]:
+def _steering_files(out_dir: Path, layer: int | str | None) -> dict[int, list[tuple[int, Path]]]:
     by_feature: dict[int, list[tuple[int, Path]]] = {}
     folder = out_dir / STEERING_DIR
     if not folder.is_dir():
@@ -424,7 +442,7 @@ def _steering_files(out_dir: Path, layer: int | None) -> dict[int, list[tuple[in
     return {f: sorted(files) for f, files in by_feature.items()}
 
 
-def _read_text_file(path: Path, layer: int | None, feature: int, strict: bool) -> dict[str, dict[str, str]]:
+def _read_text_file(path: Path, layer: int | str | None, feature: int, strict: bool) -> dict[str, dict[str, str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         prompts = data[str(layer)][str(feature)]
@@ -436,7 +454,7 @@ def _read_text_file(path: Path, layer: int | None, feature: int, strict: bool) -
     return {str(p): {str(k): str(v) for k, v in by_key.items()} for p, by_key in prompts.items() if isinstance(by_key, Mapping)}
 
 
-def read_steering_texts(out_dir: str | Path, layer: int | None, feature: int, strict: bool = True) -> dict[str, dict[str, str]]:
+def read_steering_texts(out_dir: str | Path, layer: int | str | None, feature: int, strict: bool = True) -> dict[str, dict[str, str]]:
     """`{prompt: {"original": text, "<strength>": text}}` of a feature, in prompt order."""
     texts: dict[str, dict[str, str]] = {}
     for _, path in _steering_files(Path(out_dir), layer).get(int(feature), []):
@@ -475,7 +493,7 @@ def read_steering(out_dir: str | Path, records: Records | None = None, texts: bo
 
 
 # ------------------------------------------------------------------------------ explanations
-def read_explanations(out_dir: str | Path, layer: int | None, records: Records | None = None, strict: bool = True,
+def read_explanations(out_dir: str | Path, layer: int | str | None, records: Records | None = None, strict: bool = True,
                       required: bool = False) -> Records:
     """Fill `explanation` from the explanations file's entries of `layer` (FileNotFoundError when
     the file is missing and `required`)."""
@@ -487,7 +505,7 @@ def read_explanations(out_dir: str | Path, layer: int | None, records: Records |
     return explanations_from_json(doc, layer, records)
 
 
-def explanations_from_json(doc: Mapping[str, Any], layer: int | None, records: Records | None = None) -> Records:
+def explanations_from_json(doc: Mapping[str, Any], layer: int | str | None, records: Records | None = None) -> Records:
     """Fill `explanation` from an explanations document `{layer: {feature: entry}}`."""
     records = _records(records)
     for f, entry in _int_keyed(_unversioned(dict(doc)).get(str(layer))).items():
@@ -496,13 +514,13 @@ def explanations_from_json(doc: Mapping[str, Any], layer: int | None, records: R
     return records
 
 
-def explanations_json(records: Records, layer: int | None) -> dict[str, Any]:
+def explanations_json(records: Records, layer: int | str | None) -> dict[str, Any]:
     """`{"<layer>": {"<feature>": entry}}` of the records that have an explanation."""
     return {str(layer): {str(f): r.explanation.to_json(f) for f, r in sorted(records.features.items())
                          if r.explanation is not None}}
 
 
-def write_explanations(out_dir: str | Path, records: Records, layer: int | None, hookpoint: str,
+def write_explanations(out_dir: str | Path, records: Records, layer: int | str | None, hookpoint: str,
                        features: Iterable[int]) -> Path:
     """Write this layer's explanations (other layers in the file are kept) and, for `features`,
     the label txt files (an ok label written, any other status removes a stale file)."""
@@ -620,7 +638,7 @@ def read_summary(out_dir: str | Path, strict: bool = True) -> list[dict[str, str
         return []
 
 
-def summary_by_feature(rows: Iterable[Mapping[str, str]], layer: int | None) -> dict[int, dict[str, str]]:
+def summary_by_feature(rows: Iterable[Mapping[str, str]], layer: int | str | None) -> dict[int, dict[str, str]]:
     """Summary rows by feature; for a feature with rows of several layers, `layer`'s row wins."""
     out: dict[int, dict[str, str]] = {}
     for row in rows:

@@ -6,7 +6,10 @@ For a feature f of an SAE trained at hookpoint `layers.L`, the intervention adds
                                        raw activations, so no de-normalisation is needed)
 
 to the output of block L at every position (prompt and generated tokens alike), through
-`saeforge.lm.capture.add_to_residual`. All strengths × prompts of a feature run in one batched,
+`saeforge.lm.capture.add_to_residual`. For a `lora` SAE the same v(s) lives in LoRA space: it is
+added to the lora_A outputs (before lora_B and its scaling), split by the store's `lora_layout`
+into each adapter's rank-r slice (`add_steering`, `activations.lora.add_to_lora`); texts, effect
+and KL are computed exactly as for the residual stream, under the layer label "lora". All strengths × prompts of a feature run in one batched,
 left-padded `generate` call (chunked to `max_batch` rows); the unsteered "original" rows ride in
 the same batch with a zero vector, so original and steered texts share the sampling settings.
 
@@ -43,7 +46,8 @@ from saeforge.config import SteeringConfig, parse_strengths
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records, Steering
 from saeforge.lm.capture import add_to_residual
-from saeforge.lm.hookpoints import hookpoint_layer, resolve_hookpoint
+from saeforge.activations.lora import add_to_lora
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, canonical_name, layer_label, resolve_hookpoint
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +178,15 @@ def _check_a_max(a_max: Any, feature: int) -> float:
 
 
 def _check_sae_fits(lm: Any, sae: Any, hookpoint: str) -> str:
-    name = resolve_hookpoint(lm.model, hookpoint).name
     d_in = int(sae.W_dec.shape[1])
+    if canonical_name(hookpoint) == LORA_HOOKPOINT:
+        if not lm.lora_sites:
+            raise ValueError("steering at the `lora` hookpoint needs the LM with its adapter attached (activations.lora.with_adapter)")
+        width = sum(site.rank for site in lm.lora_sites)
+        if d_in != width:
+            raise ValueError(f"SAE d_in={d_in} does not match the adapter's LoRA width {width} (layers × types × rank)")
+        return LORA_HOOKPOINT
+    name = resolve_hookpoint(lm.model, hookpoint).name
     if d_in != lm.d_model:
         raise ValueError(
             f"SAE d_in={d_in} does not match the residual width d_model={lm.d_model} of {lm.name} at {name}"
@@ -198,7 +209,7 @@ class SteeredGeneration(NamedTuple):
     continuations: list[Tensor]
     """Generated token ids of each row (long, 1-D), cut after the first EOS (kept)."""
     vectors: Tensor
-    """Residual offset of each row [R, d_model] (zero for "original")."""
+    """Offset of each row [R, d_in] at the hookpoint (zero for "original")."""
     seconds: float
     """Wall time of the generate calls."""
 
@@ -206,6 +217,15 @@ class SteeredGeneration(NamedTuple):
 def steering_vector(sae: Any, feature: int, a_max: float) -> Tensor:
     """A_max × d_f with d_f = W_dec[f] as stored (detached, on the SAE's device)."""
     return float(a_max) * sae.W_dec[feature].detach()
+
+
+def add_steering(lm: Any, hookpoint: str, vectors: Tensor) -> Any:
+    """The context manager that adds `vectors` ([d_in] or [B, d_in]) at every position: to the residual
+    output of block L for `layers.L`; for `lora`, to the lora_A outputs, each adapter getting its
+    rank-r slice in the column order of the manifest's `lora_layout` (`activations.lora.add_to_lora`)."""
+    if hookpoint == LORA_HOOKPOINT:
+        return add_to_lora(list(lm.lora_sites), vectors)
+    return add_to_residual(lm.model, hookpoint, vectors)
 
 
 @contextmanager
@@ -304,7 +324,7 @@ def generate_steered(
         chunk = row_prompts[lo : lo + gen.max_batch]
         with _left_padding(tok):
             enc = tok(chunk, return_tensors="pt", padding=True).to(lm.device)
-        steer = add_to_residual(model, hookpoint, vectors[lo : lo + len(chunk)])
+        steer = add_steering(lm, hookpoint, vectors[lo : lo + len(chunk)])
         with torch.inference_mode(), steer, _seeded(gen.seed, lm.device):
             out = model.generate(**enc, generation_config=config)
         new = out[:, enc["input_ids"].shape[1] :].cpu()
@@ -404,7 +424,7 @@ def steering_kl(
         inputs = {"input_ids": input_ids.to(lm.device), "attention_mask": mask.to(lm.device)}
         vec = vectors[lo : lo + len(rows)].to(lm.device)
         with torch.inference_mode():
-            with add_to_residual(model, hookpoint, vec):
+            with add_steering(lm, hookpoint, vec):
                 steered = model(**inputs, use_cache=False).logits
             plain = model(**inputs, use_cache=False).logits
         target = target.to(lm.device)
@@ -456,7 +476,7 @@ def steer_records(
         prompts = load_prompts(cfg.prompts_file)
     prompts = _check_prompts(prompts)
     hookpoint = _check_sae_fits(lm, sae, hookpoint)
-    layer = hookpoint_layer(hookpoint)
+    layer = layer_label(hookpoint)
     features = [_check_feature(sae, f) for f in features]
     a_max = records.a_max()
     amax = {f: _a_max_of(a_max, f) for f in features}

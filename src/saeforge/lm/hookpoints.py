@@ -92,3 +92,11 @@ def hookpoint_layer(name: str) -> int | None:
     """Block index of a `layers.N` name (None for `lora`)."""
     canonical = canonical_name(name)
     return int(canonical.split(".")[1]) if canonical.startswith("layers.") else None
+
+
+def layer_label(name: str) -> int | str:
+    """The `layer` of an SAE's features in interpretation outputs (JSON keys, the summary CSV, steering file
+    names): the block index N of `layers.N`; otherwise the canonical hookpoint name itself, so a `lora`
+    feature (which spans every adapted layer) is labelled "lora", never None or blank."""
+    layer = hookpoint_layer(name)
+    return layer if layer is not None else canonical_name(name)

@@ -32,6 +32,8 @@ class LoadedLM:
     n_layers: int
     d_model: int
     max_ctx: int | None
+    lora_sites: tuple[Any, ...] = ()
+    """With a LoRA adapter attached for the `lora` hookpoint: its `activations.lora.LoraSite`s, in column order."""
 
     @property
     def device(self) -> torch.device:

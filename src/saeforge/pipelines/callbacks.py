@@ -43,7 +43,15 @@ class InterpretCallback(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return
-        from saeforge.pipelines.interpret import RUNNERS, Context, select_features
+        try:
+            self.interpret(trainer, pl_module, step)
+        except Exception as err:  # noqa: BLE001 - a callback must never end the training run
+            log.warning("interpret callback at step %d failed, training goes on: %s: %s", step, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "", exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def interpret(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Run the stages on the current SAE; a stage that does not apply is skipped with its reason logged."""
+        from saeforge.pipelines.interpret import RUNNERS, Context, NotApplicable, select_features
         from saeforge.sae.source import SAESource
 
         source = SAESource(pl_module.export_sae(), self.hookpoint, self.run_dir, self.run_cfg, f"step {step}")
@@ -51,9 +59,14 @@ class InterpretCallback(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         ctx = Context(self.cfg, source, out, self.lm)
         ctx.features = select_features(ctx, None)
-        for stage in self.cfg.interpret.stages:
-            RUNNERS[str(stage)](ctx)
-        self.lm = ctx._lm  # keep the LM loaded for the next time
+        try:
+            for stage in self.cfg.interpret.stages:
+                try:
+                    RUNNERS[str(stage)](ctx)
+                except NotApplicable as reason:
+                    log.info("interpret callback: stage %s not applicable: %s", stage, reason)
+        finally:
+            self.lm = ctx._lm  # keep the LM loaded for the next time
         self.log_table(trainer, out, step)
 
     def log_table(self, trainer: L.Trainer, out: Path, step: int) -> None:

@@ -37,7 +37,7 @@ from saeforge.activations.store import is_complete, read_tokens
 from saeforge.interpret import records as records_io
 from saeforge.activations.corpus import iter_texts, load_corpus
 from saeforge.activations.windows import pack_windows
-from saeforge.lm.hookpoints import hookpoint_layer
+from saeforge.lm.hookpoints import LORA_HOOKPOINT, layer_label
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.config import (
@@ -70,6 +70,15 @@ class IncompleteStages(RuntimeError):
         self.out, self.failures = out, failures
 
 
+class NotApplicable(Exception):
+    """A stage cannot run on this SAE (the message says why, in one line); it is skipped, not failed:
+    the log says `stage X: not applicable: <why>`, the stages file records the reason under
+    `NOT_APPLICABLE`, the stages that read its output are skipped too, and the dashboard shows it."""
+
+
+NOT_APPLICABLE = records_io.NOT_APPLICABLE
+
+
 class Context:
     """What the stages share: config, SAE source, output dir, features, and the lazily loaded LM."""
 
@@ -83,7 +92,7 @@ class Context:
         self.exclude_first_tokens = exclude_first_tokens(run_cfg, imported.exclude_first_tokens)
         """The first positions left out of every statistic: the run's data.exclude_first_tokens (imports: imported.*)."""
         self.hookpoint = source.hookpoint
-        self.layer = hookpoint_layer(self.hookpoint)
+        self.layer = layer_label(self.hookpoint)
         self.features: list[int] = []
         self.resuming = False
         """True while a stage reruns because its last run with the same fingerprint was incomplete."""
@@ -91,8 +100,16 @@ class Context:
 
     @property
     def lm(self) -> LoadedLM:
+        """The LM, loaded on first use; for a `lora` SAE with the run's adapter attached (`lora_sites` set)."""
         if self._lm is None:
             self._lm = load_lm(self.model_cfg)
+        if self.hookpoint == LORA_HOOKPOINT and not self._lm.lora_sites:
+            from saeforge.activations.lora import with_adapter
+
+            lora = self.data_cfg.get("lora") if self.data_cfg is not None else None
+            if not (lora and lora.get("adapter")):
+                raise NotApplicable("a `lora` SAE needs its LoRA adapter: pass ckpt=<the training run> (its data.lora.adapter)")
+            self._lm = with_adapter(self._lm, lora.adapter, lora.get("types"))
         return self._lm
 
     def store_root(self) -> Path | None:
@@ -102,12 +119,29 @@ class Context:
         root = cache_root(self.data_cfg and self.data_cfg.get("cache_dir")) / "activations" / store_spec(self.model_cfg, self.corpus_cfg, self.data_cfg).cache_key()
         return root if is_complete(root) else None
 
+    def user_file(self) -> str | None:
+        """data.path of a run trained on the user's own activation file, else None."""
+        return str(self.data_cfg.path) if self.data_cfg is not None and self.data_cfg.get("path") else None
+
+    def user_tokens(self) -> torch.Tensor:
+        """The token windows of the user's file (NotApplicable, saying exactly what to add, when it has none)."""
+        from saeforge.activations.readers import missing_tokens_message, open_rows, read_user_tokens
+
+        path = self.user_file()
+        assert path is not None
+        n_rows = open_rows(path, None, self.data_cfg.get("h5_key", "activations")).n_rows
+        tokens = read_user_tokens(path, n_rows, len(self.lm.tokenizer))
+        if tokens is None:
+            raise NotApplicable(missing_tokens_message(path))
+        return tokens
+
     def windows(self) -> torch.Tensor:
-        """Token windows for the max-act pass: the store's (first n_tokens) or packed from the corpus."""
+        """Token windows for the max-act pass: the store's or the user file's (first n_tokens), or packed
+        from the corpus."""
         n_tokens = int(self.cfg.interpret.n_tokens)
         root = self.store_root()
-        if root is not None:
-            tokens = read_tokens(root)
+        if root is not None or self.user_file():
+            tokens = read_tokens(root) if root is not None else self.user_tokens()
             return tokens[: max(1, -(-n_tokens // tokens.shape[1]))]
         ctx_len = int(self.cfg.interpret.ctx_len)
         corpus = load_corpus(self.corpus_cfg, cache_root(self.data_cfg and self.data_cfg.get("cache_dir")))
@@ -181,9 +215,15 @@ def firing_frequency(ctx: Context, tokens: torch.Tensor) -> torch.Tensor:
     skip = ctx.exclude_first_tokens  # attention sinks, as maxact and training
     for b in range(0, tokens.shape[0], 8):
         ids = tokens[b : b + 8].long().to(ctx.lm.device)
-        with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
-            run_until_captured(ctx.lm.model, input_ids=ids)
-        x = cap[ctx.hookpoint][:, skip:].reshape(-1, sae.cfg.d_in).float()
+        if ctx.hookpoint == LORA_HOOKPOINT:
+            from saeforge.activations.lora import lora_activations
+
+            acts = lora_activations(ctx.lm.model, list(ctx.lm.lora_sites), ids)
+        else:
+            with capture_residual(ctx.lm.model, [ctx.hookpoint]) as cap:
+                run_until_captured(ctx.lm.model, input_ids=ids)
+            acts = cap[ctx.hookpoint]
+        x = acts[:, skip:].reshape(-1, sae.cfg.d_in).float()
         counts += (sae.encode_inference(x) > 0).sum(0).float().cpu()
         rows += x.shape[0]
     return counts / rows
@@ -209,6 +249,8 @@ def run_maxact(ctx: Context) -> None:
 
     root = ctx.store_root()
     stored = open_rows(root, ctx.hookpoint) if root is not None and ctx.hookpoint in ctx.data_cfg.hookpoints else None
+    if ctx.user_file():  # the user's own file: its rows, linked to text by its `tokens`
+        root, stored = ctx.user_file(), open_rows(ctx.user_file(), None, ctx.data_cfg.get("h5_key", "activations"))
     if stored is not None:
         log.info("maxact: reading stored activations from %s (no LM forward)", root)
     conf = MaxActConfig.from_mapping(ctx.cfg.interpret.maxact)
@@ -224,7 +266,7 @@ def run_logit_lens(ctx: Context) -> None:
     records = records_io.Records(hookpoint=ctx.hookpoint, layer=ctx.layer)
     for f in ctx.features:
         records.get(f)
-    lens_records(ctx.lm, ctx.source.sae, records, lcfg)
+    lens_records(ctx.lm, ctx.source.sae, records, lcfg, ctx.hookpoint)
     records_io.write_logit_lens(ctx.out, records)
 
 
@@ -375,7 +417,10 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         raise ValueError(f"the SAE has d_in={source.sae.cfg.d_in} but {ctx.lm.name} has d_model={ctx.lm.d_model}")
     frequency = None if cfg.interpret.get("features") else sae_frequency(source)
     if frequency is None and not cfg.interpret.get("features"):
-        frequency = firing_frequency(ctx, ctx.windows()[:64])
+        try:
+            frequency = firing_frequency(ctx, ctx.windows()[:64])
+        except NotApplicable as reason:
+            log.info("no firing frequency to select features by (%s): taking the first interpret.max_latents", reason)
     ctx.features = select_features(ctx, frequency)
     log.info("interpreting %d features of %s at %s → %s", len(ctx.features), source.description, source.hookpoint, out)
 
@@ -391,9 +436,18 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
             log.info("stage %s: up to date, skipped", stage)
             continue
         ctx.resuming = same and not complete
-        log.info("stage %s: %s", stage, "retrying the failed features" if ctx.resuming else "running")
-        RUNNERS[stage](ctx)
         entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+        skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
+        try:
+            if skipped:
+                raise NotApplicable(f"needs {skipped[0]} ({record[skipped[0]][NOT_APPLICABLE]})")
+            log.info("stage %s: %s", stage, "retrying the failed features" if ctx.resuming else "running")
+            RUNNERS[stage](ctx)
+        except NotApplicable as reason:
+            log.info("stage %s: not applicable: %s", stage, reason)
+            record[stage] = {**entry, NOT_APPLICABLE: str(reason)}
+            records_io.write_stages(out, record)
+            continue
         if stage in CHECKS:
             n_total, failures = CHECKS[stage](ctx)
             if failures:

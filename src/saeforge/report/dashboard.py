@@ -89,6 +89,9 @@ def load_interpret_outputs(interpret_dir: Path) -> dict[str, Any]:
                      if feats[f].steering is not None and feats[f].steering.texts},
         "steering_effects": {f: feats[f].steering.effects_entry() for f in recs.ids()
                              if feats[f].steering is not None and feats[f].steering.measured},
+        "not_applicable": {stage: str(entry[records_io.NOT_APPLICABLE])
+                           for stage, entry in records_io.read_stages(interpret_dir).items()
+                           if isinstance(entry, dict) and entry.get(records_io.NOT_APPLICABLE)},
     }
 
 
@@ -164,6 +167,17 @@ def _pairs(raw: Any) -> list[list[Any]]:
     return out
 
 
+def _lens_type(raw: dict[str, Any]) -> dict[str, Any]:
+    """One LoRA adapter type's lens: defined (top/bottom pairs) or its "not defined" note, and the norm."""
+    out: dict[str, Any] = {"defined": bool(raw.get("defined")), "norm": _num(raw.get("norm"))}
+    for key in ("top", "bottom"):
+        if raw.get(key):
+            out[key] = _pairs(raw[key])
+    if raw.get("note"):
+        out["note"] = str(raw["note"])
+    return out
+
+
 def _steering_rows(prompts: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
     """Per prompt, outputs ordered original first, then by strength."""
 
@@ -215,6 +229,10 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
         fl = lens.get(fid)
         if isinstance(fl, dict):
             entry["lens"] = {k: _pairs(fl.get(k)) for k in ("top", "bottom", "neighbours") if fl.get(k)}
+            if isinstance(fl.get("by_type"), dict):
+                entry["lens"]["by_type"] = {str(t): _lens_type(v) for t, v in fl["by_type"].items() if isinstance(v, dict)}
+            if isinstance(fl.get("layout"), dict):
+                entry["layout"] = _clean(fl["layout"])
         feature_scores = {name: _clean(per[fid]) for name, per in scores.items()
                           if isinstance(per.get(fid), dict)}
         if feature_scores:
@@ -236,6 +254,12 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
             entry["steering"] = _steering_rows(steering[fid])
         features.append(entry)
 
+    # "with full examples": as many top examples as the most any feature has (interpret.maxact.n_examples
+    # unless no feature fired in that many windows)
+    n_full = max((len(e.get("top") or []) for e in features), default=0)
+    for entry in features:
+        entry["full"] = n_full > 0 and len(entry.get("top") or []) >= n_full
+
     # label the neighbours so the page can show them without looking features up by id
     for entry in features:
         neighbours = entry.get("lens", {}).get("neighbours")
@@ -252,6 +276,8 @@ def build_dashboard_data(outputs: dict[str, Any], title: str | None = None) -> d
             "n_tokens": _clean(outputs.get("n_tokens")),
             "scorers": sorted(scores),
             "n_features": len(features),
+            "n_full_examples": n_full,
+            "not_applicable": _clean(outputs.get("not_applicable") or {}),
         },
         "features": features,
     }
