@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo bench chromium vllm serve-explainer clean
+.PHONY: setup test test-fast demo demo-lora bench chromium vllm serve-explainer clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ test-fast: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# The LoRA-adapter workflow: fine-tune a rank-1 LoRA on SmolLM2, extract, train, interpret (~10 min).
+demo-lora: setup
+	$(PY) scripts/demo_lora.py
 
 # Every benchmark prints its ratio measured side by side in one run (see each script's docstring).
 bench: setup vllm
