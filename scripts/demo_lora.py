@@ -22,7 +22,7 @@ from pathlib import Path
 from demo import ROOT, mean, step
 
 RUN = Path(os.environ.get("DEMO_LORA_RUN_DIR", ROOT / "runs" / "demo-lora")).resolve()
-STEPS = int(os.environ.get("DEMO_LORA_STEPS", "24"))
+STEPS = int(os.environ.get("DEMO_LORA_STEPS", "16"))
 TOKENS = int(os.environ.get("DEMO_LORA_TOKENS", "49152"))
 FEATURES = int(os.environ.get("DEMO_LORA_FEATURES", "8"))
 TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,7 +58,7 @@ def finetune(adapter: Path) -> None:
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     with atomic_dir(adapter) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
 
 
 def main() -> None:
