@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -67,14 +68,12 @@ def main() -> None:
     start = time.perf_counter()
     times: dict[str, float] = {}
     adapter = (cache_root() / "lora-demo" / f"smollm2-r1-all7-{STEPS}steps-seed{SEED}").resolve()
-    print(f"\n=== fine-tune: rank-1 LoRA on {', '.join(TYPES)}, {STEPS} steps → {adapter}", flush=True)
-    t0 = time.perf_counter()
     if (adapter / "adapter_config.json").is_file():
-        print("=== reusing the adapter from an earlier run")
-    else:
-        finetune(adapter)
-    times["fine-tune"] = time.perf_counter() - t0
-    print(f"=== fine-tune done in {times['fine-tune']:.0f}s", flush=True)
+        print(f"\n=== fine-tune: reusing the adapter in {adapter}", flush=True)
+        times["fine-tune"] = 0.0
+    else:  # in its own process, so that its copy of the LM is freed before the next steps
+        times["fine-tune"] = step(f"fine-tune (rank-1 LoRA on {', '.join(TYPES)}, {STEPS} steps)",
+                                  str(Path(__file__).resolve()), "finetune", str(adapter))
 
     data = ["data=lora", f"data.lora.adapter={adapter}", f"data.n_tokens={TOKENS}", f"run.dir={RUN}"]
     times["extract"] = step("extract", "train.py", *data, "extract_only=true")
@@ -106,4 +105,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["finetune"]:
+        finetune(Path(sys.argv[2]))
+    else:
+        main()
