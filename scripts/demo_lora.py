@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -62,26 +63,37 @@ def finetune(adapter: Path) -> None:
         model.save_pretrained(str(tmp), save_embedding_layers=False)
 
 
+def timed(title: str, *args: str) -> tuple[float, float]:
+    """`demo.step` (wall seconds) plus the CPU seconds its process used (the wall time on an idle machine
+    is about CPU / cores; on a shared machine the wall time alone says little)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = step(title, *args)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"=== {title}: {cpu:.0f} CPU-seconds", flush=True)
+    return wall, cpu
+
+
 def main() -> None:
     from saeforge.paths import cache_root
 
     start = time.perf_counter()
-    times: dict[str, float] = {}
+    times: dict[str, tuple[float, float]] = {}
     adapter = (cache_root() / "lora-demo" / f"smollm2-r1-all7-{STEPS}steps-seed{SEED}").resolve()
     if (adapter / "adapter_config.json").is_file():
         print(f"\n=== fine-tune: reusing the adapter in {adapter}", flush=True)
-        times["fine-tune"] = 0.0
+        times["fine-tune"] = (0.0, 0.0)
     else:  # in its own process, so that its copy of the LM is freed before the next steps
-        times["fine-tune"] = step(f"fine-tune (rank-1 LoRA on {', '.join(TYPES)}, {STEPS} steps)",
+        times["fine-tune"] = timed(f"fine-tune (rank-1 LoRA on {', '.join(TYPES)}, {STEPS} steps)",
                                   str(Path(__file__).resolve()), "finetune", str(adapter))
 
     data = ["data=lora", f"data.lora.adapter={adapter}", f"data.n_tokens={TOKENS}", f"run.dir={RUN}"]
-    times["extract"] = step("extract", "train.py", *data, "extract_only=true")
-    times["train"] = step(
+    times["extract"] = timed("extract", "train.py", *data, "extract_only=true")
+    times["train"] = timed(
         "train", "train.py", *data, "sae.expansion_factor=16", "sae.k=50", "data.batch_size=1024",
         "data.shuffle_buffer=65536", "trainer.max_epochs=8", "sae.warmup_steps=20", "checkpoint_every_n_steps=200",
     )
-    times["interpret"] = step(
+    times["interpret"] = timed(
         "interpret", "interpret.py", f"ckpt={RUN}", f"interpret.max_latents={FEATURES}", "interpret.select=random",
         "interpret.n_tokens=16384", "interpret.maxact.n_examples=10", "interpret.maxact.context_left=10",
         "interpret.maxact.context_right=10", "interpret.explain.max_examples_in_prompt=10", "interpret.score.n_test=10",
@@ -90,7 +102,8 @@ def main() -> None:
     out = RUN / "interpret" / "lora"
     rows = list(csv.DictReader((out / "summary.csv").open())) if (out / "summary.csv").is_file() else []
     print(f"\nLoRA demo finished in {time.perf_counter() - start:.0f}s ("
-          + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times.items()) + ")")
+          + ", ".join(f"{name} {wall:.0f}s" for name, (wall, _) in times.items()) + "); CPU-seconds: "
+          + ", ".join(f"{name} {cpu:.0f}" for name, (_, cpu) in times.items()))
     print(f"  adapter (peft)        {adapter}")
     print(f"  SAE (SAELens format)  {RUN / 'sae' / 'lora'}")
     print(f"  interpretation        {out}")
