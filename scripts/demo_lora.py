@@ -24,9 +24,9 @@ from pathlib import Path
 from demo import ROOT, mean, step
 
 RUN = Path(os.environ.get("DEMO_LORA_RUN_DIR", ROOT / "runs" / "demo-lora")).resolve()
-STEPS = int(os.environ.get("DEMO_LORA_STEPS", "16"))
+STEPS = int(os.environ.get("DEMO_LORA_STEPS", "8"))
 TOKENS = int(os.environ.get("DEMO_LORA_TOKENS", "49152"))
-FEATURES = int(os.environ.get("DEMO_LORA_FEATURES", "8"))
+FEATURES = int(os.environ.get("DEMO_LORA_FEATURES", "6"))
 TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, CTX_LEN, LR, SEED = 2, 128, 2e-3, 0
 
@@ -95,8 +95,8 @@ def main() -> None:
     )
     times["interpret"] = timed(
         "interpret", "interpret.py", f"ckpt={RUN}", f"interpret.max_latents={FEATURES}", "interpret.select=random",
-        "interpret.n_tokens=16384", "interpret.maxact.n_examples=10", "interpret.maxact.context_left=10",
-        "interpret.maxact.context_right=10", "interpret.explain.max_examples_in_prompt=10", "interpret.score.n_test=10",
+        "interpret.n_tokens=16384", "interpret.steering.max_new_tokens=24", "interpret.maxact.n_examples=10",
+        "interpret.maxact.context_left=10", "interpret.maxact.context_right=10", "interpret.explain.max_examples_in_prompt=10", "interpret.score.n_test=10",
         "interpret.score.n_negatives=10",
     )
     out = RUN / "interpret" / "lora"
