@@ -28,7 +28,7 @@ STEPS = int(os.environ.get("DEMO_LORA_STEPS", "8"))
 TOKENS = int(os.environ.get("DEMO_LORA_TOKENS", "49152"))
 FEATURES = int(os.environ.get("DEMO_LORA_FEATURES", "6"))
 TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BATCH, CTX_LEN, LR, SEED = 2, 128, 2e-3, 0
+BATCH, CTX_LEN, LR, ALPHA, SEED = 2, 128, 5e-3, 8, 0
 
 
 def finetune(adapter: Path) -> None:
@@ -48,7 +48,7 @@ def finetune(adapter: Path) -> None:
     lm = load_lm(OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "smollm2.yaml")))
     corpus = load_corpus({"kind": "gutenberg", "shuffle": True, "shuffle_seed": SEED + 1}, cache_root())
     windows = pack_windows(iter_texts(corpus, "text"), lm.tokenizer, CTX_LEN, STEPS * BATCH * CTX_LEN).long()
-    model = get_peft_model(lm.model, LoraConfig(r=1, lora_alpha=2, lora_dropout=0.0, target_modules=TYPES))
+    model = get_peft_model(lm.model, LoraConfig(r=1, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TYPES))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     bar = tqdm(range(STEPS), desc="fine-tune LoRA", dynamic_ncols=True)
@@ -79,7 +79,7 @@ def main() -> None:
 
     start = time.perf_counter()
     times: dict[str, tuple[float, float]] = {}
-    adapter = (cache_root() / "lora-demo" / f"smollm2-r1-all7-{STEPS}steps-seed{SEED}").resolve()
+    adapter = (cache_root() / "lora-demo" / f"smollm2-r1-all7-{STEPS}steps-lr{LR:g}-alpha{ALPHA}-seed{SEED}").resolve()
     if (adapter / "adapter_config.json").is_file():
         print(f"\n=== fine-tune: reusing the adapter in {adapter}", flush=True)
         times["fine-tune"] = (0.0, 0.0)
