@@ -84,8 +84,8 @@ def main() -> None:
         print(f"\n=== fine-tune: reusing the adapter in {adapter}", flush=True)
         times["fine-tune"] = (0.0, 0.0)
     else:  # in its own process, so that its copy of the LM is freed before the next steps
-        times["fine-tune"] = timed(f"fine-tune (rank-1 LoRA on {', '.join(TYPES)}, {STEPS} steps)",
-                                  str(Path(__file__).resolve()), "finetune", str(adapter))
+        print(f"\n=== fine-tune: a rank-1 LoRA on {', '.join(TYPES)}, {STEPS} steps", flush=True)
+        times["fine-tune"] = timed("fine-tune", str(Path(__file__).resolve()), "finetune", str(adapter))
 
     data = ["data=lora", f"data.lora.adapter={adapter}", f"data.n_tokens={TOKENS}", f"run.dir={RUN}"]
     times["extract"] = timed("extract", "train.py", *data, "extract_only=true")
