@@ -110,7 +110,7 @@ def test_local_jsonl_corpus(make_cfg, tiny_lm, tmp_path):
     assert "Sentence number 0 about the dog." in text
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("h5", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", ["safetensors", "h5"])
 def test_two_processes_build_the_same_bytes_as_one(make_cfg, tmp_path, fmt):
     one = build(make_cfg(f"data.format={fmt}", f"data.cache_dir={tmp_path / 'one'}"))
     two = build(make_cfg(f"data.format={fmt}", f"data.cache_dir={tmp_path / 'two'}", "data.extract_devices=2"))
@@ -119,7 +119,6 @@ def test_two_processes_build_the_same_bytes_as_one(make_cfg, tmp_path, fmt):
     assert not (two.root / "h5-parts").exists()
 
 
-@pytest.mark.slow  # two spawned processes: ~10 s on an idle 2-core machine, 40 s under load
 def test_two_processes_resume_a_killed_store(make_cfg, tmp_path):
     ref = build(make_cfg(f"data.cache_dir={tmp_path / 'ref'}"))
     cfg = make_cfg(f"data.cache_dir={tmp_path / 'killed'}", "data.extract_devices=2")
@@ -136,7 +135,6 @@ def test_two_processes_resume_a_killed_store(make_cfg, tmp_path):
     assert tree_bytes(resumed.root) == tree_bytes(ref.root)
 
 
-@pytest.mark.slow
 def test_a_failing_worker_fails_the_build_with_one_line(make_cfg, tiny_lm, tmp_path):
     # rank 0 extracts with the model it was given; rank 1 must load the configured one, which does not exist
     cfg = make_cfg("model=hub", f"model.name={tmp_path / 'no-model'}", "data.extract_devices=2")
