@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo demo-concepts bench chromium vllm serve-explainer clean
+.PHONY: setup test test-fast demo demo-concepts demo-lora bench chromium vllm serve-explainer clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ demo: setup
 # Concept discovery on SmolLM2: six small SAEs it trains, Gutenberg sentences labelled by VADER (README).
 demo-concepts: setup
 	$(PY) scripts/demo_concepts.py
+# The LoRA-adapter workflow: fine-tune a rank-1 LoRA on SmolLM2, extract, train, interpret (~10 min).
+demo-lora: setup
+	$(PY) scripts/demo_lora.py
 
 # Every benchmark prints its ratio measured side by side in one run (see each script's docstring).
 bench: setup vllm

@@ -46,7 +46,7 @@ def test_cache_reuse_runs_no_forward_and_changed_key_does(make_cfg, tiny_lm, mon
     cfg = make_cfg()
     first = build(cfg, lm=tiny_lm)
     calls = []
-    monkeypatch.setattr("saeforge.activations.extract.run_until_captured", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("saeforge.activations.shards.run_until_captured", lambda *a, **k: calls.append(1))
     again = build(cfg, lm=tiny_lm)
     assert again.reused and again.root == first.root and calls == []
     monkeypatch.undo()
@@ -108,3 +108,35 @@ def test_local_jsonl_corpus(make_cfg, tiny_lm, tmp_path):
     store = build(make_cfg("corpus=files", f"corpus.data_files=[{corpus}]", "corpus.column=body"), lm=tiny_lm)
     text = tiny_lm.tokenizer.decode(read_tokens(store.root)[0].tolist())
     assert "Sentence number 0 about the dog." in text
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "h5"])
+def test_two_processes_build_the_same_bytes_as_one(make_cfg, tmp_path, fmt):
+    one = build(make_cfg(f"data.format={fmt}", f"data.cache_dir={tmp_path / 'one'}"))
+    two = build(make_cfg(f"data.format={fmt}", f"data.cache_dir={tmp_path / 'two'}", "data.extract_devices=2"))
+    assert two.root.name == one.root.name  # extract_devices is not part of the cache key
+    assert tree_bytes(two.root) == tree_bytes(one.root)  # every file, manifest included
+    assert not (two.root / "h5-parts").exists()
+
+
+def test_two_processes_resume_a_killed_store(make_cfg, tmp_path):
+    ref = build(make_cfg(f"data.cache_dir={tmp_path / 'ref'}"))
+    cfg = make_cfg(f"data.cache_dir={tmp_path / 'killed'}", "data.extract_devices=2")
+
+    def kill_rank0(index: int) -> None:  # rank 0 gets shards 0 and 2; the worker is terminated with it
+        raise Killed
+
+    with pytest.raises(Killed):
+        build(cfg, on_shard=kill_rank0)
+    partial = next((tmp_path / "killed" / "activations").iterdir())
+    assert not json.loads((partial / "manifest.json").read_text())["complete"]
+    assert (partial / "layers.2" / "shard-00000.safetensors").is_file()
+    resumed = build(cfg)
+    assert tree_bytes(resumed.root) == tree_bytes(ref.root)
+
+
+def test_a_failing_worker_fails_the_build_with_one_line(make_cfg, tiny_lm, tmp_path):
+    # rank 0 extracts with the model it was given; rank 1 must load the configured one, which does not exist
+    cfg = make_cfg("model=hub", f"model.name={tmp_path / 'no-model'}", "data.extract_devices=2")
+    with pytest.raises(RuntimeError, match=r"^extraction process 1 of 2 failed: FileNotFoundError: .*no such model folder"):
+        build(cfg, lm=tiny_lm)

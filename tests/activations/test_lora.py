@@ -55,3 +55,15 @@ def test_mismatched_adapter_fails_clearly(make_cfg, adapter_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         cfg = make_cfg("data=lora", f"data.lora.adapter={tmp_path}", "data.hookpoint=lora")
         build_store(cfg.model, cfg.corpus, cfg.data)
+
+
+def test_lora_store_from_two_processes_is_byte_identical(make_cfg, adapter_dir, tmp_path):
+    def store(cache: str, *extra: str):
+        cfg = make_cfg("data=lora", f"data.lora.adapter={adapter_dir}", "data.lora.types=[q,v,up,down]",
+                       "data.hookpoint=lora", f"data.cache_dir={tmp_path / cache}", *extra)
+        return build_store(cfg.model, cfg.corpus, cfg.data).root
+
+    one, two = store("one"), store("two", "data.extract_devices=2")
+    files = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert [str(p) for p in files] == ["lora.h5", "manifest.json", "tokens.safetensors"]
+    assert all((one / p).read_bytes() == (two / p).read_bytes() for p in files)

@@ -77,3 +77,20 @@ def test_interpret_killed_in_each_stage_resumes_identical(tmp_path):
     run(args, tmp_path)
     got = content_hashes(out)
     assert not diff(reference, got), diff(reference, got)
+
+
+def test_two_process_extraction_killed_resumes_identical(tmp_path):
+    """kill -9 of the main process of a 2-process extraction (its worker gets SIGINT from the kernel when
+    it dies); the rerun finishes the store, byte for byte the store one process builds."""
+    args = train_args(tmp_path, "run", "extract_only=true")
+    run(args, tmp_path)
+    reference = {str(p.relative_to(tmp_path / "cache")): p.read_bytes()
+                 for p in sorted((tmp_path / "cache" / "activations").rglob("*")) if p.is_file()}
+    (tmp_path / "cache").rename(tmp_path / "ref-cache")
+    two = [*args, "data.extract_devices=2"]
+    store = tmp_path / "cache" / "activations"
+    assert run_and_kill(two, tmp_path, at_least(store, f"*/{HP}/shard-*.safetensors", 3)), "not killed at shard 3"
+    run(two, tmp_path)
+    got = {str(p.relative_to(tmp_path / "cache")): p.read_bytes()
+           for p in sorted((tmp_path / "cache" / "activations").rglob("*")) if p.is_file()}
+    assert got == reference

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 import datasets
 
 from saeforge.atomic import atomic_write_text
-from saeforge.config import CorpusConfig, corpus_identity, from_config
+from saeforge.config import CorpusConfig, corpus_identity, from_config, template_fields, template_text
 from saeforge.paths import installed_package_folder
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,35 @@ def load_corpus(cfg: CorpusConfig | Mapping[str, Any], cache_dir: Path) -> datas
             raise ValueError(f"corpus.path={c.path!r} split={split!r} could not be loaded: {err}") from err
     else:
         raise ValueError(f"corpus.kind={kind!r} must be one of gutenberg, files, datasets")
+    column = c.column
+    if c.template is not None:
+        ds = fill_template(ds, c.template, column)
     if c.shuffle:
         ds = ds.shuffle(seed=c.shuffle_seed)
-    column = c.column
     if column not in ds.column_names:
         raise ValueError(f"corpus.column={column!r} not in the dataset's columns {ds.column_names}")
     if len(ds) == 0:
         raise ValueError(f"corpus {corpus_identity(dataclasses.asdict(c))} is empty")
     return ds
+
+
+def fill_template(ds: datasets.Dataset, template: str, column: str) -> datasets.Dataset:
+    """One text column `column` per row: `template` filled in from the row's columns (a null cell → "").
+
+    Raises a one-line error naming the missing column(s) and the ones the table has.
+    """
+    fields, text = template_fields(template), template_text(template)
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise ValueError(f"corpus.template={template!r}: no column {', '.join(map(repr, missing))} in the table; "
+                         f"columns are {ds.column_names}")
+
+    def fill(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+        n = len(batch[fields[0]])
+        rows = ({f: "" if batch[f][i] is None else batch[f][i] for f in fields} for i in range(n))
+        return {column: [text.format(**row) for row in rows]}
+
+    return ds.map(fill, batched=True, remove_columns=ds.column_names, desc="corpus.template")
 
 
 def iter_texts(ds: datasets.Dataset, column: str) -> Iterator[str]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from saeforge.activations import lora as lora_capture
 from saeforge.activations.store import (
@@ -28,9 +26,9 @@ from saeforge.activations.store import (
     write_tokens,
 )
 from saeforge.activations.corpus import iter_texts, load_corpus
+from saeforge.activations.shards import ShardJob, adapter_sites, extract_parallel, extract_shards
 from saeforge.activations.windows import pack_windows
 from saeforge.config import corpus_identity
-from saeforge.lm.capture import capture_residual, run_until_captured, stop_after_layer
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, check_hookpoint
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
@@ -124,64 +122,52 @@ def build_store(
         write_tokens(root, tokens)
     n_seq = tokens.shape[0]
 
-    model = lm.model
-    sites: list[lora_capture.LoraSite] = []
     extra: dict[str, Any] = {"prepend_bos": spec.prepend_bos, "integrity": INTEGRITY[spec.format]}
-    if LORA_HOOKPOINT in hookpoints:
-        assert spec.lora is not None
-        model = lora_capture.attach_adapter(model, spec.lora["adapter"])
-        sites = lora_capture.lora_sites(model, list(spec.lora.get("types") or lora_capture.LORA_TYPE_ORDER))
+    job = ShardJob(root=str(root), hookpoints=hookpoints, d_in={}, dtype=spec.dtype, ctx_len=spec.ctx_len, n_seq=n_seq,
+                   shard_seqs=max(1, int(data_cfg.get("shard_tokens", 65536)) // spec.ctx_len),
+                   batch_size=int(data_cfg.get("extract_batch_size", 8)), deepest=0, model_cfg=plain(model_cfg),
+                   lora=spec.lora)
+    sites = adapter_sites(lm.model, job)
+    if sites:
         extra["lora_layout"] = lora_capture.layout(sites)
-    residual = [h for h in hookpoints if h != LORA_HOOKPOINT]
+    residual = job.residual
     d_in = {h: lm.d_model for h in residual}
     if sites:
         d_in[LORA_HOOKPOINT] = sum(site.rank for site in sites)
     deepest = max([int(h.split(".")[1]) for h in residual] + [s.layer for s in sites])
+    job = replace(job, d_in=d_in, deepest=deepest)
 
-    dtype = STORE_DTYPES[spec.dtype]
-    writers = {h: WRITERS[spec.format](root, h, d_in[h], dtype, n_seq, spec.ctx_len) for h in hookpoints}
-    shard_seqs = max(1, int(data_cfg.get("shard_tokens", 65536)) // spec.ctx_len)
-    batch_size = int(data_cfg.get("extract_batch_size", 8))
+    writers = {h: WRITERS[spec.format](root, h, d_in[h], STORE_DTYPES[spec.dtype], n_seq, spec.ctx_len) for h in hookpoints}
     manifest = Manifest(spec=asdict(spec), cache_key=spec.cache_key(), n_seq=n_seq, d_in=d_in, extra=extra,
                         shards={h: [] for h in hookpoints})
     write_manifest(root, manifest)
 
-    starts = list(range(0, n_seq, shard_seqs))
-    todo = [i for i, s in enumerate(starts) if not all(w.has_shard(i, s, min(shard_seqs, n_seq - s)) for w in writers.values())]
+    starts = [job.span(i)[0] for i in range(-(-n_seq // job.shard_seqs))]
+    todo = [i for i, s in enumerate(starts) if not all(w.has_shard(i, s, job.span(i)[1] - s) for w in writers.values())]
     if len(todo) < len(starts):
         log.info("resuming %s: %d of %d shards already written", root, len(starts) - len(todo), len(starts))
-    device = lm.device
-    bar = tqdm(total=len(todo) * shard_seqs * spec.ctx_len, unit="tok", unit_scale=True, desc="extract", dynamic_ncols=True)
-    t0, done_tokens = time.perf_counter(), 0
+    n_devices = min(int(data_cfg.get("extract_devices", 1) or 1), max(1, len(todo)))
+
+    def write(index: int, first: int, rows: dict[str, torch.Tensor]) -> None:
+        for h, writer in writers.items():
+            writer.write_shard(index, first, rows[h])
+
+    def write_and_report(index: int, first: int, rows: dict[str, torch.Tensor]) -> None:
+        write(index, first, rows)
+        if on_shard is not None:
+            on_shard(index)
+
+    t0 = time.perf_counter()
     try:
-        for index, first in enumerate(starts):
-            stop = min(first + shard_seqs, n_seq)
-            if index not in todo:
-                continue
-            chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hookpoints}
-            for b in range(first, stop, batch_size):
-                ids = tokens[b : min(b + batch_size, stop)].to(device=device, dtype=torch.long)
-                with ExitStack() as stack:
-                    captured = stack.enter_context(capture_residual(lm.model, residual, stop_after=False)) if residual else {}
-                    lora_out = stack.enter_context(lora_capture.capture_lora(sites)) if sites else []
-                    stack.enter_context(stop_after_layer(lm.model, deepest))
-                    run_until_captured(lm.model, input_ids=ids)
-                for h in residual:
-                    chunks[h].append(captured[h].reshape(-1, d_in[h]).to("cpu", dtype))
-                if sites:
-                    chunks[LORA_HOOKPOINT].append(torch.cat(lora_out, dim=-1).reshape(-1, d_in[LORA_HOOKPOINT]).to("cpu", dtype))
-                bar.update(ids.numel())
-                done_tokens += ids.numel()
-                bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}")
-            for h, writer in writers.items():
-                writer.write_shard(index, first, torch.cat(chunks[h]))
-            if on_shard is not None:
-                on_shard(index)
+        if n_devices > 1:
+            done_tokens = extract_parallel(lm.model, lm.device, sites, job, todo, n_devices, write,
+                                           h5=spec.format == "h5", on_shard=on_shard)
+        else:
+            done_tokens = extract_shards(lm.model, lm.device, sites, job, todo, write_and_report)
         for h, writer in writers.items():
             writer.finish()
-            manifest.shards[h] = [writer.describe(i, s, (min(s + shard_seqs, n_seq) - s) * spec.ctx_len) for i, s in enumerate(starts)]
+            manifest.shards[h] = [writer.describe(i, s, (job.span(i)[1] - s) * spec.ctx_len) for i, s in enumerate(starts)]
     finally:
-        bar.close()
         for writer in writers.values():
             getattr(writer, "close", lambda: None)()
     manifest.complete = True

@@ -52,6 +52,8 @@ from saeforge.config.schema import (
     TrainConfig,
     corpus_identity,
     parse_strengths,
+    template_fields,
+    template_text,
 )
 
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "interpret": InterpretConfig, "discover": DiscoverConfig}
@@ -82,5 +84,5 @@ __all__ = [
     "InterpretConfig", "InterpretSettings", "LoggerConfig", "LogitLensConfig", "LoraConfig", "MaxActConfig", "ModelConfig",
     "PromptsConfig", "SAESettings", "ScoreConfig", "SteeringConfig", "TinyModelConfig", "TrainConfig", "check_env_name", "check_key_path", "check_overrides", "check_secret_overrides", "looks_like_key", "mask",
     "check_trainer_key", "corpus_identity", "from_config", "parse_strengths", "register_configs", "require",
-    "require_at_least",
+    "require_at_least", "template_fields", "template_text",
 ]

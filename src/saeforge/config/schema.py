@@ -7,6 +7,8 @@ No `from __future__ import annotations` here: OmegaConf reads these annotations 
 
 import math
 import numbers
+import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -71,8 +73,8 @@ class ModelConfig:
 
 CORPUS_KINDS = {
     "gutenberg": ("kind", "split", "column", "shuffle", "shuffle_seed"),
-    "files": ("kind", "data_files", "builder", "split", "column", "shuffle", "shuffle_seed"),
-    "datasets": ("kind", "path", "name", "split", "column", "shuffle", "shuffle_seed"),
+    "files": ("kind", "data_files", "builder", "split", "column", "template", "shuffle", "shuffle_seed"),
+    "datasets": ("kind", "path", "name", "split", "column", "template", "shuffle", "shuffle_seed"),
 }
 """The keys that define each kind of corpus (and enter the activation-store cache key)."""
 
@@ -94,7 +96,11 @@ class CorpusConfig:
     split: str = "train"
     """Split, slice syntax allowed (train[:10%])."""
     column: str = "text"
-    """Text column."""
+    """Text column (with `template`: the name the filled-in text takes)."""
+    template: Optional[str] = None
+    """files/datasets: build each row's text from several columns, e.g. "{question}\\n{reasoning}\\n{answer}"
+    (Python format fields name columns; a null cell gives ""; the escapes \\n, \\t, \\\\ are read as newline,
+    tab, backslash, so the template can be typed on the command line). null → the text is `column`."""
     shuffle: bool = False
     """Shuffle rows/documents (seeded)."""
     shuffle_seed: int = 0
@@ -102,6 +108,26 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         require(self.kind in CORPUS_KINDS, "corpus.kind", f"must be one of {', '.join(CORPUS_KINDS)}, got {self.kind!r}")
+        if self.template is not None:
+            require(self.kind != "gutenberg", "corpus.template", "needs corpus=files or a datasets corpus (gutenberg has one text column)")
+            require(bool(template_fields(self.template)), "corpus.template",
+                    f"must name at least one column as {{column}}, got {self.template!r}")
+
+
+def template_text(template: str) -> str:
+    """A `corpus.template` with its \\n, \\t and \\\\ escapes read."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], template)
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a `corpus.template` refers to, in order; ConfigError for a malformed template."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"corpus.template: {err} in {template!r}") from err
+    bad = [f for f in fields if not f or f.isdigit() or "." in f or "[" in f]
+    require(not bad, "corpus.template", f"fields must be plain column names like {{question}}, got {template!r}")
+    return list(dict.fromkeys(fields))
 
 
 def corpus_identity(corpus: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,7 +135,8 @@ def corpus_identity(corpus: Mapping[str, Any]) -> dict[str, Any]:
     keys = CORPUS_KINDS.get(str(corpus.get("kind")))
     if keys is None:
         return dict(corpus)
-    return {k: corpus.get(k) for k in keys if k in corpus}
+    # a null template is left out, so stores built before `template` existed keep their cache key
+    return {k: corpus.get(k) for k in keys if k in corpus and not (k == "template" and corpus.get(k) is None)}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -148,6 +175,10 @@ class DataConfig:
     """float32 | float16 | bfloat16 (safetensors only)."""
     extract_batch_size: int = 8
     """Windows per forward pass."""
+    extract_devices: int = 1
+    """Processes that extract the store, each a disjoint set of shards: cuda:0..N-1 when the model runs on
+    CUDA, else N CPU processes sharing the cores. The store is byte-identical for any N. (`trainer.devices`
+    is for training only.)"""
     shard_tokens: int = 65536
     """Rows per shard (rounded down to whole windows)."""
     cache_dir: Optional[str] = "${oc.env:SAEFORGE_CACHE,.cache/saeforge}"
@@ -177,7 +208,7 @@ class DataConfig:
     """DataLoader workers."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, "data", 1, ("n_tokens", "ctx_len", "extract_batch_size", "shard_tokens", "batch_size",
+        require_at_least(self, "data", 1, ("n_tokens", "ctx_len", "extract_batch_size", "extract_devices", "shard_tokens", "batch_size",
                                             "shuffle_buffer", "read_rows"))
         require_at_least(self, "data", 0, ("exclude_first_tokens", "num_workers"))
         require(self.exclude_first_tokens < self.ctx_len, "data.exclude_first_tokens",

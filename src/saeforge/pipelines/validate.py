@@ -95,6 +95,7 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
 
     from saeforge.lm.dimensions import lora_width
 
+    check_extract_devices(settings)
     hookpoint = canonical_name(str(data.hookpoint))
     hookpoints = [str(h) for h in (data.hookpoints or [hookpoint])]
     if hookpoint not in [canonical_name(h) for h in hookpoints]:
@@ -123,6 +124,20 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
     settings.sae.check_k(d_in)
     check_resume_d_in(cfg, d_in)
     return TrainPlan(settings, d_in, hookpoint, hookpoint)
+
+
+def check_extract_devices(settings: TrainConfig) -> None:
+    """data.extract_devices=N: on CUDA, N visible devices and model.device auto or cuda (ranks use cuda:0..N-1)."""
+    n, device = settings.data.extract_devices, settings.model.device
+    if n == 1:
+        return
+    import torch
+
+    if device.startswith("cuda:"):
+        raise ConfigError(f"data.extract_devices={n} puts rank r on cuda:r; set model.device=auto or cuda, not {device}")
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_cuda and n > torch.cuda.device_count():
+        raise ConfigError(f"data.extract_devices={n} but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def _train_run_dir(cfg: DictConfig) -> Path:
