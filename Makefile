@@ -49,6 +49,7 @@ demo: setup
 # Concept discovery on SmolLM2: six small SAEs it trains, Gutenberg sentences labelled by VADER (README).
 demo-concepts: setup
 	$(PY) scripts/demo_concepts.py
+
 # The LoRA-adapter workflow: fine-tune a rank-1 LoRA on SmolLM2, extract, train, interpret (~10 min).
 demo-lora: setup
 	$(PY) scripts/demo_lora.py
