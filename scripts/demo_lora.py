@@ -14,14 +14,13 @@ steps), DEMO_LORA_TOKENS (extracted tokens), DEMO_LORA_FEATURES (features interp
 
 from __future__ import annotations
 
-import csv
 import os
 import resource
 import sys
 import time
 from pathlib import Path
 
-from demo import ROOT, mean, step
+from demo import ROOT, print_feature_table, step
 
 RUN = Path(os.environ.get("DEMO_LORA_RUN_DIR", ROOT / "runs" / "demo-lora")).resolve()
 STEPS = int(os.environ.get("DEMO_LORA_STEPS", "8"))
@@ -100,22 +99,14 @@ def main() -> None:
         "interpret.score.n_negatives=10",
     )
     out = RUN / "interpret" / "lora"
-    rows = list(csv.DictReader((out / "summary.csv").open())) if (out / "summary.csv").is_file() else []
     print(f"\nLoRA demo finished in {time.perf_counter() - start:.0f}s ("
           + ", ".join(f"{name} {wall:.0f}s" for name, (wall, _) in times.items()) + "); CPU-seconds: "
           + ", ".join(f"{name} {cpu:.0f}" for name, (_, cpu) in times.items()))
     print(f"  adapter (peft)        {adapter}")
     print(f"  SAE (SAELens format)  {RUN / 'sae' / 'lora'}")
     print(f"  interpretation        {out}")
-    print(f"  dashboard             {out / 'dashboard.html'}")
-    if rows:
-        print(f"\n{'feature':>7}  {'detection':>9}  {'fuzz':>6}  {'steer':>6}  label")
-        for r in rows:
-            cells = [r.get(c) or "-" for c in ("detection", "fuzz", "steering_effect")]
-            cells = [f"{float(c):.2f}" if c != "-" else c for c in cells]
-            print(f"{r['feature']:>7}  {cells[0]:>9}  {cells[1]:>6}  {cells[2]:>6}  {(r.get('label') or '')[:70]}")
-        print(f"\nmean detection {mean([r.get('detection') for r in rows])}, fuzz {mean([r.get('fuzz') for r in rows])}")
-
+    print(f"  dashboard             {out / 'dashboard.html'} (each feature's layer × adapter-type layout)")
+    print_feature_table(out)
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["finetune"]:
