@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from demo import step  # noqa: E402  (scripts/ is on sys.path when a script there runs)
 from saeforge.paths import installed_package_folder  # noqa: E402
 
 RUN = Path(os.environ.get("DEMO_CONCEPTS_DIR", ROOT / "runs" / "demo-concepts")).resolve()
@@ -67,15 +67,6 @@ def write_concepts_csv(path: Path, per_label: int, seed: int = 0) -> dict[int, i
         writer.writerow(["sentence", "concept_strength_label"])
         writer.writerows(rows)
     return {k: sum(1 for _, label in rows if label == k) for k in range(4)}
-
-
-def step(title: str, *args: str) -> float:
-    print(f"\n=== {title}: python {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-    elapsed = time.perf_counter() - start
-    print(f"=== {title} done in {elapsed:.0f}s", flush=True)
-    return elapsed
 
 
 def train_saes() -> list[dict]:

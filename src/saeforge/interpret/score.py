@@ -53,7 +53,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from saeforge.interpret import records as records_io
 from saeforge.interpret.records import Records
@@ -298,17 +298,25 @@ def _score_classifier(
                 "correct": (preds[k] == int(sample.activating)) if preds else None,
                 "error": None if result.ok else result.error,
             })
+    def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        labels = [int(r["activating"]) for r in rows]
+        probs = [r["probability"] for r in rows] if conf.logprobs else None
+        m = classification_metrics(labels, [r["prediction"] for r in rows], probs)
+        m["n_errors"] = sum(r["error"] is not None for r in rows)
+        if m["n_errors"]:
+            m["error"] = next(r["error"] for r in rows if r["error"] is not None)
+        return m
+
+    return _with_baselines(per, metrics, baseline_of)
+
+
+def _with_baselines(per: Mapping[int, Mapping[str, list[dict[str, Any]]]],
+                    metrics: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                    baseline_of: Mapping[int, int]) -> dict[int, dict[str, Any]]:
+    """Per feature: `metrics` of its own rows, of the baseline rows (another feature's label on the
+    same examples) under `baseline`, and its own rows under `examples`."""
     out: dict[int, dict[str, Any]] = {}
     for feature, by_which in per.items():
-        def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            labels = [int(r["activating"]) for r in rows]
-            probs = [r["probability"] for r in rows] if conf.logprobs else None
-            m = classification_metrics(labels, [r["prediction"] for r in rows], probs)
-            m["n_errors"] = sum(r["error"] is not None for r in rows)
-            if m["n_errors"]:
-                m["error"] = next(r["error"] for r in rows if r["error"] is not None)
-            return m
-
         res = metrics(by_which["own"])
         res["baseline"] = ({**metrics(by_which["baseline"]), "feature": baseline_of[feature]}
                            if "baseline" in by_which else None)
@@ -479,14 +487,7 @@ def _score_simulation(
             m["error"] = next(r["error"] for r in rows if r["error"] is not None)
         return m
 
-    out: dict[int, dict[str, Any]] = {}
-    for feature, by_which in per.items():
-        res = metrics(by_which["own"])
-        res["baseline"] = ({**metrics(by_which["baseline"]), "feature": baseline_of[feature]}
-                           if "baseline" in by_which else None)
-        res["examples"] = by_which["own"]
-        out[feature] = res
-    return out
+    return _with_baselines(per, metrics, baseline_of)
 
 
 # ------------------------------------------------------------------------------ surprisal
