@@ -58,8 +58,9 @@ def _sae_info(layer: int, l0: str, path: Path, meta: dict[str, Any]) -> dict[str
 
 
 def _number(value: float) -> float | None:
+    """Six significant digits (a p of 4e-9 stays 4e-09, not 0.0); NaN → None."""
     value = float(value)
-    return None if math.isnan(value) else round(value, 6)
+    return None if math.isnan(value) else float(f"{value:.6g}")
 
 
 def _rows(info: dict[str, Any], features: np.ndarray, stats: dict[str, np.ndarray], q: np.ndarray) -> list[dict]:
