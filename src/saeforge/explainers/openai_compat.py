@@ -300,68 +300,66 @@ class OpenAICompatClient:
 
     async def chat(self, messages: list[Message], params: ChatParams) -> ChatResult:
         """One request: from the cache when present, else from the server (with retries)."""
+        return await self._cached(messages, params, lambda: self._request(messages, params))
+
+    async def _cached(self, messages: list[Message], params: ChatParams,
+                      fetch: Callable[[], Awaitable[ChatResult]]) -> ChatResult:
+        """The cached result of (messages, params) when present, else `fetch()`'s, then cached."""
         key = request_key(self.model, messages, params) if self.cache else None
         if self.cache is not None and key is not None:
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
-        result = await self._request(messages, params)
+        result = await fetch()
         if self.cache is not None and key is not None:
             self.cache.put(key, result)
         return result
+
+    async def _all(self, items: list[tuple[Any, ...]], call: Callable[..., Awaitable[ChatResult]], desc: str,
+                   progress: bool) -> list[ChatResult]:
+        """`call(*item)` for every item concurrently (the semaphore bounds the wire), with a progress
+        bar and one throughput line; input order kept."""
+        start = time.perf_counter()
+        with tqdm(total=len(items), desc=f"{desc} ({self.model})", disable=not progress) as bar:
+
+            async def one(item: tuple[Any, ...]) -> ChatResult:
+                result = await call(*item)
+                bar.update(1)
+                return result
+
+            results = await asyncio.gather(*(one(item) for item in items))
+        log_throughput(log, results, time.perf_counter() - start)
+        return list(results)
 
     async def chat_many(
         self, requests: list[ChatRequest], progress: bool = True
     ) -> list[ChatResult]:
         """All requests concurrently (at most ``max_in_flight`` on the wire); input order kept."""
-        start = time.perf_counter()
-        with tqdm(total=len(requests), desc=f"explain ({self.model})", disable=not progress) as bar:
-
-            async def one(messages: list[Message], params: ChatParams) -> ChatResult:
-                result = await self.chat(messages, params)
-                bar.update(1)
-                return result
-
-            results = await asyncio.gather(*(one(m, p) for m, p in requests))
-        log_throughput(log, results, time.perf_counter() - start)
-        return list(results)
+        return await self._all(list(requests), self.chat, "explain", progress)
 
     async def continuation_logprobs(self, context: str, continuation: str) -> ChatResult:
         """Log-probabilities of `continuation`'s tokens after `context`, from the completions
         endpoint with ``echo`` and ``logprobs`` (vLLM serves it; chat-only hosted APIs answer an
         HTTP error, returned as an error result). Cached like chat requests."""
         messages = [{"role": "context", "content": context}, {"role": "continuation", "content": continuation}]
-        key = request_key(self.model, messages, ECHO_PARAMS) if self.cache else None
-        if self.cache is not None and key is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit
         kwargs = {"model": self.model, "prompt": context + continuation, "echo": True, "logprobs": 0,
                   "max_tokens": 1, "temperature": 0.0}
-        result = await self._send(lambda client: client.completions.create(**kwargs),
-                                  lambda response: _continuation_from(response, context, continuation))
-        if not result.ok and result.error and "HTTP 4" in result.error:
-            result = ChatResult(text="", status="error", error=f"{result.error} (prompt logprobs need the "
-                                "completions endpoint with echo + logprobs, as vLLM serves it)")
-        if self.cache is not None and key is not None:
-            self.cache.put(key, result)
-        return result
+
+        async def fetch() -> ChatResult:
+            result = await self._send(lambda client: client.completions.create(**kwargs),
+                                      lambda response: _continuation_from(response, context, continuation))
+            if not result.ok and result.error and "HTTP 4" in result.error:
+                result = ChatResult(text="", status="error", error=f"{result.error} (prompt logprobs need the "
+                                    "completions endpoint with echo + logprobs, as vLLM serves it)")
+            return result
+
+        return await self._cached(messages, ECHO_PARAMS, fetch)
 
     async def continuation_logprobs_many(
         self, pairs: list[Continuation], progress: bool = True
     ) -> list[ChatResult]:
         """All pairs concurrently (at most ``max_in_flight`` on the wire); input order kept."""
-        start = time.perf_counter()
-        with tqdm(total=len(pairs), desc=f"prompt logprobs ({self.model})", disable=not progress) as bar:
-
-            async def one(context: str, continuation: str) -> ChatResult:
-                result = await self.continuation_logprobs(context, continuation)
-                bar.update(1)
-                return result
-
-            results = await asyncio.gather(*(one(c, t) for c, t in pairs))
-        log_throughput(log, results, time.perf_counter() - start)
-        return list(results)
+        return await self._all(list(pairs), self.continuation_logprobs, "prompt logprobs", progress)
 
 
 ECHO_PARAMS = ChatParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=None)
