@@ -667,12 +667,7 @@ def write_summary(out_dir: str | Path, records: Records, features: Sequence[int]
             row[side] = _fmt((result or {}).get(LABEL_FREE[scorer]) if scorer in LABEL_FREE
                              else headline(scorer, (result or {}).get("baseline")))
     ordered = sorted(rows.values(), key=lambda r: (r.get("layer", ""), int(r["feature"]) if str(r.get("feature", "")).isdigit() else 0))
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in ordered:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
+    return _write_csv(path, columns, ordered)
 
 
 def read_summary(out_dir: str | Path, strict: bool = True) -> list[dict[str, str]]:
@@ -703,6 +698,11 @@ def write_combined_summary(root: str | Path, out_dirs: Sequence[str | Path]) -> 
         return None
     path = Path(root) / SUMMARY
     columns.append("hookpoint")
+    return _write_csv(path, columns, rows)
+
+
+def _write_csv(path: Path, columns: list[str], rows: Iterable[Mapping[str, str]]) -> Path:
+    """Write `rows` under `columns` (blank where a row lacks one) atomically."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
