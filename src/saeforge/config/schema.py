@@ -257,8 +257,18 @@ class SAESettings:
     """AuxK loss weight."""
     threshold_momentum: float = 0.01
     """EMA rate of the training threshold towards each batch's smallest kept activation (batchtopk only)."""
+    resample_every: int = 0
+    """Every N optimizer steps, move latents that did not fire in those steps (and near-duplicates, see
+    resample_dup_cos) to the residuals of the batch's worst-reconstructed rows (saeforge.sae.resample); 0 → off."""
+    resample_dup_cos: float = 1.0
+    """With resample_every: also resample a live latent whose decoder cosine to an earlier live latent exceeds this; 1.0 → dead only."""
+    resample_until: float = 0.5
+    """With resample_every: resample only during this fraction of training."""
 
     def __post_init__(self) -> None:
+        require(int(self.resample_every) >= 0, "sae.resample_every", f"must be >= 0, got {self.resample_every}")
+        require(0.0 < float(self.resample_dup_cos) <= 1.0, "sae.resample_dup_cos", f"must lie in (0, 1], got {self.resample_dup_cos}")
+        require(0.0 <= float(self.resample_until) <= 1.0, "sae.resample_until", f"must be a fraction in [0, 1], got {self.resample_until}")
         require(self.architecture in ARCHITECTURES, "sae.architecture",
                 f"must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         require(self.b_dec_init in B_DEC_INITS, "sae.b_dec_init", f"must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")

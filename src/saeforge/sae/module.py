@@ -27,6 +27,7 @@ from torch import Tensor
 from saeforge.config import SAESettings, from_config
 from saeforge.sae import metrics
 from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
+from saeforge.sae.resample import pick_latents, resample_
 
 def resolve_settings(cfg: SAESettings | Mapping[str, Any] | None, d_in: int) -> dict[str, Any]:
     """The SAE settings (defaults filled, unknown keys rejected) with d_sae and lr derived, as a dict."""
@@ -55,6 +56,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_mean", torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(self.c["d_sae"], dtype=torch.long))
         self._last_step_time: float | None = None
+        self._resample_rows: tuple[Tensor, Tensor, int] | None = None  # (x, x̂, tokens) of a step that resamples
         self.throughput = Throughput()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -110,7 +112,28 @@ class SAEModule(L.LightningModule):
         loss = out.mse + out.auxk_loss
         self._update_state(out.latent_indices, out.min_kept, int(n_tokens))
         self._log_train(out, loss, dead_mask, int(n_tokens))
+        if self._resample_due():
+            self._resample_rows = (x.detach(), out.sae_out.detach(), int(n_tokens))
         return loss
+
+    def _resample_due(self) -> bool:
+        """This step ends a `resample_every` window that starts before `resample_until` of training."""
+        every = int(self.c["resample_every"])
+        if every <= 0 or self._trainer is None:
+            return False
+        step, total = self.global_step + 1, self.trainer.estimated_stepping_batches
+        return step % every == 0 and (not math.isfinite(total) or step <= float(self.c["resample_until"]) * total)
+
+    @torch.no_grad()
+    def _resample(self, optimizer: Any) -> None:
+        """Resample dead / duplicate latents (saeforge.sae.resample) with the rows stashed by training_step."""
+        x, x_hat, n_tokens = self._resample_rows
+        self._resample_rows = None
+        window = int(self.c["resample_every"]) * n_tokens
+        latents = pick_latents(self.tokens_since_fired, window, self.sae.W_dec, float(self.c["resample_dup_cos"]))
+        moved = resample_(self.sae, getattr(optimizer, "optimizer", optimizer), latents, x, x_hat)
+        self.tokens_since_fired[latents[:moved]] = 0
+        self.log("train/resampled", float(moved))
 
     @torch.no_grad()
     def _update_state(self, latent_indices: Tensor, min_kept: Tensor, n_tokens: int) -> None:
@@ -149,6 +172,8 @@ class SAEModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.sae.normalize_decoder_()
+        if self._resample_rows is not None:
+            self._resample(kwargs.get("optimizer", args[2] if len(args) > 2 else None))
 
     def configure_optimizers(self) -> Any:
         opt = make_adam(self.sae.parameters(), float(self.c["lr"]))

@@ -1,0 +1,67 @@
+"""Resampling: re-initialise latents that do no work towards the inputs the SAE reconstructs worst.
+
+Every `sae.resample_every` optimizer steps (opt-in), `SAEModule` picks
+  dead        latents that did not fire since the previous resampling, and
+  duplicates  live latents whose decoder row has cosine > `sae.resample_dup_cos` to a lower-numbered
+              live latent's row (all but the first of each group),
+and moves each of them to the unit residual e/‖e‖ of one of the batch's worst-reconstructed rows
+(largest ‖e‖², e = x − x̂; one row per latent):
+    W_dec[j] = e/‖e‖,   W_enc[:, j] = W_dec[j] · (mean encoder norm of the untouched latents),   b_enc[j] = 0,
+and zeroes their Adam moments, so the next steps start them fresh (as in Anthropic's "Towards
+monosemanticity" resampling, with the worst rows instead of a ‖e‖²-weighted draw).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from saeforge.sae.model import SparseAutoencoder
+
+
+@torch.no_grad()
+def pick_latents(tokens_since_fired: Tensor, window_tokens: int, W_dec: Tensor, dup_cos: float) -> Tensor:
+    """Indices of the latents to resample: dead over `window_tokens`, or near-duplicates (see the module docstring)."""
+    dead = tokens_since_fired >= window_tokens
+    if dup_cos < 1.0:
+        live = (~dead).nonzero().squeeze(1)
+        W = torch.nn.functional.normalize(W_dec[live].float(), dim=1)
+        sim = (W @ W.t()).triu(diagonal=1)  # sim[a, b], a < b: b repeats an earlier latent
+        dead[live[(sim > dup_cos).any(dim=0)]] = True
+    return dead.nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def resample_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None, latents: Tensor, x: Tensor, x_hat: Tensor) -> int:
+    """Move `latents` to the unit residuals of the worst-reconstructed rows of (x, x̂); returns how many moved.
+
+    Under DDP every rank takes rank 0's rows, so the SAE stays identical across ranks."""
+    n = min(latents.numel(), x.shape[0])
+    if n == 0:
+        return 0
+    latents = latents[:n]
+    err = (x - x_hat).float()
+    worst = err.pow(2).sum(1).topk(n).indices
+    directions = torch.nn.functional.normalize(err[worst], dim=1).to(sae.W_dec.dtype)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(directions, src=0)
+    others = torch.ones(sae.cfg.d_sae, dtype=torch.bool, device=latents.device)
+    others[latents] = False
+    enc_norm = sae.W_enc[:, others].norm(dim=0).mean() if bool(others.any()) else sae.W_enc.new_ones(())
+    sae.W_dec[latents] = directions
+    sae.W_enc[:, latents] = directions.t() * enc_norm
+    sae.b_enc[latents] = 0
+    if optimizer is not None:
+        reset_adam_state_(optimizer, sae, latents)
+    return n
+
+
+def reset_adam_state_(optimizer: torch.optim.Optimizer, sae: SparseAutoencoder, latents: Tensor) -> None:
+    """Zero every per-element optimizer state (Adam's moments) of the given latents' W_enc columns,
+    W_dec rows and b_enc entries."""
+    slices = {sae.W_enc: (slice(None), latents), sae.W_dec: (latents,), sae.b_enc: (latents,)}
+    for param, index in slices.items():
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                value[index] = 0
