@@ -60,3 +60,15 @@ def test_training_with_resampling_revives_a_dead_latent():
     assert float(module.sae.b_enc[3]) > -1.0
     fires = module.sae.encode_inference(module.normalize(x[:1024])).gt(0).sum(0)
     assert int(fires[3]) > 0, fires.tolist()
+
+
+def test_decoder_init_rows_points_every_latent_at_a_sample_row():
+    torch.manual_seed(0)
+    sample = torch.randn(256, 8) * 3 + 1
+    module = SAEModule({"d_sae": 16, "k": 2, "decoder_init": "rows"}, d_in=8)
+    module.initialize(sample)
+    sae = module.sae
+    rows = torch.nn.functional.normalize(module.normalize(sample) - sae.b_dec.detach(), dim=1)
+    best = (torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ rows.t()).max(dim=1).values
+    assert torch.allclose(best, torch.ones(16), atol=1e-5)
+    assert torch.allclose(sae.W_enc.detach(), sae.W_dec.detach().t())

@@ -223,6 +223,7 @@ class DataConfig:
 
 ARCHITECTURES = ("batchtopk", "topk")
 B_DEC_INITS = ("geometric_median", "mean")
+DECODER_INITS = ("random", "rows")
 
 
 @dataclass
@@ -257,6 +258,8 @@ class SAESettings:
     """AuxK loss weight."""
     threshold_momentum: float = 0.01
     """EMA rate of the training threshold towards each batch's smallest kept activation (batchtopk only)."""
+    decoder_init: str = "random"
+    """random (unit Gaussian rows) | rows (unit random data rows minus b_dec); the encoder starts as the decoder's transpose."""
     resample_every: int = 0
     """Every N optimizer steps, move latents that did not fire in those steps (and near-duplicates, see
     resample_dup_cos) to the residuals of the batch's worst-reconstructed rows (saeforge.sae.resample); 0 → off."""
@@ -266,6 +269,8 @@ class SAESettings:
     """With resample_every: resample only during this fraction of training."""
 
     def __post_init__(self) -> None:
+        require(self.decoder_init in DECODER_INITS, "sae.decoder_init",
+                f"must be one of {', '.join(DECODER_INITS)}, got {self.decoder_init!r}")
         require(int(self.resample_every) >= 0, "sae.resample_every", f"must be >= 0, got {self.resample_every}")
         require(0.0 < float(self.resample_dup_cos) <= 1.0, "sae.resample_dup_cos", f"must lie in (0, 1], got {self.resample_dup_cos}")
         require(0.0 <= float(self.resample_until) <= 1.0, "sae.resample_until", f"must be a fraction in [0, 1], got {self.resample_until}")

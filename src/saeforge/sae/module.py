@@ -27,7 +27,7 @@ from torch import Tensor
 from saeforge.config import SAESettings, from_config
 from saeforge.sae import metrics
 from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
-from saeforge.sae.resample import pick_latents, resample_
+from saeforge.sae.resample import init_decoder_from_rows_, pick_latents, resample_
 
 def resolve_settings(cfg: SAESettings | Mapping[str, Any] | None, d_in: int) -> dict[str, Any]:
     """The SAE settings (defaults filled, unknown keys rejected) with d_sae and lr derived, as a dict."""
@@ -75,6 +75,8 @@ class SAEModule(L.LightningModule):
         self.input_mean.copy_(mean)
         self.input_scale.fill_(scale)
         self.sae.init_from_sample(self.normalize(sample), self.c["b_dec_init"])
+        if self.c["decoder_init"] == "rows":
+            init_decoder_from_rows_(self.sae, self.normalize(sample))
 
     def normalize(self, x: Tensor) -> Tensor:
         """Raw rows → the SAE's input space: (x − μ)·s."""

@@ -9,6 +9,8 @@ and moves each of them to the unit residual e/‖e‖ of one of the batch's wors
     W_dec[j] = e/‖e‖,   W_enc[:, j] = W_dec[j] · (mean encoder norm of the untouched latents),   b_enc[j] = 0,
 and zeroes their Adam moments, so the next steps start them fresh (as in Anthropic's "Towards
 monosemanticity" resampling, with the worst rows instead of a ‖e‖²-weighted draw).
+
+`init_decoder_from_rows_` (`sae.decoder_init=rows`) points every latent at a data row at the start.
 """
 
 from __future__ import annotations
@@ -46,15 +48,32 @@ def resample_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None, l
     directions = torch.nn.functional.normalize(err[worst], dim=1).to(sae.W_dec.dtype)
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(directions, src=0)
+    point_latents_(sae, latents, directions)
+    if optimizer is not None:
+        reset_adam_state_(optimizer, sae, latents)
+    return n
+
+
+@torch.no_grad()
+def point_latents_(sae: SparseAutoencoder, latents: Tensor, directions: Tensor) -> None:
+    """W_dec[j] = unit direction, W_enc[:, j] = W_dec[j]·(mean encoder norm of the other latents, 1 if none), b_enc[j] = 0."""
     others = torch.ones(sae.cfg.d_sae, dtype=torch.bool, device=latents.device)
     others[latents] = False
     enc_norm = sae.W_enc[:, others].norm(dim=0).mean() if bool(others.any()) else sae.W_enc.new_ones(())
     sae.W_dec[latents] = directions
     sae.W_enc[:, latents] = directions.t() * enc_norm
     sae.b_enc[latents] = 0
-    if optimizer is not None:
-        reset_adam_state_(optimizer, sae, latents)
-    return n
+
+
+@torch.no_grad()
+def init_decoder_from_rows_(sae: SparseAutoencoder, sample: Tensor) -> None:
+    """`sae.decoder_init=rows`: every latent starts at a distinct random row of the (normalised) sample minus
+    b_dec, as a unit vector (rows drawn with replacement when the sample is smaller than d_sae; global RNG)."""
+    n = sample.shape[0]
+    pick = torch.randperm(n)[:sae.cfg.d_sae] if n >= sae.cfg.d_sae else torch.randint(0, n, (sae.cfg.d_sae,))
+    directions = torch.nn.functional.normalize((sample[pick] - sae.b_dec).to(sae.W_dec.dtype), dim=1)
+    all_latents = torch.arange(sae.cfg.d_sae, device=sae.W_dec.device)
+    point_latents_(sae, all_latents, directions)
 
 
 def reset_adam_state_(optimizer: torch.optim.Optimizer, sae: SparseAutoencoder, latents: Tensor) -> None:
