@@ -66,6 +66,7 @@ PROBLEMS = {
     "d512x2k2c": Problem(512, 2, 2, heavy=False, correlated=True),
     "d128x8k4": Problem(128, 8, 4, correlated=True),
     "d512x4k16": Problem(512, 4, 16),
+    "d32x2k2u": Problem(32, 2, 2, heavy=False),
     "d64x2k4u": Problem(64, 2, 4, heavy=False),
     "d64x4k4u": Problem(64, 4, 4, heavy=False),
     "d128x2k8": Problem(128, 2, 8),

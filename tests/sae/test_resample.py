@@ -6,16 +6,18 @@ from torch.utils.data import DataLoader
 
 from saeforge.sae.model import SAEConfig, SparseAutoencoder
 from saeforge.sae.module import SAEModule, make_adam
-from saeforge.sae.resample import pick_latents, resample_
+from saeforge.sae.resample import count_fires_, pick_latents, resample_
 
 
-def test_pick_latents_takes_dead_and_later_duplicates():
+def test_pick_latents_takes_latents_without_fires_and_later_duplicates():
     W = torch.eye(4, 3)[[0, 1, 2, 0]]  # latent 3 repeats latent 0; latent 1 dead
     W[3] += 0.01
-    since = torch.tensor([0, 500, 0, 0])
-    assert pick_latents(since, 400, W, 1.0).tolist() == [1]
-    assert pick_latents(since, 400, W, 0.9).tolist() == [1, 3]
-    assert pick_latents(since, 600, W, 0.9).tolist() == [3]
+    fires = torch.zeros(4, dtype=torch.long)
+    count_fires_(fires, torch.tensor([0, 2, 3, 1, 0]), torch.tensor([1.0, 2.0, 3.0, 0.1, 0.5]), torch.tensor(0.2))
+    assert fires.tolist() == [2, 0, 1, 1]  # latent 1's only kept value is below the threshold
+    assert pick_latents(fires, W, 0.0, 1.0).tolist() == [1]
+    assert pick_latents(fires, W, 0.0, 0.9).tolist() == [1, 3]
+    assert pick_latents(fires, W, 1.5, 1.0).tolist() == [1, 2, 3]  # below 1.5 × the median (1)
 
 
 def test_resample_moves_a_dead_latent_to_the_worst_residual_and_resets_its_adam_state():

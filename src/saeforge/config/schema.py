@@ -261,8 +261,10 @@ class SAESettings:
     decoder_init: str = "random"
     """random (unit Gaussian rows) | rows (unit random data rows minus b_dec); the encoder starts as the decoder's transpose."""
     resample_every: int = 0
-    """Every N optimizer steps, move latents that did not fire in those steps (and near-duplicates, see
-    resample_dup_cos) to the residuals of the batch's worst-reconstructed rows (saeforge.sae.resample); 0 → off."""
+    """Every N optimizer steps, move weak latents (see resample_min_fires) and near-duplicates (resample_dup_cos)
+    to the residuals of the batch's worst-reconstructed rows (saeforge.sae.resample); 0 → off."""
+    resample_min_fires: float = 0.05
+    """With resample_every: a latent with fewer fires above the threshold in the window than this × the median latent's is weak."""
     resample_dup_cos: float = 1.0
     """With resample_every: also resample a live latent whose decoder cosine to an earlier live latent exceeds this; 1.0 → dead only."""
     resample_until: float = 0.5
@@ -272,6 +274,7 @@ class SAESettings:
         require(self.decoder_init in DECODER_INITS, "sae.decoder_init",
                 f"must be one of {', '.join(DECODER_INITS)}, got {self.decoder_init!r}")
         require(int(self.resample_every) >= 0, "sae.resample_every", f"must be >= 0, got {self.resample_every}")
+        require(float(self.resample_min_fires) >= 0, "sae.resample_min_fires", f"must be >= 0, got {self.resample_min_fires}")
         require(0.0 < float(self.resample_dup_cos) <= 1.0, "sae.resample_dup_cos", f"must lie in (0, 1], got {self.resample_dup_cos}")
         require(0.0 <= float(self.resample_until) <= 1.0, "sae.resample_until", f"must be a fraction in [0, 1], got {self.resample_until}")
         require(self.architecture in ARCHITECTURES, "sae.architecture",

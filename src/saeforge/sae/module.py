@@ -27,7 +27,7 @@ from torch import Tensor
 from saeforge.config import SAESettings, from_config
 from saeforge.sae import metrics
 from saeforge.sae.model import SAEConfig, SparseAutoencoder, calibrate_threshold
-from saeforge.sae.resample import init_decoder_from_rows_, pick_latents, resample_
+from saeforge.sae.resample import count_fires_, init_decoder_from_rows_, pick_latents, resample_
 
 def resolve_settings(cfg: SAESettings | Mapping[str, Any] | None, d_in: int) -> dict[str, Any]:
     """The SAE settings (defaults filled, unknown keys rejected) with d_sae and lr derived, as a dict."""
@@ -55,8 +55,10 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("input_mean", torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(self.c["d_sae"], dtype=torch.long))
+        # inference-strength fires per latent since the last resampling (saeforge.sae.resample); not checkpointed
+        self.register_buffer("resample_fires", torch.zeros(self.c["d_sae"], dtype=torch.long), persistent=False)
         self._last_step_time: float | None = None
-        self._resample_rows: tuple[Tensor, Tensor, int] | None = None  # (x, x̂, tokens) of a step that resamples
+        self._resample_rows: tuple[Tensor, Tensor] | None = None  # (x, x̂) of a step that resamples
         self.throughput = Throughput()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -114,8 +116,11 @@ class SAEModule(L.LightningModule):
         loss = out.mse + out.auxk_loss
         self._update_state(out.latent_indices, out.min_kept, int(n_tokens))
         self._log_train(out, loss, dead_mask, int(n_tokens))
-        if self._resample_due():
-            self._resample_rows = (x.detach(), out.sae_out.detach(), int(n_tokens))
+        if int(self.c["resample_every"]) > 0:
+            count_fires_(self.resample_fires, out.latent_indices, out.latent_acts,
+                         self.sae.threshold if self.c["architecture"] == "batchtopk" else None)
+            if self._resample_due():
+                self._resample_rows = (x.detach(), out.sae_out.detach())
         return loss
 
     def _resample_due(self) -> bool:
@@ -129,12 +134,14 @@ class SAEModule(L.LightningModule):
     @torch.no_grad()
     def _resample(self, optimizer: Any) -> None:
         """Resample dead / duplicate latents (saeforge.sae.resample) with the rows stashed by training_step."""
-        x, x_hat, n_tokens = self._resample_rows
+        x, x_hat = self._resample_rows
         self._resample_rows = None
-        window = int(self.c["resample_every"]) * n_tokens
-        latents = pick_latents(self.tokens_since_fired, window, self.sae.W_dec, float(self.c["resample_dup_cos"]))
+        _all_reduce_(self.resample_fires, dist.ReduceOp.SUM)
+        latents = pick_latents(self.resample_fires, self.sae.W_dec, float(self.c["resample_min_fires"]),
+                               float(self.c["resample_dup_cos"]))
         moved = resample_(self.sae, getattr(optimizer, "optimizer", optimizer), latents, x, x_hat)
         self.tokens_since_fired[latents[:moved]] = 0
+        self.resample_fires.zero_()
         self.log("train/resampled", float(moved))
 
     @torch.no_grad()

@@ -1,7 +1,11 @@
 """Resampling: re-initialise latents that do no work towards the inputs the SAE reconstructs worst.
 
 Every `sae.resample_every` optimizer steps (opt-in), `SAEModule` picks
-  dead        latents that did not fire since the previous resampling, and
+  weak        latents with fewer fires since the previous resampling than `sae.resample_min_fires`
+              × the median latent's; a fire is a kept activation above the training threshold
+              (batchtopk; topk: every kept one), i.e. one that inference would keep — batch-TopK keeps
+              almost every latent somewhere in each batch at a small value, so "kept at all" is no
+              sign of life, and
   duplicates  live latents whose decoder row has cosine > `sae.resample_dup_cos` to a lower-numbered
               live latent's row (all but the first of each group),
 and moves each of them to the unit residual e/‖e‖ of one of the batch's worst-reconstructed rows
@@ -23,9 +27,17 @@ from saeforge.sae.model import SparseAutoencoder
 
 
 @torch.no_grad()
-def pick_latents(tokens_since_fired: Tensor, window_tokens: int, W_dec: Tensor, dup_cos: float) -> Tensor:
-    """Indices of the latents to resample: dead over `window_tokens`, or near-duplicates (see the module docstring)."""
-    dead = tokens_since_fired >= window_tokens
+def count_fires_(fires: Tensor, latent_indices: Tensor, latent_acts: Tensor, threshold: Tensor | None) -> None:
+    """fires[j] += number of kept activations of latent j above `threshold` (all kept ones when None)."""
+    cols = latent_indices if threshold is None else latent_indices[latent_acts.detach() > threshold]
+    fires.index_add_(0, cols, torch.ones_like(cols, dtype=fires.dtype))
+
+
+@torch.no_grad()
+def pick_latents(fires: Tensor, W_dec: Tensor, min_fires: float, dup_cos: float) -> Tensor:
+    """Indices of the latents to resample: weak (fewer fires than min_fires × the median, or none) or
+    near-duplicates (see the module docstring)."""
+    dead = (fires == 0) | (fires.double() < min_fires * fires.double().median())
     if dup_cos < 1.0:
         live = (~dead).nonzero().squeeze(1)
         W = torch.nn.functional.normalize(W_dec[live].float(), dim=1)
