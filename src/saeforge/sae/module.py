@@ -1,7 +1,8 @@
 """SAEModule: the LightningModule that trains a `SparseAutoencoder` on raw activation rows.
 
 Each step: normalise x → x_n = (x − μ)·s, forward, loss = mse + auxk, backward, drop the
-W_dec gradient parallel to each decoder row, Adam step, renormalise the decoder rows.
+W_dec gradient parallel to each decoder row, Adam step, renormalise the decoder rows; with
+`sae.resample_every`, every N steps also move weak / duplicate latents (`saeforge.sae.resample`).
 
 DDP: each rank runs batch-TopK over its LOCAL batch (k·B_local latents per rank, so the
 per-token budget is the same as single-process; no activation all-gather). The state that is not
