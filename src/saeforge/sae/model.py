@@ -126,7 +126,7 @@ def select_batch_topk(pre: Tensor, n_keep: int, sample_size: int = 200_000) -> t
 
     Exact, without a top-k over all B·d_sae values: a fixed-seed random sample of the entries gives
     a value a little below the n_keep-th largest (its quantile 1 − n_keep/N − 0.2%); the top-k then
-    runs only over the entries above it (~1.3·n_keep). If fewer than n_keep entries pass, it falls
+    runs only over the entries above it (~1.3·n_keep), which `nonzero` yields already row-major. If fewer than n_keep entries pass, it falls
     back to the full top-k, so the result never depends on the sample — only the speed does.
     """
     B, M = pre.shape
@@ -140,14 +140,14 @@ def select_batch_topk(pre: Tensor, n_keep: int, sample_size: int = 200_000) -> t
         if rank >= 1:
             below = sample.kthvalue(rank).values
             candidates = (flat > below).nonzero().squeeze(1)
-    if candidates is not None and candidates.numel() >= n_keep:
-        vals, pick = flat[candidates].topk(n_keep, sorted=False)
-        idx = candidates[pick]
-    else:
-        vals, idx = flat.topk(n_keep, sorted=False)
-    positive = vals > 0
-    idx, order = idx[positive].sort()
-    return idx // M, idx % M, vals[positive][order]
+    if candidates is None or candidates.numel() < n_keep:
+        candidates = torch.arange(flat.numel(), device=pre.device)
+    cand_vals = flat[candidates]
+    # mark the picks instead of sorting them: the candidates are already ascending (row-major)
+    keep = torch.zeros_like(cand_vals, dtype=torch.bool).index_fill_(0, cand_vals.topk(n_keep, sorted=False).indices, True)
+    keep &= cand_vals > 0
+    idx, vals = candidates[keep], cand_vals[keep]
+    return idx // M, idx % M, vals
 
 
 def select_above(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
