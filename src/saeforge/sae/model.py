@@ -234,6 +234,10 @@ class SparseAutoencoder(nn.Module):
         """x̂ = acts · W_dec + b_dec for dense acts [B, d_sae]."""
         return acts @ self.W_dec + self.b_dec
 
+    def decode_sparse(self, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
+        """x̂ = acts · W_dec + b_dec for acts given as row-major triples (e.g. `encode_inference_sparse`)."""
+        return self._decode_sparse(rows, cols, vals, n_rows) + self.b_dec
+
     def _encode_gather(self, x: Tensor, xc: Tensor, rows: Tensor, cols: Tensor, pre_kept: Tensor) -> Tensor:
         if self.sparse_kernels:
             return sparse_encode_gather(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, pre_kept, xc=xc)
