@@ -1,7 +1,7 @@
 """Training throughput: saeforge's SAE step vs SAELens 6.54's BatchTopK training step (CPU),
 against the floor, and end to end through train.py.
 
-Ours: exactly the step SAEModule runs, without Lightning's loop overhead — normalise, forward
+Ours: exactly the step SAEModule runs (thread policy `step_threads` included), without Lightning's loop overhead — normalise, forward
 (dense encoder GEMM + sparse decode / sparse encoder backward), mse + AuxK, backward, remove the
 decoder-parallel gradient, Adam step, renormalise decoder rows, dead-latent + threshold update.
 SAELens: `BatchTopKTrainingSAE.training_forward_pass(TrainStepInput(...))`, the firing statistics,
@@ -36,14 +36,15 @@ def make_ours(d_in: int, d_sae: int, k: float, sample: torch.Tensor):
     opt = make_adam(module.sae.parameters(), float(module.c["lr"]))
 
     def step(batch: torch.Tensor) -> None:
-        x = module.normalize(batch)
-        out = module.sae(x, dead_mask=module.tokens_since_fired >= int(module.c["dead_tokens"]))
-        (out.mse + out.auxk_loss).backward()
-        module.on_before_optimizer_step(opt)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        module.sae.normalize_decoder_()
-        module._update_state(out.latent_indices, out.min_kept, batch.shape[0])
+        with module.step_threads():
+            x = module.normalize(batch)
+            out = module.sae(x, dead_mask=module.tokens_since_fired >= int(module.c["dead_tokens"]))
+            (out.mse + out.auxk_loss).backward()
+            module.on_before_optimizer_step(opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            module.sae.normalize_decoder_()
+            module._update_state(out.latent_indices, out.min_kept, batch.shape[0])
 
     return step
 

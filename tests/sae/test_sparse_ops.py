@@ -138,3 +138,22 @@ def test_training_forward_on_raw_preacts_matches_relu_selection_and_inference_l0
     assert torch.equal(out.row_indices, rows) and torch.equal(out.latent_indices, cols)
     assert torch.equal(out.latent_acts.detach(), vals)
     assert out.l0_inference.item() == torch.count_nonzero(pre > threshold).item() / 512
+
+
+def test_serial_cpu_runs_one_thread_and_dense_cpu_lends_the_threads_back():
+    from saeforge.sae.sparse_ops import dense_cpu, serial_cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    t = torch.zeros(1)
+    try:
+        with dense_cpu(t):
+            assert torch.get_num_threads() == 2  # outside serial_cpu: nothing to lend back
+        with serial_cpu(t):
+            assert torch.get_num_threads() == 1
+            with serial_cpu(t), dense_cpu(t):
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.sae import metrics
-from saeforge.sae.sparse_ops import serial_cpu, sparse_decode, sparse_encode_gather
+from saeforge.sae.sparse_ops import dense_cpu, serial_cpu, sparse_decode, sparse_encode_gather
 
 Architecture = Literal["batchtopk", "topk", "jumprelu"]
 
@@ -269,7 +269,8 @@ class SparseAutoencoder(nn.Module):
         B = x.shape[0]
         with torch.no_grad():  # the dense GEMM; gradients flow through _encode_gather
             xc = x - self.b_dec
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)  # pre_acts without its ReLU pass (see _select_train)
+            with dense_cpu(x):  # all threads, also inside the one-thread `SAEModule.step_threads`
+                pre = torch.addmm(self.b_enc, xc, self.W_enc)  # pre_acts without its ReLU pass (see _select_train)
             with serial_cpu(pre):
                 rows, cols, pre_kept, l0_inf = self._select_train(pre)
         vals = self._encode_gather(x, xc, rows, cols, pre_kept)

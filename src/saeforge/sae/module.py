@@ -160,8 +160,14 @@ class SAEModule(L.LightningModule):
         self.sae.remove_parallel_grads_()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.sae.normalize_decoder_()
+        with self.step_threads():  # Lightning runs training_step and backward inside, via the closure
+            super().optimizer_step(*args, **kwargs)
+            self.sae.normalize_decoder_()
+
+    def step_threads(self) -> Any:
+        """The thread policy of one training step on CPU: all of it on one thread but the encoder GEMM,
+        which keeps every thread (`sparse_ops.serial_cpu`): on 2 shared cores the step ran 1.3–2× faster."""
+        return serial_cpu(self.sae.W_enc)
 
     def configure_optimizers(self) -> Any:
         opt = make_adam(self.sae.parameters(), float(self.c["lr"]))

@@ -19,6 +19,7 @@ signatures (`dense_decode`, `dense_encode_gather`); `tests/sae/test_sparse_ops.p
 
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -31,22 +32,43 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+_replaced = threading.local()  # .threads: the count the innermost active serial_cpu replaced (for dense_cpu)
+
+
 @contextmanager
 def serial_cpu(t: Tensor) -> Iterator[None]:
-    """Run the enclosed ops on one thread when `t` is on the CPU.
+    """Run the enclosed ops on one thread when `t` is on the CPU (`dense_cpu` inside lends the
+    replaced threads back to a dense op).
 
-    For the work on the kept entries (k·B of them, ~1 ms on one thread): split over threads, each
-    such op pays a fork-join, which costs 10–30 ms per op as soon as other processes share the cores.
+    For the sparse work of a training step (the k·B kept entries, a few ms on one thread): split over
+    threads, each op pays a fork-join, which costs 10–30 ms per op as soon as other processes share
+    the cores — more than the work itself.
     """
     if t.device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
-    threads = torch.get_num_threads()
+    threads, outer = torch.get_num_threads(), getattr(_replaced, "threads", None)
+    _replaced.threads = threads
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        _replaced.threads = outer
+
+
+@contextmanager
+def dense_cpu(t: Tensor) -> Iterator[None]:
+    """Inside `serial_cpu`: run the enclosed dense op (the encoder GEMM) on the threads it replaced."""
+    threads = getattr(_replaced, "threads", None)
+    if t.device.type != "cpu" or threads is None or torch.get_num_threads() != 1:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def _crow(keys: Tensor, n: int) -> Tensor:
