@@ -202,11 +202,7 @@ class SparseAutoencoder(nn.Module):
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training-time selection of kept latents from `pre` (row-major triples)."""
-        if self.cfg.architecture == "batchtopk":
-            return select_batch_topk(pre, round(self.cfg.k * pre.shape[0]))
-        if self.cfg.architecture == "topk":
-            return select_topk(pre, int(self.cfg.k))
-        return select_above(pre, self.threshold)
+        return self._select_train(pre)[:3]
 
     def encode_inference(self, x: Tensor) -> Tensor:
         """Dense activations [B, d_sae]: JumpReLU at `threshold` (batchtopk, jumprelu) or per-row top-k."""
