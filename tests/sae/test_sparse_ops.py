@@ -157,3 +157,15 @@ def test_serial_cpu_runs_one_thread_and_dense_cpu_lends_the_threads_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_serial_cpu_leaves_many_threads_alone():
+    from saeforge.sae.sparse_ops import SERIAL_MAX_THREADS, serial_cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(SERIAL_MAX_THREADS + 4)
+    try:
+        with serial_cpu(torch.zeros(1)):
+            assert torch.get_num_threads() == SERIAL_MAX_THREADS + 4
+    finally:
+        torch.set_num_threads(before)

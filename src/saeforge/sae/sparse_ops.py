@@ -35,6 +35,11 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 _replaced = threading.local()  # .threads: the count the innermost active serial_cpu replaced (for dense_cpu)
 
 
+SERIAL_MAX_THREADS = 4
+"""`serial_cpu` applies up to this many intra-op threads (measured on 2 cores); with more threads the
+sparse work is left to torch's own split, since an idle many-core CPU pays the fork-join gladly."""
+
+
 @contextmanager
 def serial_cpu(t: Tensor) -> Iterator[None]:
     """Run the enclosed ops on one thread when `t` is on the CPU (`dense_cpu` inside lends the
@@ -44,7 +49,7 @@ def serial_cpu(t: Tensor) -> Iterator[None]:
     threads, each op pays a fork-join, which costs 10–30 ms per op as soon as other processes share
     the cores — more than the work itself.
     """
-    if t.device.type != "cpu" or torch.get_num_threads() == 1:
+    if t.device.type != "cpu" or not 1 < torch.get_num_threads() <= SERIAL_MAX_THREADS:
         yield
         return
     threads, outer = torch.get_num_threads(), getattr(_replaced, "threads", None)
