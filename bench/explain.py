@@ -3,21 +3,28 @@
     python bench/explain.py                          # starts the embedded SmolLM2 under vLLM (CPU)
     python bench/explain.py --base-url http://127.0.0.1:8000/v1 --model smollm2 --in-flight 32
     python bench/explain.py --workloads explain,intruder
+    python bench/explain.py --repeats 2                # two timed pairs per workload (1, N, 1, N)
 
 Workloads: `explain` (feature-explanation prompts through `chat_many`) and each scorer
 (detection, fuzz, simulation, surprisal, intruder) run by `score_records` itself on a synthetic set
 of 8 features, so the requests are exactly the scorer's own, through the same batching client.
-Each workload runs once with 1 request in flight and once with N (default 32), cache disabled,
-greedy, on different texts (so vLLM's prefix cache cannot favour the second run), after one
-untimed warm-up pass on a third set. While the concurrent run goes on, the server's
+Each workload runs with 1 request in flight, then with N (default 32; `--repeats` such pairs,
+alternating, so a change of the machine's load hits both), cache disabled, greedy, each run on
+new texts (so vLLM's prefix cache cannot favour a later run; prefixes shared within a run, such as
+the system prompt, are cached alike in both), after one untimed warm-up pass on other texts. The
+server's token counters, read around each run, are printed per request (prompt / generated), so
+the table shows that both runs did the same work. While the concurrent run goes on, the server's
 `vllm:num_requests_running` gauge is polled and its maximum printed beside the ratio, with the
 most requests the client had on the wire at once (a server that admits fewer than N shows it;
 prompt-only surprisal requests finish within one engine step, so the gauge rarely sees them).
 
-On CPU, prefill is compute-bound: concurrency multiplies the rate of decode-heavy requests
-(explain, simulation) but much less that of prompt-heavy ones with short replies (detection,
-fuzz, intruder) and of prompt-only ones (surprisal; vLLM computes prompt logprobs without its
-prefix cache). A GPU server batches prefill far better.
+On CPU, prefill is compute-bound and costs nearly the same per token one request at a time as 32
+together, so concurrency multiplies the rate of decode-heavy requests (explain: 26 generated
+tokens per request, simulation: 31) but much less that of prompt-heavy ones with short replies
+(detection, fuzz: ~115-150 uncached prompt tokens for 15 generated; intruder: 9 generated) and of
+prompt-only ones (surprisal: 28 prompt tokens, 1 generated; vLLM computes prompt logprobs without
+its prefix cache). Measured on 2 shared cores (bench/README.md): explain 4.5x, simulation 4.2x,
+detection 3.1x, fuzz 2.3x, intruder 1.8x, surprisal 1.7x. A GPU server batches prefill far better.
 """
 
 from __future__ import annotations
@@ -126,11 +133,63 @@ class CountingClient(OpenAICompatClient):
         return self._count(await super().continuation_logprobs(context, continuation))
 
 
+COUNTERS = {
+    "prompt": r"^vllm:prompt_tokens_total\{[^}]*\} ([\d.e+]+)",
+    "generated": r"^vllm:generation_tokens_total\{[^}]*\} ([\d.e+]+)",
+}
+"""Server counters read before and after each timed run (prompt and generated tokens), so the
+table shows that both runs did the same work."""
+
+
+def metrics_url(base_url: str) -> str:
+    return base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+
+
+def read_counters(base_url: str) -> dict[str, float] | None:
+    """The server's token counters now (None when /metrics does not answer or lacks them)."""
+    try:
+        with urllib.request.urlopen(metrics_url(base_url), timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    out = {}
+    for key, pattern in COUNTERS.items():
+        values = re.findall(pattern, text, re.MULTILINE)
+        if not values:
+            return None
+        out[key] = sum(float(v) for v in values)
+    return out
+
+
+def counted(base_url: str, run):  # type: ignore[no-untyped-def]
+    """`run()`'s result and the change of the server's token counters over it (None: unknown)."""
+    before = read_counters(base_url)
+    result = run()
+    after = read_counters(base_url)
+    delta = {k: after[k] - before[k] for k in COUNTERS} if before and after else None
+    return result, delta
+
+
+def summed(runs: list[tuple]) -> dict:
+    """Requests, errors, seconds, most on the wire and token counters over the repeats of one setting."""
+    deltas = [t for *_, t in runs]
+    tokens = None if any(d is None for d in deltas) else {k: sum(d[k] for d in deltas) for k in COUNTERS}
+    return {"n": sum(r[0] for r in runs), "errors": sum(r[1] for r in runs), "s": sum(r[2] for r in runs),
+            "wire": max(r[3] for r in runs), "tokens": tokens}
+
+
+def tokens_column(delta: dict[str, float] | None, n: int) -> str:
+    """"prompt tokens / generated tokens" per request."""
+    if not delta or not n:
+        return "?"
+    return f"{delta['prompt'] / n:.0f}/{delta['generated'] / n:.0f}"
+
+
 class RunningGauge:
     """Polls the server's `vllm:num_requests_running` in a thread; `peak` is the largest value seen."""
 
     def __init__(self, base_url: str) -> None:
-        self.url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        self.url = metrics_url(base_url)
         self.peak: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -176,6 +235,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="served model name")
     parser.add_argument("--requests", type=int, default=32, help="explain: requests per run")
     parser.add_argument("--in-flight", type=int, default=32, help="N for the concurrent runs")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed pairs per workload (1 in flight, then N; new texts each time); rates over all of them")
     parser.add_argument("--max-tokens", type=int, default=32, help="explain: tokens generated per request")
     parser.add_argument("--score-tokens", type=int, default=16,
                         help="scorers: max_tokens of detection/fuzz/intruder replies (simulation sizes its own)")
@@ -198,18 +259,29 @@ def main() -> None:
             print(f"server ready in {server.startup_s:.1f} s ({base_url})")
         for name in workloads:
             run_workload(name, base_url, args.model, args.in_flight, 2, args)  # warm-up, other texts
-            n, seq_err, seq_s, _ = run_workload(name, base_url, args.model, 1, 0, args)
-            with RunningGauge(base_url) as gauge:
-                n_par, par_err, par_s, wire = run_workload(name, base_url, args.model, args.in_flight, 1, args)
-            rows.append((name, n, n / seq_s, n_par / par_s, wire, gauge.peak, seq_err + par_err))
-            print(f"{name}: done ({n} requests; {seq_s:.1f} s sequential, {par_s:.1f} s with {args.in_flight} in flight)",
+            runs: dict[int, list] = {1: [], args.in_flight: []}  # in flight -> [(requests, errors, s, wire, tokens)]
+            peak = None
+            for r in range(args.repeats):  # 1, N, 1, N, ...: a change of the machine's load hits both alike
+                variants = (0, 1) if r == 0 else (2 * r + 1, 2 * r + 2)  # 2 is the warm-up's
+                for in_flight, variant in zip((1, args.in_flight), variants):
+                    with RunningGauge(base_url) if in_flight > 1 else nullcontext() as gauge:
+                        result, tokens = counted(base_url, lambda: run_workload(name, base_url, args.model, in_flight, variant, args))
+                    runs[in_flight].append((*result, tokens))
+                    if gauge is not None and gauge.peak is not None:
+                        peak = max(peak or 0.0, gauge.peak)
+            seq, par = (summed(runs[k]) for k in (1, args.in_flight))
+            rows.append((name, seq["n"], seq["n"] / seq["s"], par["n"] / par["s"], par["wire"], peak, seq["errors"] + par["errors"],
+                         tokens_column(seq["tokens"], seq["n"]), tokens_column(par["tokens"], par["n"])))
+            print(f"{name}: done ({seq['n']} requests; {seq['s']:.1f} s sequential, {par['s']:.1f} s with {args.in_flight} in flight)",
                   flush=True)
     print(f"\nmodel {args.model}; explain: {args.max_tokens} tokens per reply; in flight 1 vs {args.in_flight}")
     print(f"{'workload':<11} {'requests':>8} {'1 req/s':>9} {f'{args.in_flight} req/s':>9} {'ratio':>7} "
-          f"{'peak on wire':>12} {'peak running (server)':>21} {'errors':>6}")
-    for name, n, seq, par, wire, peak, errors in rows:
+          f"{'peak on wire':>12} {'peak running (server)':>21} {'errors':>6} {'tokens 1':>10} {f'tokens {args.in_flight}':>10}")
+    for name, n, seq, par, wire, peak, errors, seq_tok, par_tok in rows:
         shown_peak = "?" if peak is None else f"{peak:.0f}"
-        print(f"{name:<11} {n:>8} {seq:>9.2f} {par:>9.2f} {par / seq:>6.2f}x {wire:>12} {shown_peak:>21} {errors:>6}")
+        print(f"{name:<11} {n:>8} {seq:>9.2f} {par:>9.2f} {par / seq:>6.2f}x {wire:>12} {shown_peak:>21} {errors:>6} "
+              f"{seq_tok:>10} {par_tok:>10}")
+    print("tokens: prompt / generated tokens per request, from the server's counters")
 
 
 if __name__ == "__main__":

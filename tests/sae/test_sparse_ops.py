@@ -106,3 +106,66 @@ def test_sparse_path_runs_under_bf16_autocast_like_the_dense_path():
         grads.append({n: p.grad for n, p in sae.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=2e-2, rtol=2e-2, msg=n)
+
+
+def test_transpose_order_is_a_stable_sort_by_column():
+    from saeforge.sae.sparse_ops import transpose_order
+
+    gen = torch.Generator().manual_seed(4)
+    flat = torch.randperm(64 * 300, generator=gen)[:2000].sort().values
+    rows, cols = flat // 300, flat % 300
+    perm = transpose_order(rows, cols, 64, 300)
+    assert torch.equal(perm, torch.from_numpy(cols.numpy()).sort(stable=True).indices)
+    key = cols[perm] * 64 + rows[perm]
+    assert torch.equal(key, key.sort().values)  # column-major, rows ascending within a column
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 3.0])
+def test_training_forward_on_raw_preacts_matches_relu_selection_and_inference_l0(threshold):
+    """The training forward skips the ReLU pass and counts the inference L0 among the batch-TopK
+    candidates when the threshold lies above them: both must equal the plain definitions."""
+    from saeforge.sae.model import select_batch_topk
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=2048, k=6.0))  # 512 x 2048 entries: the sampled path
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)  # plenty of negative pre-activations
+        sae.threshold.fill_(threshold)
+    x = torch.randn(512, 16)
+    out = sae(x)
+    pre = sae.pre_acts(x)  # with its ReLU
+    rows, cols, vals = select_batch_topk(pre, 6 * 512)
+    assert torch.equal(out.row_indices, rows) and torch.equal(out.latent_indices, cols)
+    assert torch.equal(out.latent_acts.detach(), vals)
+    assert out.l0_inference.item() == torch.count_nonzero(pre > threshold).item() / 512
+
+
+def test_serial_cpu_runs_one_thread_and_dense_cpu_lends_the_threads_back():
+    from saeforge.sae.sparse_ops import dense_cpu, serial_cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    t = torch.zeros(1)
+    try:
+        with dense_cpu(t):
+            assert torch.get_num_threads() == 2  # outside serial_cpu: nothing to lend back
+        with serial_cpu(t):
+            assert torch.get_num_threads() == 1
+            with serial_cpu(t), dense_cpu(t):
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_serial_cpu_leaves_many_threads_alone():
+    from saeforge.sae.sparse_ops import SERIAL_MAX_THREADS, serial_cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(SERIAL_MAX_THREADS + 4)
+    try:
+        with serial_cpu(torch.zeros(1)):
+            assert torch.get_num_threads() == SERIAL_MAX_THREADS + 4
+    finally:
+        torch.set_num_threads(before)

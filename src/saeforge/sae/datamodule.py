@@ -119,16 +119,20 @@ class ActivationStream(IterableDataset):
         mine = [spec.chunks[i] for i in (order[rank::world] if spec.shuffle else order)]
         emitted = 0
         buffer = torch.empty(0)
+        parts: list[torch.Tensor] = []  # rows read since the buffer was last formed: one cat per refill, not per chunk
         for chunk in mine:
-            rows = load_rows(chunk, spec.bad_rows, spec.skip)
-            buffer = torch.cat([buffer.reshape(-1, rows.shape[1]), rows])
+            parts.append(load_rows(chunk, spec.bad_rows, spec.skip))
             if not spec.shuffle:
+                buffer = torch.cat([buffer.reshape(-1, parts[0].shape[1]), *parts])
+                parts = []
                 while buffer.shape[0] >= spec.batch_size:
                     yield buffer[: spec.batch_size]
                     buffer = buffer[spec.batch_size :]
                 continue
-            if buffer.shape[0] < spec.shuffle_buffer:
+            if buffer.shape[0] + sum(p.shape[0] for p in parts) < spec.shuffle_buffer:
                 continue
+            buffer = torch.cat([buffer.reshape(-1, parts[0].shape[1]), *parts])
+            parts = []
             buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
             half = (buffer.shape[0] // 2 // spec.batch_size) * spec.batch_size
             for start in range(0, half, spec.batch_size):
@@ -138,6 +142,8 @@ class ActivationStream(IterableDataset):
                     yield buffer[start : start + spec.batch_size]
                 emitted += 1
             buffer = buffer[half:]
+        if parts:
+            buffer = torch.cat([buffer.reshape(-1, parts[0].shape[1]), *parts])
         if buffer.numel():
             if spec.shuffle:
                 buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]

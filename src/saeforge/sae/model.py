@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.sae import metrics
-from saeforge.sae.sparse_ops import sparse_decode, sparse_encode_gather
+from saeforge.sae.sparse_ops import dense_cpu, serial_cpu, sparse_decode, sparse_encode_gather
 
 Architecture = Literal["batchtopk", "topk", "jumprelu"]
 
@@ -121,33 +121,46 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return _row_major(vals, cols, vals > 0)
 
 
-def select_batch_topk(pre: Tensor, n_keep: int, sample_size: int = 200_000) -> tuple[Tensor, Tensor, Tensor]:
-    """The `n_keep` largest entries of the whole batch `pre` [B, d_sae], zeros dropped, row-major.
+def batch_topk_candidates(pre: Tensor, n_keep: int, sample_size: int = 200_000) -> tuple[Tensor, Tensor, float]:
+    """Flat indices (ascending, i.e. row-major) and values of the entries of `pre` [B, d_sae] above
+    `below`, a value a little below the n_keep-th largest; and `below` (−inf: all entries).
 
-    Exact, without a top-k over all B·d_sae values: a fixed-seed random sample of the entries gives
-    a value a little below the n_keep-th largest (its quantile 1 − n_keep/N − 0.2%); the top-k then
-    runs only over the entries above it (~1.3·n_keep). If fewer than n_keep entries pass, it falls
-    back to the full top-k, so the result never depends on the sample — only the speed does.
+    A fixed-seed random sample of the entries gives `below` (its quantile 1 − n_keep/N − 0.2%), so
+    ~1.3·n_keep entries pass; if fewer than n_keep pass, all entries are candidates.
     """
-    B, M = pre.shape
     flat = pre.reshape(-1)
     n_keep = min(n_keep, flat.numel())
-    candidates = None
     if flat.numel() > 4 * sample_size:
         gen = torch.Generator(device=pre.device).manual_seed(0)
         sample = flat[torch.randint(0, flat.numel(), (sample_size,), generator=gen, device=pre.device)]
         rank = int(sample_size * max(0.0, 1.0 - n_keep / flat.numel() - 0.002))
         if rank >= 1:
-            below = sample.kthvalue(rank).values
+            below = float(sample.kthvalue(rank).values)
             candidates = (flat > below).nonzero().squeeze(1)
-    if candidates is not None and candidates.numel() >= n_keep:
-        vals, pick = flat[candidates].topk(n_keep, sorted=False)
-        idx = candidates[pick]
-    else:
-        vals, idx = flat.topk(n_keep, sorted=False)
-    positive = vals > 0
-    idx, order = idx[positive].sort()
-    return idx // M, idx % M, vals[positive][order]
+            if candidates.numel() >= n_keep:
+                return candidates, flat[candidates], below
+    return torch.arange(flat.numel(), device=pre.device), flat, -math.inf
+
+
+def pick_batch_topk(candidates: Tensor, cand_vals: Tensor, n_keep: int, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The n_keep largest positive candidates as row-major (rows, cols, vals): the picks are marked,
+    not sorted, since the candidates are already row-major."""
+    n_keep = min(n_keep, cand_vals.numel())
+    keep = torch.zeros_like(cand_vals, dtype=torch.bool).index_fill_(0, cand_vals.topk(n_keep, sorted=False).indices, True)
+    keep &= cand_vals > 0
+    idx, vals = candidates[keep], cand_vals[keep]
+    return idx // d_sae, idx % d_sae, vals
+
+
+def select_batch_topk(pre: Tensor, n_keep: int, sample_size: int = 200_000) -> tuple[Tensor, Tensor, Tensor]:
+    """The `n_keep` largest entries of the whole batch `pre` [B, d_sae], zeros and negatives dropped, row-major.
+
+    Exact, without a top-k over all B·d_sae values: the top-k runs only over the candidates of
+    `batch_topk_candidates` (~1.3·n_keep entries, already row-major), so the result never depends
+    on its random sample — only the speed does.
+    """
+    candidates, cand_vals, _ = batch_topk_candidates(pre, n_keep, sample_size)
+    return pick_batch_topk(candidates, cand_vals, n_keep, pre.shape[1])
 
 
 def select_above(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -189,11 +202,7 @@ class SparseAutoencoder(nn.Module):
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training-time selection of kept latents from `pre` (row-major triples)."""
-        if self.cfg.architecture == "batchtopk":
-            return select_batch_topk(pre, round(self.cfg.k * pre.shape[0]))
-        if self.cfg.architecture == "topk":
-            return select_topk(pre, int(self.cfg.k))
-        return select_above(pre, self.threshold)
+        return self._select_train(pre)[:3]
 
     def encode_inference(self, x: Tensor) -> Tensor:
         """Dense activations [B, d_sae]: JumpReLU at `threshold` (batchtopk, jumprelu) or per-row top-k."""
@@ -221,27 +230,48 @@ class SparseAutoencoder(nn.Module):
         """x̂ = acts · W_dec + b_dec for dense acts [B, d_sae]."""
         return acts @ self.W_dec + self.b_dec
 
-    def _encode_gather(self, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> Tensor:
-        fn = sparse_encode_gather if self.sparse_kernels else dense_encode_gather
-        return fn(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, pre[rows, cols])
+    def decode_sparse(self, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
+        """x̂ = acts · W_dec + b_dec for acts given as row-major triples (e.g. `encode_inference_sparse`)."""
+        return self._decode_sparse(rows, cols, vals, n_rows) + self.b_dec
+
+    def _encode_gather(self, x: Tensor, xc: Tensor, rows: Tensor, cols: Tensor, pre_kept: Tensor) -> Tensor:
+        if self.sparse_kernels:
+            return sparse_encode_gather(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, pre_kept, xc=xc)
+        return dense_encode_gather(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, pre_kept)
 
     def _decode_sparse(self, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
         fn = sparse_decode if self.sparse_kernels else dense_decode
         return fn(rows, cols, vals, self.W_dec, n_rows)
 
+    def _select_train(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`select` and the inference L0 (mean count of relu(pre) > threshold per row) from the same
+        pre-activations, which may be negative (ReLU not applied: both ignore entries ≤ 0)."""
+        B = pre.shape[0]
+        if self.cfg.architecture == "topk":
+            rows, cols, vals = select_topk(pre, int(self.cfg.k))
+            return rows, cols, vals, (pre > 0).sum(1).clamp_max(int(self.cfg.k)).float().mean()
+        threshold = self.threshold.clamp_min(0)  # relu(pre) > t ⇔ pre > max(t, 0) for t ≥ 0 (training thresholds are)
+        if self.cfg.architecture == "jumprelu":
+            rows, cols, vals = select_above(pre, self.threshold)
+            return rows, cols, vals, torch.count_nonzero(pre > threshold) / B
+        candidates, cand_vals, below = batch_topk_candidates(pre, round(self.cfg.k * B))
+        rows, cols, vals = pick_batch_topk(candidates, cand_vals, round(self.cfg.k * B), pre.shape[1])
+        if threshold.numel() == 1 and float(threshold) >= below:  # every entry above it is a candidate
+            return rows, cols, vals, torch.count_nonzero(cand_vals > threshold) / B
+        return rows, cols, vals, torch.count_nonzero(pre > threshold) / B
+
     # ---- training forward --------------------------------------------------------------------
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         B = x.shape[0]
         with torch.no_grad():  # the dense GEMM; gradients flow through _encode_gather
-            pre = self.pre_acts(x)
-            rows, cols, _ = self.select(pre)
-            if self.cfg.architecture == "topk":
-                l0_inf = (pre > 0).sum(1).clamp_max(int(self.cfg.k)).float().mean()
-            else:
-                l0_inf = torch.count_nonzero(pre > self.threshold) / B
-        vals = self._encode_gather(x, rows, cols, pre)
+            xc = x - self.b_dec
+            with dense_cpu(x):  # all threads, also inside the one-thread `SAEModule.step_threads`
+                pre = torch.addmm(self.b_enc, xc, self.W_enc)  # pre_acts without its ReLU pass (see _select_train)
+            with serial_cpu(pre):
+                rows, cols, pre_kept, l0_inf = self._select_train(pre)
+        vals = self._encode_gather(x, xc, rows, cols, pre_kept)
         sae_out = self._decode_sparse(rows, cols, vals, B) + self.b_dec
-        auxk = self._auxk_loss(x, sae_out, pre, dead_mask)
+        auxk = self._auxk_loss(x, xc, sae_out, pre, dead_mask)
         min_kept = vals.detach().min() if vals.numel() else x.new_zeros(())
         return ForwardOutput(
             sae_out=sae_out, latent_acts=vals, latent_indices=cols, row_indices=rows,
@@ -249,7 +279,7 @@ class SparseAutoencoder(nn.Module):
             min_kept=min_kept, l0=x.new_tensor(rows.numel() / B), l0_inference=l0_inf.to(x.dtype),
         )
 
-    def _auxk_loss(self, x: Tensor, sae_out: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+    def _auxk_loss(self, x: Tensor, xc: Tensor, sae_out: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
         """auxk_coef · ‖ê − e‖² / ‖e − mean(e)‖², ê from the top-k_aux dead latents of each row."""
         if dead_mask is None or self.cfg.auxk_coef == 0 or not bool(dead_mask.any()):
             return x.new_zeros(())
@@ -257,16 +287,17 @@ class SparseAutoencoder(nn.Module):
         k_aux = min(int(self.cfg.k_aux), dead.numel())
         with torch.no_grad():
             v, j = pre[:, dead].topk(k_aux, dim=1, sorted=False)
-            rows, cols, _ = _row_major(v, dead[j], v > 0)
+            rows, cols, pre_kept = _row_major(v, dead[j], v > 0)
         e = (x - sae_out).detach()
-        e_hat = self._decode_sparse(rows, cols, self._encode_gather(x, rows, cols, pre), x.shape[0])
+        e_hat = self._decode_sparse(rows, cols, self._encode_gather(x, xc, rows, cols, pre_kept), x.shape[0])
         return self.cfg.auxk_coef * metrics.fvu(e, e_hat)
 
     # ---- decoder constraint ------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale each W_dec row to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        with serial_cpu(self.W_dec):
+            self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
@@ -274,7 +305,9 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None:
             return
         w, g = self.W_dec, self.W_dec.grad
-        g.sub_(w * ((g * w).sum(1, keepdim=True) / w.pow(2).sum(1, keepdim=True).clamp_min(1e-12)))
+        with serial_cpu(w):
+            coef = torch.linalg.vecdot(g, w).div_(torch.linalg.vecdot(w, w).clamp_min_(1e-12))
+            g.addcmul_(w, coef.unsqueeze(1), value=-1)
 
     # ---- init / export -----------------------------------------------------------------------
     @torch.no_grad()
