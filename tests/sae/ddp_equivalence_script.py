@@ -41,7 +41,10 @@ def main() -> None:
     data = (torch.randn(STEPS, GLOBAL_BATCH, 6, generator=gen) @ basis) + 0.05 * torch.randn(STEPS, GLOBAL_BATCH, D_IN, generator=gen)
     torch.manual_seed(1)
     # AuxK off: its loss is normalised by each rank's residual variance, the one per-rank quantity.
-    module = SAEModule({"architecture": arch, "d_sae": 64, "k": 4, "warmup_steps": 0, "auxk_coef": 0.0}, D_IN)
+    # DDP_TEST_RESAMPLE=N: resample every N steps (the worst rows then come from the global batch)
+    resample = int(__import__("os").environ.get("DDP_TEST_RESAMPLE", 0))
+    module = SAEModule({"architecture": arch, "d_sae": 64, "k": 4, "warmup_steps": 0, "auxk_coef": 0.0,
+                        "resample_every": resample, "resample_until": 1.0, "resample_min_fires": 0.5}, D_IN)
     module.initialize(data.reshape(-1, D_IN))
     init_w_dec = module.sae.W_dec.detach().clone()
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=STEPS,

@@ -260,14 +260,15 @@ class SAESettings:
     """EMA rate of the training threshold towards each batch's smallest kept activation (batchtopk only)."""
     decoder_init: str = "random"
     """random (unit Gaussian rows) | rows (unit random data rows minus b_dec); the encoder starts as the decoder's transpose."""
-    resample_every: int = 0
+    resample_every: int = 50
     """Every N optimizer steps, move weak latents (see resample_min_fires) and near-duplicates (resample_dup_cos)
-    to the residuals of the batch's worst-reconstructed rows (saeforge.sae.resample); 0 → off."""
+    to the residuals of the batch's worst-reconstructed rows (saeforge.sae.resample); 0 → off. On by default:
+    planted-dictionary MMCS 0.90 → 0.98 and FVU halved at equal L0; a no-op on the demo's SmolLM2 layer (bench/README.md)."""
     resample_min_fires: float = 0.05
     """With resample_every: a latent with fewer fires above the threshold in the window than this × the median latent's is weak."""
     resample_dup_cos: float = 1.0
     """With resample_every: also resample a live latent whose decoder cosine to an earlier live latent exceeds this; 1.0 → dead only."""
-    resample_until: float = 0.5
+    resample_until: float = 0.7
     """With resample_every: resample only during this fraction of training."""
 
     def __post_init__(self) -> None:

@@ -43,6 +43,13 @@ def _all_reduce_(t: Tensor, op: Any) -> Tensor:
     return t
 
 
+def _zero_missing_resample_fires(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Checkpoints written before `resample_fires` was checkpointed load with zero counts."""
+    key = prefix + "resample_fires"
+    if key not in state_dict and prefix + "tokens_since_fired" in state_dict:
+        state_dict[key] = torch.zeros_like(state_dict[prefix + "tokens_since_fired"])
+
+
 class SAEModule(L.LightningModule):
     """Trains a batch-TopK / TopK SAE. See the module docstring for the DDP semantics."""
 
@@ -57,8 +64,12 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("input_mean", torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(self.c["d_sae"], dtype=torch.long))
-        # inference-strength fires per latent since the last resampling (saeforge.sae.resample); not checkpointed
-        self.register_buffer("resample_fires", torch.zeros(self.c["d_sae"], dtype=torch.long), persistent=False)
+        # inference-strength fires per latent since the last resampling (saeforge.sae.resample); checkpointed so a
+        # resumed run resamples exactly as an uninterrupted one; checkpoints from before it load with zeros
+        self.register_buffer("resample_fires", torch.zeros(self.c["d_sae"], dtype=torch.long))
+        self._register_load_state_dict_pre_hook(_zero_missing_resample_fires)
+        # each rank counts its own rows (summed when resampling): DDP must not broadcast rank 0's counts over them
+        self._ddp_params_and_buffers_to_ignore = ["resample_fires"]
         self._last_step_time: float | None = None
         self._resample_rows: tuple[Tensor, Tensor] | None = None  # (x, x̂) of a step that resamples
         self.throughput = Throughput()

@@ -28,8 +28,9 @@ from saeforge.sae.model import SparseAutoencoder
 
 @torch.no_grad()
 def count_fires_(fires: Tensor, latent_indices: Tensor, latent_acts: Tensor, threshold: Tensor | None) -> None:
-    """fires[j] += number of kept activations of latent j above `threshold` (all kept ones when None)."""
-    cols = latent_indices if threshold is None else latent_indices[latent_acts.detach() > threshold]
+    """fires[j] += number of kept activations of latent j above `threshold` (above 0 when None: a top-k
+    of a row with fewer than k positive pre-activations also keeps zeros, at arbitrary latents)."""
+    cols = latent_indices[latent_acts.detach() > (0.0 if threshold is None else threshold)]
     fires.index_add_(0, cols, torch.ones_like(cols, dtype=fires.dtype))
 
 
@@ -50,16 +51,32 @@ def pick_latents(fires: Tensor, W_dec: Tensor, min_fires: float, dup_cos: float)
 def resample_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None, latents: Tensor, x: Tensor, x_hat: Tensor) -> int:
     """Move `latents` to the unit residuals of the worst-reconstructed rows of (x, x̂); returns how many moved.
 
-    Under DDP every rank takes rank 0's rows, so the SAE stays identical across ranks."""
-    n = min(latents.numel(), x.shape[0])
+    Under DDP the worst rows are those of the global batch (every rank's local worst, gathered), so
+    the SAE stays identical across ranks and equal to single-process training on the same batches."""
+    distributed = dist.is_available() and dist.is_initialized()
+    n = torch.tensor(min(latents.numel(), x.shape[0]), device=x.device)
+    if distributed:
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = int(n)
     if n == 0:
         return 0
     latents = latents[:n]
     err = (x - x_hat).float()
-    worst = err.pow(2).sum(1).topk(n).indices
-    directions = torch.nn.functional.normalize(err[worst], dim=1).to(sae.W_dec.dtype)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(directions, src=0)
+    sq, worst = err.pow(2).sum(1).topk(n)
+    err, row = err[worst], worst
+    if distributed:  # the global batch's worst rows, numbered as in the global batch (ranks hold consecutive slices)
+        world = dist.get_world_size()
+        sizes = [torch.empty(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+        row = row + int(sum(int(t) for t in sizes[:dist.get_rank()]))
+        gathered = [[torch.empty_like(t) for _ in range(world)] for t in (sq, err, row)]
+        for out, t in zip(gathered, (sq, err, row)):
+            dist.all_gather(out, t)
+        sq, err, row = (torch.cat(g) for g in gathered)
+        top = sq.topk(n).indices
+        err, row = err[top], row[top]
+    err = err[row.argsort()]  # latents take the rows in batch order: no dependence on near-equal errors' ranks
+    directions = torch.nn.functional.normalize(err, dim=1).to(sae.W_dec.dtype)
     point_latents_(sae, latents, directions)
     if optimizer is not None:
         reset_adam_state_(optimizer, sae, latents)
