@@ -169,7 +169,8 @@ def bench_extraction(args: argparse.Namespace) -> None:
         def run_extraction(rep: int):
             start = time.perf_counter()
             stats = extract_concepts(concepts, saes, model_cfg, args.workdir / f"extract_{n}_{rep}",
-                                     fingerprint=f"bench-{n}", batch_size=args.batch_size, lm=lm)
+                                     fingerprint=f"bench-{n}", batch_size=args.batch_size, lm=lm,
+                                     **({"encode_rows": args.encode_rows} if args.encode_rows else {}))
             return time.perf_counter() - start, stats
 
         baselines, walls, lm_seconds = [], [], []
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--bench-d-sae", type=int, default=4096, help="extraction: latents per SAE")
     parser.add_argument("--batch-size", type=int, default=16, help="extraction: sentences per forward")
     parser.add_argument("--repeats", type=int, default=3, help="extraction: runs per N (best of each side)")
+    parser.add_argument("--encode-rows", type=int, default=None, help="extraction: discover.encode_rows (default: its default)")
     args = parser.parse_args()
 
     def run_parts() -> None:

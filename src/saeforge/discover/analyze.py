@@ -8,6 +8,7 @@ features × SAEs, the never-firing features counted with p = 1.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import shlex
@@ -30,6 +31,18 @@ log = logging.getLogger(__name__)
 NEURONPEDIA = "https://www.neuronpedia.org/{id}/{feature}"
 W_AND_B_ROWS = 1000
 """Rows of the ranking logged to W&B (best first)."""
+MMAP_THRESHOLD = 2 << 20
+"""Arrays at least this big get their own memory map (glibc), freed to the system when dropped."""
+
+
+def _return_freed_memory() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process (no-op without glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # <malloc.h> M_MMAP_THRESHOLD
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 def neuronpedia_url(neuronpedia_id: str | None, feature: int) -> str:
@@ -116,6 +129,7 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     """Rank the features of every configuration file in `activations_dir`; write ranking.csv,
     top_features.json and the HTML report to `out_dir`; return the ranking.csv path."""
     activations_dir, out_dir = Path(activations_dir), Path(out_dir)
+    _return_freed_memory()
     files = activation_files(activations_dir)
     if not files:
         raise FileNotFoundError(f"{activations_dir}: no layer_*_l0_*_activations.npz files to analyse")
