@@ -182,6 +182,8 @@ def encode_configuration(sae_entry: ResolvedSAE, cache: Path, n_fragments: int, 
     rows = np.load(_cache_file(cache, sae_entry.hookpoint), mmap_mode="r")
     dense = np.zeros((n_fragments, sae_entry.d_sae), np.float32) if layout == "dense" else None
     data, indices, counts = [], [], []
+    scratch = None if dense is not None else torch.empty((min(encode_rows, n_fragments), sae_entry.d_sae),
+                                                         dtype=sae.W_enc.dtype, device=device)
     for start in range(0, n_fragments, encode_rows):
         x = torch.from_numpy(np.array(rows[start : start + encode_rows])).to(device, sae.W_enc.dtype)
         if dense is not None:
@@ -189,11 +191,11 @@ def encode_configuration(sae_entry: ResolvedSAE, cache: Path, n_fragments: int, 
             dense[start : start + len(x)] = acts.cpu().numpy()
             counts.append((acts != 0).sum(1).cpu().numpy())
             continue
-        r, c, v = sae.encode_inference_sparse(x)  # row-major, the nonzeros of encode_inference
+        r, c, v = sae.encode_inference_sparse(x, scratch[: len(x)])  # row-major, the nonzeros of encode_inference
         counts.append(torch.bincount(r, minlength=len(x)).cpu().numpy())
         indices.append(c.to(torch.int32).cpu().numpy())
         data.append(v.float().cpu().numpy())
-    del sae, rows
+    del sae, rows, scratch
     per_row = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     mean_l0 = float(per_row.mean()) if per_row.size else 0.0
     if dense is not None:
