@@ -136,7 +136,7 @@ def bench_extraction(args: argparse.Namespace) -> None:
     print(f"extraction: {args.model} ({lm.n_layers} blocks, d_model {lm.d_model}), {len(sentences)} sentences = "
           f"{frags.n} fragments, SAEs of {args.bench_d_sae} latents (topk 32), batch {args.batch_size}", flush=True)
     print(f"  {'N':>3} {'baseline s':>10} {'extract s':>10} {'ratio':>6} {'LM s':>6} {'LM batches':>10}")
-    for n in (1, 2, 4, 8):
+    for n in args.n_saes:
         layers = [lm.n_layers - 1 - (i * lm.n_layers) // n for i in range(n)]  # deepest = last block
         saes = []
         for i, layer in enumerate(layers):
@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="extraction: sentences per forward")
     parser.add_argument("--repeats", type=int, default=3, help="extraction: runs per N (best of each side)")
     parser.add_argument("--encode-rows", type=int, default=None, help="extraction: discover.encode_rows (default: its default)")
+    parser.add_argument("--n-saes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2, 4, 8],
+                        help="extraction: the numbers of SAEs timed, comma-separated (default 1,2,4,8)")
     args = parser.parse_args()
 
     def run_parts() -> None:

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from saeforge.atomic import atomic_write_json
 from saeforge.discover.concepts import ConceptSentences
-from saeforge.discover.files import ConceptActivations, write_activations, write_progress
+from saeforge.discover.files import ConceptActivations, read_progress, write_activations, write_progress
 from saeforge.discover.sae_set import ResolvedSAE
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,8 @@ def extract_concepts(concepts: ConceptSentences, saes: list[ResolvedSAE], model_
         stats.write_seconds += part.write_seconds
         stats.written += part.written
     last = _contiguous_done(out, saes)
-    write_progress(out, last)
+    if read_progress(out) != last:  # the writers have usually recorded it already
+        write_progress(out, last)
     if last == len(saes) - 1:
         shutil.rmtree(cache, ignore_errors=True)
     return stats
