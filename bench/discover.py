@@ -1,27 +1,34 @@
 """Concept discovery benchmarks.
 
-Extraction (`--part extract`): N SAEs (N = 1, 2, 4, 8, spread over the layers, the deepest always the
-last block) over S sentences of the tiny model (or `--model smollm2`). Per N, side by side in one run:
-the baseline = one forward pass over the same batches stopping at the deepest hookpoint + every
-SAE's encode of every fragment (activations already in memory), against `extract_concepts` end to
+Extraction (`--part extract`): N SAEs (N = 1, 2, 4, 8 or `--n-saes`, spread over the layers, the
+deepest always the last block) over S sentences of the tiny model (or `--model smollm2`). Per N, side
+by side in one run: the baseline = one forward pass over the same batches stopping at the deepest
+hookpoint + every SAE's encode of every fragment as extraction encodes (`encode_inference_sparse`
+into a reused buffer, activations already in memory, no files), against `extract_concepts` end to
 end (fragments, the LM pass into the hookpoint cache, encodes, npz writes; the LM loaded before).
 Goals: baseline / extraction >= 0.8, and the LM seconds flat in N (one LM pass whatever N). Each
 side runs --repeats times interleaved and the best time of each is compared.
 
-    python bench/discover.py --part extract [--model tiny|smollm2] [--bench-sentences 200] [--bench-d-sae 4096]
+    python bench/discover.py --part extract [--model tiny|smollm2] [--n-saes 4,8] [--repeats 5]
+
+Measured (2 shared CPU cores; ratios move by ±0.1 with the other jobs' load): tiny, --repeats 5,
+N = 1, 2, 4, 8: ratio 0.84, 0.80, 0.85, 0.84 (a second run: outlier, 0.84, 0.76, 0.80), LM 0.06-0.08 s
+whatever N; SmolLM2, --repeats 2: N = 4 1.69 (LM 13.6 s), N = 8 0.96 (LM 10.4 s). Before the pre-
+activation buffer, the writer thread and the one-call fragment decoding: 0.49-0.59 on tiny, against
+a weaker baseline (dense encode_inference, which pays a fresh [rows, d_sae] array per batch).
 
 Analysis: `analyze_concepts` over N SAEs × d_sae features × S sentences with P permutations (default
 8 × 16384 × 2000, 1000 permutations, the issue's size), run in a fresh subprocess at 1× and 4× the
-sentences; prints the wall time and the peak RSS of each (goal: RSS about flat — one SAE file and one
-feature chunk in memory at a time, not sentences × features × SAEs).
+sentences; prints the wall time and the peak RSS of each (goal: RSS about flat — files are streamed
+one group of features at a time; what grows is the label shuffles, P × S bytes, and one P × S float32
+matrix while a chunk is tested).
 
     python bench/discover.py                       # the issue's size (a few minutes on 2 cores)
     python bench/discover.py --saes 2 --d-sae 4096 --sentences 500
 
-Measured on the 2 shared CPU cores of the development machine (load average 10-20 from other jobs,
-so times are inflated): 1× (2,000 sentences) 129 s, peak RSS 388 MiB; 4× (8,000) 1024 s, 635 MiB.
-RSS grows 1.6× for 4× the sentences (the one open SAE file's nonzeros and its sentence maxima grow
-with the sentences; nothing grows with the number of SAEs).
+Measured on the 2 shared CPU cores of the development machine (load average 3-8 from other jobs):
+1× (2,000 sentences) 85 s, peak RSS 325 MiB; 4× (8,000) 295 s, 339 MiB: 1.04× the RSS for 4× the
+sentences. Before streaming (same machine, busier): 129 s, 388 MiB; 1024 s, 635 MiB (1.64×).
 
 The activation files are synthetic CSR (L0 active features per fragment, exponential values,
 `--fragments` prefixes per sentence), written once per size under --workdir and reused.
@@ -136,7 +143,7 @@ def bench_extraction(args: argparse.Namespace) -> None:
     print(f"extraction: {args.model} ({lm.n_layers} blocks, d_model {lm.d_model}), {len(sentences)} sentences = "
           f"{frags.n} fragments, SAEs of {args.bench_d_sae} latents (topk 32), batch {args.batch_size}", flush=True)
     print(f"  {'N':>3} {'baseline s':>10} {'extract s':>10} {'ratio':>6} {'LM s':>6} {'LM batches':>10}")
-    for n in (1, 2, 4, 8):
+    for n in args.n_saes:
         layers = [lm.n_layers - 1 - (i * lm.n_layers) // n for i in range(n)]  # deepest = last block
         saes = []
         for i, layer in enumerate(layers):
@@ -146,6 +153,11 @@ def bench_extraction(args: argparse.Namespace) -> None:
                                     str(folder), str(folder), None, lm.d_model, args.bench_d_sae))
         hookpoints = sorted({s.hookpoint for s in saes})
         loaded = [load_sae(s.local)[0].eval() for s in saes]
+
+        # the encodes as extraction does them (sparse, into a reused buffer) but without any file
+        widest = max(sum(len(t) for t in frags.token_ids[b : b + args.batch_size])
+                     for b in range(0, len(frags.token_ids), args.batch_size))
+        scratches = [torch.empty((widest, args.bench_d_sae)) for _ in saes]
 
         def run_baseline() -> float:  # one forward to the deepest hookpoint + the encodes
             start = time.perf_counter()
@@ -161,15 +173,16 @@ def bench_extraction(args: argparse.Namespace) -> None:
                 with capture_residual(lm.model, hookpoints) as captured:
                     run_until_captured(lm.model, input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
                 with torch.no_grad():
-                    for s, sae in zip(saes, loaded):
+                    for s, sae, scratch in zip(saes, loaded, scratches):
                         x = torch.cat([captured[s.hookpoint][j, 1 : 1 + len(seq)] for j, seq in enumerate(batch)])
-                        sae.to(x.device).encode_inference(x.float())
+                        sae.to(x.device).encode_inference_sparse(x.float(), scratch[: len(x)])
             return time.perf_counter() - start
 
         def run_extraction(rep: int):
             start = time.perf_counter()
             stats = extract_concepts(concepts, saes, model_cfg, args.workdir / f"extract_{n}_{rep}",
-                                     fingerprint=f"bench-{n}", batch_size=args.batch_size, lm=lm)
+                                     fingerprint=f"bench-{n}", batch_size=args.batch_size, lm=lm,
+                                     **({"encode_rows": args.encode_rows} if args.encode_rows else {}))
             return time.perf_counter() - start, stats
 
         baselines, walls, lm_seconds = [], [], []
@@ -201,6 +214,9 @@ def main() -> None:
     parser.add_argument("--bench-d-sae", type=int, default=4096, help="extraction: latents per SAE")
     parser.add_argument("--batch-size", type=int, default=16, help="extraction: sentences per forward")
     parser.add_argument("--repeats", type=int, default=3, help="extraction: runs per N (best of each side)")
+    parser.add_argument("--encode-rows", type=int, default=None, help="extraction: discover.encode_rows (default: its default)")
+    parser.add_argument("--n-saes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2, 4, 8],
+                        help="extraction: the numbers of SAEs timed, comma-separated (default 1,2,4,8)")
     args = parser.parse_args()
 
     def run_parts() -> None:

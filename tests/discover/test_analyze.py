@@ -194,3 +194,25 @@ def test_labels_from_another_csv(tmp_path: Path) -> None:
         csv.writer(handle).writerows([["sentence", "concept_strength_label"], *[(t + "!", 1 + i % 2) for i, t in enumerate(texts)]])
     with pytest.raises(ValueError, match="sentence 1 differs"):
         analyze_concepts(tmp_path / "acts", tmp_path / "out", settings, concepts_csv=relabelled)
+
+
+def test_permutations_drawn_in_blocks_equal_one_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The label shuffles, drawn in blocks and kept as codes, are the one-draw shuffles of the label ranks."""
+    labels = np.random.default_rng(4).integers(0, 4, 37)
+    monkeypatch.setattr(stats, "PERMUTATION_BLOCK", 100)
+    perms = Permutations(labels, 50, 9)
+    order = np.argsort(np.random.default_rng(9).random((50, 37)), axis=1)
+    assert np.array_equal(perms.shuffled, perms.y[order].astype(np.float32))
+
+
+def test_streamed_groups_and_chunks_change_no_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny read blocks, feature groups, rank blocks and chunks give byte-identical outputs (dense and CSR files)."""
+    write_planted(tmp_path / "acts", n=60, d_sae=40)
+    settings = ConceptAnalysisConfig(n_permutations=300, top_features=6, skip_first_tokens=1)
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * (4 * 60 + 300) * 7)  # 7 features per chunk
+    analyze_concepts(tmp_path / "acts", tmp_path / "whole", settings)
+    for name, value in (("BLOCK_NONZEROS", 9), ("GROUP_BYTES", 32 * 25), ("RANK_BLOCK", 120), ("PERMUTATION_BLOCK", 130)):
+        monkeypatch.setattr(stats, name, value)
+    analyze_concepts(tmp_path / "acts", tmp_path / "streamed", settings)
+    for name in ("ranking.csv", "top_features.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name

@@ -1,12 +1,14 @@
 """Rank every feature of every SAE against the concept label: ranking.csv, top_features.json, the report.
 
-One SAE file is in memory at a time (first pass: statistics of the fired features; second pass:
-examples of the top features, only for the SAEs that hold them). Benjamini–Hochberg runs over all
+Files are streamed, one group of features at a time (first pass: statistics of the fired features;
+second pass: examples of the top features, only for the SAEs that hold them), so memory grows with
+neither the sentences nor the SAEs' width. Benjamini–Hochberg runs over all
 features × SAEs, the never-firing features counted with p = 1.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import shlex
@@ -18,16 +20,29 @@ from tqdm import tqdm
 
 from saeforge.config.schema import ConceptAnalysisConfig
 from saeforge.discover.concepts import read_concepts
-from saeforge.discover.files import (RANKING_COLUMNS, activation_files, read_activations, read_configurations,
-                                     report_path, write_ranking, write_top_features)
-from saeforge.discover.stats import (LABELS, STAT_COLUMNS, Permutations, SentenceActivations, benjamini_hochberg,
-                                     feature_stats, sentence_activations)
+from saeforge.discover.files import (RANKING_COLUMNS, ActivationFile, activation_files, open_activations,
+                                     read_configurations, report_path, write_ranking, write_top_features)
+from saeforge.discover.stats import (LABELS, STAT_COLUMNS, Permutations, SentenceLayout, benjamini_hochberg,
+                                     feature_groups, group_activations, sentence_layout, stats_by_chunk,
+                                     top_fragments)
 from saeforge.report.concepts import write_concepts_report
 
 log = logging.getLogger(__name__)
 NEURONPEDIA = "https://www.neuronpedia.org/{id}/{feature}"
 W_AND_B_ROWS = 1000
 """Rows of the ranking logged to W&B (best first)."""
+MMAP_THRESHOLD = 2 << 20
+"""Arrays at least this big get their own memory map (glibc), freed to the system when dropped."""
+
+
+def _return_freed_memory() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process (no-op without glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # <malloc.h> M_MMAP_THRESHOLD
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 def neuronpedia_url(neuronpedia_id: str | None, feature: int) -> str:
@@ -76,23 +91,30 @@ def _rows(info: dict[str, Any], features: np.ndarray, stats: dict[str, np.ndarra
     return rows
 
 
-def _examples(acts: Any, sentence: SentenceActivations, feature: int, which: str, n: int,
-              skip_first_tokens: int) -> dict[str, Any]:
-    values = sentence.columns(which, np.asarray([feature]))[:, 0]
-    order = np.argsort(-values, kind="stable")[:n]
-    column = acts.activations[:, [feature]]
-    fragment_values = np.asarray(column.toarray() if hasattr(column, "toarray") else column, dtype=np.float64)[:, 0]
-    fragment_values[np.asarray(acts.token_positions) < skip_first_tokens] = 0.0
-    top_fragments = np.argsort(-fragment_values, kind="stable")[:n]
-    return {
-        "per_label": {str(k): [round(float(v), 5) for v in values[sentence.labels == k]] for k in LABELS},
-        "top_sentences": [{"sentence": str(sentence.sentences[i]), "label": int(sentence.labels[i]),
-                           "activation": round(float(values[i]), 5)} for i in order if values[i] > 0],
-        "top_fragments": [{"fragment": str(acts.fragments[i]), "sentence": str(acts.original_sentences[i]),
-                           "label": int(acts.concept_strength_labels[i]), "token_position": int(acts.token_positions[i]),
-                           "activation": round(float(fragment_values[i]), 5)}
-                          for i in top_fragments if fragment_values[i] > 0],
-    }
+def _examples(acts: ActivationFile, layout: SentenceLayout, features: np.ndarray, which: str, n: int) -> dict[int, dict]:
+    """Per feature: its sentence-level values by label, its top sentences and its top fragments (file labels)."""
+    sentence = group_activations(acts, layout, features)
+    fragments = top_fragments(acts, layout, features, n)
+    values = [sentence.columns(which, np.asarray([j]))[:, 0] for j in range(features.size)]
+    orders = [np.argsort(-v, kind="stable")[:n] for v in values]
+    sentence_rows = np.unique(np.concatenate([layout.first[o[v[o] > 0]] for o, v in zip(orders, values)] + [np.zeros(0, np.int64)]))
+    fragment_rows = np.unique(np.concatenate([rows for rows, _ in fragments] + [np.zeros(0, np.int64)]))
+    text = dict(zip(sentence_rows.tolist(), acts.rows("original_sentences", sentence_rows).tolist()))
+    fields = {name: dict(zip(fragment_rows.tolist(), acts.rows(name, fragment_rows).tolist()))
+              for name in ("fragments", "original_sentences", "concept_strength_labels", "token_positions")}
+    out = {}
+    for j, feature in enumerate(features.tolist()):
+        v, order = values[j], orders[j]
+        out[feature] = {
+            "per_label": {str(k): [round(float(x), 5) for x in v[layout.labels == k]] for k in LABELS},
+            "top_sentences": [{"sentence": str(text[int(layout.first[i])]), "label": int(layout.labels[i]),
+                               "activation": round(float(v[i]), 5)} for i in order if v[i] > 0],
+            "top_fragments": [{"fragment": str(fields["fragments"][i]), "sentence": str(fields["original_sentences"][i]),
+                               "label": int(fields["concept_strength_labels"][i]),
+                               "token_position": int(fields["token_positions"][i]), "activation": round(float(value), 5)}
+                              for i, value in zip(fragments[j][0].tolist(), fragments[j][1].tolist())],
+        }
+    return out
 
 
 def interpret_command(info: dict[str, Any], features: list[int]) -> str:
@@ -107,6 +129,7 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     """Rank the features of every configuration file in `activations_dir`; write ranking.csv,
     top_features.json and the HTML report to `out_dir`; return the ranking.csv path."""
     activations_dir, out_dir = Path(activations_dir), Path(out_dir)
+    _return_freed_memory()
     files = activation_files(activations_dir)
     if not files:
         raise FileNotFoundError(f"{activations_dir}: no layer_*_l0_*_activations.npz files to analyse")
@@ -117,21 +140,20 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     results: list[tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]] = []
     n_tests = 0
     for layer, l0, path in tqdm(files, desc="analyse SAEs", unit="sae"):
-        acts = read_activations(path)
-        sentence = sentence_activations(acts, str(path), settings.skip_first_tokens)
-        if concepts_csv is not None:
-            sentence.labels = _csv_labels(Path(concepts_csv), sentence.sentences)
-        if perms is None:
-            perms = Permutations(sentence.labels, settings.n_permutations, settings.seed)
-            if np.unique(sentence.labels).size < 2:
-                raise ValueError(f"{path}: the sentences need at least two distinct labels")
-        elif sentence.labels.size != perms.labels.size or np.any(sentence.labels != perms.labels):
-            raise ValueError(f"{path}: its sentences or labels differ from {files[0][2].name}'s")
-        fired = sentence.fired()
-        stats = feature_stats(sentence, perms, fired, settings.activation)
-        results.append((_sae_info(layer, l0, path, configurations.get(path.name, {})), fired, stats))
-        n_tests += int(acts.num_features)
-        del acts, sentence
+        with open_activations(path) as acts:  # streamed: one group of features in memory at a time
+            layout = sentence_layout(acts, str(path), settings.skip_first_tokens)
+            if concepts_csv is not None:
+                layout.labels = _csv_labels(Path(concepts_csv), acts.rows("original_sentences", layout.first))
+            if perms is None:
+                perms = Permutations(layout.labels, settings.n_permutations, settings.seed)
+                if np.unique(layout.labels).size < 2:
+                    raise ValueError(f"{path}: the sentences need at least two distinct labels")
+            elif layout.labels.size != perms.labels.size or np.any(layout.labels != perms.labels):
+                raise ValueError(f"{path}: its sentences or labels differ from {files[0][2].name}'s")
+            groups = ((features, group_activations(acts, layout, features)) for features in feature_groups(acts, layout))
+            fired, stats = stats_by_chunk(groups, perms, settings.activation)
+            results.append((_sae_info(layer, l0, path, configurations.get(path.name, {})), fired, stats))
+            n_tests += int(acts.num_features)
     q_all = benjamini_hochberg(np.concatenate([s["p"] for _, _, s in results]), n_tests)
     rows: list[dict] = []
     offset = 0
@@ -152,12 +174,12 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
         wanted.setdefault(file_of[row["sae"]], []).append(row)
     details: dict[tuple[str, int], dict] = {}
     for file, file_rows in tqdm(wanted.items(), desc="top-feature examples", unit="sae"):
-        acts = read_activations(activations_dir / file)
-        sentence = sentence_activations(acts, file, settings.skip_first_tokens)
+        with open_activations(activations_dir / file) as acts:
+            layout = sentence_layout(acts, file, settings.skip_first_tokens)
+            examples = _examples(acts, layout, np.unique([row["feature"] for row in file_rows]), settings.activation,
+                                 settings.examples_per_feature)
         for row in file_rows:
-            details[(row["sae"], row["feature"])] = _examples(acts, sentence, row["feature"], settings.activation,
-                                                              settings.examples_per_feature, settings.skip_first_tokens)
-        del acts, sentence
+            details[(row["sae"], row["feature"])] = examples[row["feature"]]
     commands = []
     for info in infos.values():
         features = [r["feature"] for r in rows if r["sae"] == info["sae"] and r["q"] < settings.fdr_alpha]

@@ -13,8 +13,10 @@ must stay bounded. So extraction has two phases:
    n_fragments × d_model × 4 bytes per hookpoint, on disk, not in memory.
 2. **Per configuration**, in the set's order: load that SAE alone, stream its hookpoint's rows from
    the cache in chunks of `discover.encode_rows`, encode, write its `.npz` atomically (through
-   discover/files.py), record `batch_progress.json`, free the SAE. Only one SAE's output is in memory
-   at a time (CSR: its nonzeros; dense: the reference's [n_fragments, d_sae] float32).
+   discover/files.py), record `batch_progress.json`, free the SAE. The write runs in a thread while
+   the next configuration encodes, so the disk's time hides behind the encodes. At most two CSR
+   outputs (their nonzeros) or one dense output (the reference's [n_fragments, d_sae] float32) are
+   in memory at a time.
 The LM runs once whatever the number of SAEs or processes: with `discover.devices` (or
 `trainer.devices`) = N > 1, phase 2 is split across N processes (configuration i goes to process
 i mod N; CUDA device i mod N when the model is on CUDA, else CPU processes), all reading the one
@@ -31,6 +33,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 
 from saeforge.atomic import atomic_write_json
 from saeforge.discover.concepts import ConceptSentences
-from saeforge.discover.files import ConceptActivations, write_activations, write_progress
+from saeforge.discover.files import ConceptActivations, read_progress, write_activations, write_progress
 from saeforge.discover.sae_set import ResolvedSAE
 
 log = logging.getLogger(__name__)
@@ -82,27 +85,36 @@ def build_fragments(tokenizer: Any, concepts: ConceptSentences, max_tokens: int)
     truncated = sum(1 for ids in ids_all if len(ids) > max_tokens)
     if truncated:
         log.warning("%d sentence(s) longer than discover.max_tokens=%d tokens were cut to that length", truncated, max_tokens)
-    cols: dict[str, list[Any]] = {k: [] for k in ("fragments", "original_sentences", "concept_strength_labels",
-                                                    "sentence_indices", "token_positions", "is_final_token",
-                                                    "fragment_lengths")}
-    token_ids = []
-    for s, (sentence, label, ids) in enumerate(zip(concepts.sentences, concepts.labels, ids_all)):
-        ids = list(ids[:max_tokens])
-        token_ids.append(ids)
-        texts = tokenizer.batch_decode([ids[: t + 1] for t in range(len(ids))], skip_special_tokens=True)
-        for t, text in enumerate(texts):
-            text = text.strip()
-            cols["fragments"].append(text)
-            cols["original_sentences"].append(sentence)
-            cols["concept_strength_labels"].append(label)
-            cols["sentence_indices"].append(s)
-            cols["token_positions"].append(t)
-            cols["is_final_token"].append(t == len(ids) - 1)
-            cols["fragment_lengths"].append(len(text.split()))
-    dtypes = {"concept_strength_labels": np.int64, "sentence_indices": np.int64, "token_positions": np.int64,
-              "is_final_token": np.bool_, "fragment_lengths": np.int64}
-    fields = {k: np.asarray(v, dtype=dtypes.get(k, np.str_)) for k, v in cols.items()}
+    token_ids = [list(ids[:max_tokens]) for ids in ids_all]
+    texts = [text.strip() for text in decode_prefixes(tokenizer, token_ids)]
+    lengths = np.asarray([len(ids) for ids in token_ids], dtype=np.int64)
+    used = np.flatnonzero(lengths)  # a sentence without tokens has no fragment (nor a place in the str width)
+    positions = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    fields = {
+        "fragments": np.asarray(texts, dtype=np.str_),
+        "original_sentences": np.repeat(np.asarray([concepts.sentences[i] for i in used], dtype=np.str_), lengths[used]),
+        "concept_strength_labels": np.repeat(np.asarray(concepts.labels, dtype=np.int64), lengths),
+        "sentence_indices": np.repeat(np.arange(lengths.size, dtype=np.int64), lengths),
+        "token_positions": positions,
+        "is_final_token": positions == np.repeat(lengths - 1, lengths),
+        "fragment_lengths": np.asarray([len(text.split()) for text in texts], dtype=np.int64),
+    }
     return Fragments(token_ids, fields)
+
+
+def decode_prefixes(tokenizer: Any, token_ids: list[list[int]]) -> list[str]:
+    """`tokenizer.decode(ids[: t + 1], skip_special_tokens=True)` of every prefix of every sequence, in order.
+
+    A fast tokenizer whose decode is its backend's with no clean-up decodes them all in one backend
+    call (the per-call overhead of `decode` was most of the fragment building); others call `batch_decode`."""
+    from transformers import PreTrainedTokenizerFast
+
+    prefixes = [ids[: t + 1] for ids in token_ids for t in range(len(ids))]
+    plain = (isinstance(tokenizer, PreTrainedTokenizerFast) and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+             and not getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    if plain:
+        return tokenizer.backend_tokenizer.decode_batch(prefixes, skip_special_tokens=True)
+    return tokenizer.batch_decode(prefixes, skip_special_tokens=True)
 
 
 def _cache_file(cache: Path, hookpoint: str) -> Path:
@@ -170,6 +182,8 @@ def encode_configuration(sae_entry: ResolvedSAE, cache: Path, n_fragments: int, 
     rows = np.load(_cache_file(cache, sae_entry.hookpoint), mmap_mode="r")
     dense = np.zeros((n_fragments, sae_entry.d_sae), np.float32) if layout == "dense" else None
     data, indices, counts = [], [], []
+    scratch = None if dense is not None else torch.empty((min(encode_rows, n_fragments), sae_entry.d_sae),
+                                                         dtype=sae.W_enc.dtype, device=device)
     for start in range(0, n_fragments, encode_rows):
         x = torch.from_numpy(np.array(rows[start : start + encode_rows])).to(device, sae.W_enc.dtype)
         if dense is not None:
@@ -177,11 +191,11 @@ def encode_configuration(sae_entry: ResolvedSAE, cache: Path, n_fragments: int, 
             dense[start : start + len(x)] = acts.cpu().numpy()
             counts.append((acts != 0).sum(1).cpu().numpy())
             continue
-        r, c, v = sae.encode_inference_sparse(x)  # row-major, the nonzeros of encode_inference
+        r, c, v = sae.encode_inference_sparse(x, scratch[: len(x)])  # row-major, the nonzeros of encode_inference
         counts.append(torch.bincount(r, minlength=len(x)).cpu().numpy())
         indices.append(c.to(torch.int32).cpu().numpy())
         data.append(v.float().cpu().numpy())
-    del sae, rows
+    del sae, rows, scratch
     per_row = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     mean_l0 = float(per_row.mean()) if per_row.size else 0.0
     if dense is not None:
@@ -210,26 +224,42 @@ def _contiguous_done(out: Path, saes: list[ResolvedSAE]) -> int:
 
 def run_configurations(saes: list[ResolvedSAE], todo: list[int], out: Path, frag_fields: dict[str, np.ndarray],
                        device: str, layout: str, encode_rows: int, rank: int = 0, threads: int | None = None) -> ExtractStats:
-    """Phase 2 over `todo` (indices into `saes`), in order: encode, write the npz, record progress."""
+    """Phase 2 over `todo` (indices into `saes`), in order: encode, write the npz, record progress.
+
+    A writer thread writes configuration i (and its progress) while i + 1 encodes, so the disk's
+    time (zip, fsync) hides behind the encodes; a dense output is written before the next encode
+    starts, so at most one dense (or two CSR) outputs are in memory."""
     if threads:
         torch.set_num_threads(threads)
     stats = ExtractStats()
     cache = out / CACHE_DIR
     n = int(frag_fields["fragments"].shape[0])
-    for i in tqdm(todo, desc=f"discover: SAEs (process {rank})", unit="sae", position=rank):
+
+    def write(i: int, acts: np.ndarray | scipy.sparse.csr_matrix, mean_l0: float) -> None:
         entry = saes[i]
         start = time.perf_counter()
-        acts, mean_l0 = encode_configuration(entry, cache, n, device, layout, encode_rows)
-        mid = time.perf_counter()
         write_activations(out / entry.file, ConceptActivations(
             activations=acts, **frag_fields, layer=entry.layer,
             average_l0=entry.average_l0 if entry.average_l0 is not None else mean_l0, num_features=entry.d_sae))
         write_progress(out, _contiguous_done(out, saes))
-        stats.encode_seconds += mid - start
-        stats.write_seconds += time.perf_counter() - mid
+        stats.write_seconds += time.perf_counter() - start
         stats.written.append(entry.file)
         log.info("discover: wrote %s (configuration %d of %d, %s)", entry.file, i + 1, len(saes), entry.source)
-        del acts
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="discover-write") as writer:
+        pending: Future | None = None
+        for i in tqdm(todo, desc=f"discover: SAEs (process {rank})", unit="sae", position=rank):
+            start = time.perf_counter()
+            acts, mean_l0 = encode_configuration(saes[i], cache, n, device, layout, encode_rows)
+            stats.encode_seconds += time.perf_counter() - start
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, i, acts, mean_l0)
+            if not scipy.sparse.issparse(acts):
+                pending.result()
+            del acts
+        if pending is not None:
+            pending.result()
     return stats
 
 
@@ -301,7 +331,8 @@ def extract_concepts(concepts: ConceptSentences, saes: list[ResolvedSAE], model_
         stats.write_seconds += part.write_seconds
         stats.written += part.written
     last = _contiguous_done(out, saes)
-    write_progress(out, last)
+    if read_progress(out) != last:  # the writers have usually recorded it already
+        write_progress(out, last)
     if last == len(saes) - 1:
         shutil.rmtree(cache, ignore_errors=True)
     return stats

@@ -26,7 +26,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import scipy.sparse
@@ -73,6 +73,148 @@ class ConceptActivations:
         """The activations as a dense float32 array (materialises a CSR file)."""
         acts = self.activations
         return np.asarray(acts.toarray() if scipy.sparse.issparse(acts) else acts, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.activations.shape[0]), int(self.activations.shape[1]))
+
+    def field(self, name: str) -> np.ndarray:
+        """One per-fragment field (FRAGMENT_FIELDS), whole."""
+        return np.asarray(getattr(self, name))
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """The entries of field `name` at fragment rows `index`, in that order."""
+        return self.field(name)[np.asarray(index, dtype=np.int64)]
+
+    def blocks(self, block_nonzeros: int) -> Iterator[tuple[int, np.ndarray | scipy.sparse.csr_matrix]]:
+        """(first row, rows) of the activations, about `block_nonzeros` stored values at a time."""
+        acts = scipy.sparse.csr_matrix(self.activations) if self.is_sparse else self.activations
+        for start, stop in _row_cuts(acts.indptr if self.is_sparse else None, self.shape, block_nonzeros):
+            yield start, acts[start:stop]
+
+
+class ActivationFile:
+    """A configuration file opened for streaming (`open_activations`), with ConceptActivations' reading
+    interface (`shape`, `is_sparse`, `field`, `rows`, `blocks`) but nothing held in memory beyond the
+    CSR row pointers: each call reads its npz member (stored or compressed) front to back."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._zip = zipfile.ZipFile(self.path)
+        try:
+            names = {n.removesuffix(".npy") for n in self._zip.namelist()}
+            _check_fields(self.path, names)
+            self.is_sparse = "activations" not in names
+            if self.is_sparse:
+                shape = tuple(int(s) for s in self._read("activations_shape"))
+                self._indptr = self._read("activations_indptr").astype(np.int64)
+            else:
+                handle, shape, _ = self._open("activations")
+                handle.close()
+            if len(shape) != 2:
+                raise ValueError(f"{self.path}: activations have shape {shape}, expected [n_fragments, d_sae]")
+            self.shape = (int(shape[0]), int(shape[1]))
+            self.layer = int(self._read("layer"))
+            self.average_l0 = float(self._read("average_l0"))
+            self.num_features = int(self._read("num_features"))
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def __enter__(self) -> ActivationFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def _open(self, name: str) -> tuple[Any, tuple[int, ...], np.dtype]:
+        """The member's stream positioned at its data, its shape and dtype (C order, no objects)."""
+        handle = self._zip.open(f"{name}.npy")
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        if dtype.hasobject or (fortran_order and len(shape) > 1):
+            handle.close()
+            raise ValueError(f"{self.path}: field {name!r} is {'an object array' if dtype.hasobject else 'in Fortran order'}"
+                             "; expected a plain C-order array")
+        return handle, shape, dtype
+
+    def _take(self, handle: Any, dtype: np.dtype, count: int, name: str) -> np.ndarray:
+        data = handle.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise ValueError(f"{self.path}: field {name!r} is truncated")
+        return np.frombuffer(data, dtype=dtype)
+
+    def _read(self, name: str) -> np.ndarray:
+        handle, shape, dtype = self._open(name)
+        with handle:
+            return self._take(handle, dtype, int(np.prod(shape, dtype=np.int64)), name).reshape(shape)
+
+    def field(self, name: str) -> np.ndarray:
+        """One per-fragment field (FRAGMENT_FIELDS), whole."""
+        return self._read(name)
+
+    def rows(self, name: str, index: np.ndarray, block_rows: int = 1 << 16) -> np.ndarray:
+        """The entries of field `name` at fragment rows `index`, in that order, read a block at a time."""
+        index = np.asarray(index, dtype=np.int64)
+        wanted, inverse = np.unique(index, return_inverse=True)
+        handle, shape, dtype = self._open(name)
+        out = np.empty(wanted.size, dtype=dtype)
+        with handle:
+            if wanted.size and (wanted[0] < 0 or wanted[-1] >= shape[0]):
+                raise IndexError(f"{self.path}: row {int(wanted[-1] if wanted[-1] >= shape[0] else wanted[0])} "
+                                 f"outside field {name!r} of {shape[0]} rows")
+            done = 0
+            for start in range(0, int(wanted[-1]) + 1 if wanted.size else 0, block_rows):
+                block = self._take(handle, dtype, min(block_rows, shape[0] - start), name)
+                stop = int(np.searchsorted(wanted, start + block.size))
+                out[done:stop] = block[wanted[done:stop] - start]
+                done = stop
+        return out[inverse]
+
+    def blocks(self, block_nonzeros: int) -> Iterator[tuple[int, np.ndarray | scipy.sparse.csr_matrix]]:
+        """(first row, rows) of the activations, about `block_nonzeros` stored values at a time, front to back."""
+        n_rows, d = self.shape
+        if not self.is_sparse:
+            handle, _, dtype = self._open("activations")
+            with handle:
+                for start, stop in _row_cuts(None, self.shape, block_nonzeros):
+                    yield start, self._take(handle, dtype, (stop - start) * d, "activations").reshape(stop - start, d)
+            return
+        data, _, data_dtype = self._open("activations_data")
+        indices, _, index_dtype = self._open("activations_indices")
+        with data, indices:
+            for start, stop in _row_cuts(self._indptr, self.shape, block_nonzeros):
+                indptr = self._indptr[start:stop + 1] - self._indptr[start]
+                count = int(indptr[-1])
+                yield start, scipy.sparse.csr_matrix(
+                    (self._take(data, data_dtype, count, "activations_data"),
+                     self._take(indices, index_dtype, count, "activations_indices"), indptr), shape=(stop - start, d))
+
+
+def open_activations(path: str | Path) -> ActivationFile:
+    """Open a configuration file (saeforge's or the reference's, dense or CSR) for streaming; use as a
+    context manager."""
+    return ActivationFile(path)
+
+
+def _row_cuts(indptr: np.ndarray | None, shape: tuple[int, int], block_nonzeros: int) -> Iterator[tuple[int, int]]:
+    """Consecutive row ranges of about `block_nonzeros` stored values (CSR: by its row pointers; dense:
+    rows × d_sae), at least one row each."""
+    n_rows, d = shape
+    if indptr is None:
+        step = max(1, block_nonzeros // max(d, 1))
+        yield from ((start, min(start + step, n_rows)) for start in range(0, n_rows, step))
+        return
+    start = 0
+    while start < n_rows:
+        stop = int(np.searchsorted(indptr, indptr[start] + block_nonzeros, side="right")) - 1
+        stop = min(max(stop, start + 1), n_rows)
+        yield start, stop
+        start = stop
 
 
 def activation_file_name(layer: int, l0: int | float | str) -> str:
@@ -164,15 +306,19 @@ def write_activations(path: str | Path, acts: ConceptActivations) -> None:
                 np.lib.format.write_array(handle, array, allow_pickle=False)
 
 
+def _check_fields(path: str | Path, names: set[str]) -> None:
+    missing = [n for n in (*FRAGMENT_FIELDS, "layer", "average_l0", "num_features") if n not in names]
+    if "activations" not in names and not {f"activations_{p}" for p in CSR_PARTS} <= names:
+        missing.insert(0, "activations")
+    if missing:
+        raise ValueError(f"{path}: not a concept-activation file, missing field(s) {missing}")
+
+
 def read_activations(path: str | Path) -> ConceptActivations:
     """Read a configuration file written by saeforge or by the reference script (dense or CSR)."""
     with np.load(path, allow_pickle=False) as data:
         names = set(data.files)
-        missing = [n for n in (*FRAGMENT_FIELDS, "layer", "average_l0", "num_features") if n not in names]
-        if "activations" not in names and "activations_data" not in names:
-            missing.insert(0, "activations")
-        if missing:
-            raise ValueError(f"{path}: not a concept-activation file, missing field(s) {missing}")
+        _check_fields(path, names)
         if "activations" in names:
             activations = data["activations"]
         else:

@@ -212,10 +212,12 @@ class SparseAutoencoder(nn.Module):
             return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
         return torch.relu(pre) * (pre > self.threshold)
 
-    def encode_inference_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_inference_sparse(self, x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The nonzeros of `encode_inference(x)` as row-major (rows, cols, vals), columns ascending per row,
-        without building the dense [B, d_sae] result."""
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc  # as encode_inference, bit for bit
+        without building the dense [B, d_sae] result. `scratch`: a [B, d_sae] buffer of W_enc's dtype
+        reused for the pre-activations (a fresh one per call costs more than the GEMM on CPU)."""
+        pre = torch.matmul(x - self.b_dec, self.W_enc, out=scratch) if scratch is not None else (x - self.b_dec) @ self.W_enc
+        pre += self.b_enc  # as encode_inference, bit for bit
         if self.cfg.architecture == "topk":
             vals, idx = pre.topk(int(self.cfg.k), dim=1, sorted=False)
             idx, order = idx.sort(dim=1)
