@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,12 @@ def test_labels_from_another_csv(tmp_path: Path) -> None:
     rows = read_ranking(analyze_concepts(tmp_path / "acts", tmp_path / "out", settings, concepts_csv=relabelled))
     planted = next(r for r in rows if r["sae"] == "release-b/sae-b" and int(r["feature"]) == PLANTED)
     assert float(planted["q"]) > 0.05  # the new labels do not count marker words
+    top = json.loads((tmp_path / "out" / "top_features.json").read_text())["top_features"][0]
+    label_of = {t: i % 4 for i, t in enumerate(texts)}
+    assert top["top_sentences"] and top["top_fragments"]
+    assert all(s["label"] == label_of[s["sentence"]] for s in top["top_sentences"])  # the CSV's labels, not the file's
+    assert all(f["label"] == label_of[f["sentence"]] for f in top["top_fragments"])
+    assert sum(len(v) for v in top["per_label"].values()) == len(texts)
     with relabelled.open("w", newline="") as handle:
         csv.writer(handle).writerows([["sentence", "concept_strength_label"], *[(t + "!", 1 + i % 2) for i, t in enumerate(texts)]])
     with pytest.raises(ValueError, match="sentence 1 differs"):

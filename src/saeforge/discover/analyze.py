@@ -92,7 +92,7 @@ def _rows(info: dict[str, Any], features: np.ndarray, stats: dict[str, np.ndarra
 
 
 def _examples(acts: ActivationFile, layout: SentenceLayout, features: np.ndarray, which: str, n: int) -> dict[int, dict]:
-    """Per feature: its sentence-level values by label, its top sentences and its top fragments (file labels)."""
+    """Per feature: its sentence-level values by label, its top sentences and its top fragments (labels: `layout.labels`)."""
     sentence = group_activations(acts, layout, features)
     fragments = top_fragments(acts, layout, features, n)
     values = [sentence.columns(which, np.asarray([j]))[:, 0] for j in range(features.size)]
@@ -101,7 +101,7 @@ def _examples(acts: ActivationFile, layout: SentenceLayout, features: np.ndarray
     fragment_rows = np.unique(np.concatenate([rows for rows, _ in fragments] + [np.zeros(0, np.int64)]))
     text = dict(zip(sentence_rows.tolist(), acts.rows("original_sentences", sentence_rows).tolist()))
     fields = {name: dict(zip(fragment_rows.tolist(), acts.rows(name, fragment_rows).tolist()))
-              for name in ("fragments", "original_sentences", "concept_strength_labels", "token_positions")}
+              for name in ("fragments", "original_sentences", "token_positions")}
     out = {}
     for j, feature in enumerate(features.tolist()):
         v, order = values[j], orders[j]
@@ -110,7 +110,7 @@ def _examples(acts: ActivationFile, layout: SentenceLayout, features: np.ndarray
             "top_sentences": [{"sentence": str(text[int(layout.first[i])]), "label": int(layout.labels[i]),
                                "activation": round(float(v[i]), 5)} for i in order if v[i] > 0],
             "top_fragments": [{"fragment": str(fields["fragments"][i]), "sentence": str(fields["original_sentences"][i]),
-                               "label": int(fields["concept_strength_labels"][i]),
+                               "label": int(layout.labels[layout.sentence[i]]),
                                "token_position": int(fields["token_positions"][i]), "activation": round(float(value), 5)}
                               for i, value in zip(fragments[j][0].tolist(), fragments[j][1].tolist())],
         }
@@ -176,6 +176,7 @@ def analyze_concepts(activations_dir: Path, out_dir: Path, settings: ConceptAnal
     for file, file_rows in tqdm(wanted.items(), desc="top-feature examples", unit="sae"):
         with open_activations(activations_dir / file) as acts:
             layout = sentence_layout(acts, file, settings.skip_first_tokens)
+            layout.labels = perms.labels  # the labels ranked against (the CSV's, when given)
             examples = _examples(acts, layout, np.unique([row["feature"] for row in file_rows]), settings.activation,
                                  settings.examples_per_feature)
         for row in file_rows:
