@@ -68,8 +68,6 @@ class SAEModule(L.LightningModule):
         # resumed run resamples exactly as an uninterrupted one; checkpoints from before it load with zeros
         self.register_buffer("resample_fires", torch.zeros(self.c["d_sae"], dtype=torch.long))
         self._register_load_state_dict_pre_hook(_zero_missing_resample_fires)
-        # each rank counts its own rows (summed when resampling): DDP must not broadcast rank 0's counts over them
-        self._ddp_params_and_buffers_to_ignore = ["resample_fires"]
         self._last_step_time: float | None = None
         self._resample_rows: tuple[Tensor, Tensor] | None = None  # (x, x̂) of a step that resamples
         self.throughput = Throughput()
@@ -131,8 +129,10 @@ class SAEModule(L.LightningModule):
         self._update_state(out.latent_indices, out.min_kept, int(n_tokens))
         self._log_train(out, loss, dead_mask, int(n_tokens))
         if int(self.c["resample_every"]) > 0:
-            count_fires_(self.resample_fires, out.latent_indices, out.latent_acts,
+            fires = torch.zeros_like(self.resample_fires)  # this step's, summed over ranks: identical state everywhere
+            count_fires_(fires, out.latent_indices, out.latent_acts,
                          self.sae.threshold if self.c["architecture"] == "batchtopk" else None)
+            self.resample_fires += _all_reduce_(fires, dist.ReduceOp.SUM)
             if self._resample_due():
                 self._resample_rows = (x.detach(), out.sae_out.detach())
         return loss
@@ -150,7 +150,6 @@ class SAEModule(L.LightningModule):
         """Resample dead / duplicate latents (saeforge.sae.resample) with the rows stashed by training_step."""
         x, x_hat = self._resample_rows
         self._resample_rows = None
-        _all_reduce_(self.resample_fires, dist.ReduceOp.SUM)
         latents = pick_latents(self.resample_fires, self.sae.W_dec, float(self.c["resample_min_fires"]),
                                float(self.c["resample_dup_cos"]))
         moved = resample_(self.sae, getattr(optimizer, "optimizer", optimizer), latents, x, x_hat)
