@@ -139,8 +139,8 @@ class SAEModule(L.LightningModule):
 
     def _resample_due(self) -> bool:
         """This step ends a `resample_every` window that starts before `resample_until` of training."""
-        every = int(self.c["resample_every"])
-        if every <= 0 or self._trainer is None:
+        every = int(self.c["resample_every"])  # > 0: training_step only asks then
+        if self._trainer is None:
             return False
         step, total = self.global_step + 1, self.trainer.estimated_stepping_batches
         return step % every == 0 and (not math.isfinite(total) or step <= float(self.c["resample_until"]) * total)
@@ -161,8 +161,7 @@ class SAEModule(L.LightningModule):
     def _update_state(self, latent_indices: Tensor, min_kept: Tensor, n_tokens: int) -> None:
         """tokens_since_fired and the EMA threshold, identical on all ranks."""
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.int32)
-        with serial_cpu(fired):
-            fired[latent_indices] = 1
+        fired[latent_indices] = 1  # inside optimizer_step's step_threads, as all of training_step
         _all_reduce_(fired, dist.ReduceOp.MAX)
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired.bool()] = 0

@@ -1,6 +1,6 @@
 """Resampling: re-initialise latents that do no work towards the inputs the SAE reconstructs worst.
 
-Every `sae.resample_every` optimizer steps (opt-in), `SAEModule` picks
+Every `sae.resample_every` optimizer steps (default 50; 0 turns it off), `SAEModule` picks
   weak        latents with fewer fires since the previous resampling than `sae.resample_min_fires`
               × the median latent's; a fire is a kept activation above the training threshold
               (batchtopk; topk: every kept one), i.e. one that inference would keep — batch-TopK keeps
