@@ -62,3 +62,15 @@ def test_template_errors_name_the_column_and_the_available_ones(make_cfg, tmp_pa
         validate_train(make_cfg("corpus=files", f"corpus.data_files=[{qa_jsonl}]", "corpus.template=plain"))
     with pytest.raises(ConfigError, match="corpus.template needs corpus=files"):
         validate_train(make_cfg("corpus.template='{text}'"))
+
+
+def test_local_files_are_cached_beside_the_stores_not_in_the_shared_hf_cache(make_cfg, tmp_path, monkeypatch):
+    shared = tmp_path / "hf-home-datasets"
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", shared)
+    path = tmp_path / "c.txt"
+    path.write_text("one paragraph\n\nanother paragraph\n")
+    cfg = make_cfg("corpus=files", f"corpus.data_files=[{path}]")
+    cache = tmp_path / "cache-root"
+    assert len(load_corpus(cfg.corpus, cache)) > 0
+    assert any((cache / "datasets").rglob("*.arrow"))
+    assert not shared.exists()

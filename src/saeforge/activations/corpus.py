@@ -59,9 +59,12 @@ def load_corpus(cfg: CorpusConfig | Mapping[str, Any], cache_dir: Path) -> datas
     """A `datasets.Dataset` with the text column named by the `corpus` settings' `column`, validated."""
     c = from_config(CorpusConfig, cfg, "corpus")
     kind, split = c.kind, c.split
+    # Arrow copies of local files live beside the activation stores, not in the shared HF cache,
+    # so they go away with the cache they belong to instead of piling up under ~/.cache.
+    local_cache = str(Path(cache_dir) / "datasets")
     if kind == "gutenberg":
         path = gutenberg_text_file(cache_dir)
-        ds = datasets.load_dataset("text", data_files={"train": str(path)}, split=split, sample_by="paragraph")
+        ds = datasets.load_dataset("text", data_files={"train": str(path)}, split=split, sample_by="paragraph", cache_dir=local_cache)
     elif kind == "files":
         if not c.data_files:
             raise ValueError("corpus.data_files is empty: give corpus.data_files=[a.txt,...]")
@@ -77,7 +80,7 @@ def load_corpus(cfg: CorpusConfig | Mapping[str, Any], cache_dir: Path) -> datas
         if empty:
             raise ValueError(f"corpus.data_files: file(s) {empty} are empty")
         try:
-            ds = datasets.load_dataset(builder, data_files={"train": files}, split=split)
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split=split, cache_dir=local_cache)
         except Exception as err:  # datasets wraps parse errors in its own types
             raise ValueError(f"corpus.data_files={files} could not be read as {builder}: {err}") from err
     elif kind == "datasets":
