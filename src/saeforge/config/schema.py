@@ -204,13 +204,20 @@ class DataConfig:
     """Drop NaN/Inf rows with a count instead of failing."""
     verify: bool = False
     """Check the store's shard hashes on every open (false: once, on first use of each hookpoint)."""
+    prefetch_batches: int = 2
+    """Training batches read and shuffled ahead in a background thread while the step computes (0: read
+    between steps). The batches and their order do not depend on it."""
     num_workers: int = 0
-    """DataLoader workers."""
+    """DataLoader worker processes for the training stream: 0 (read in the training process, see
+    `prefetch_batches`) or 1 (a worker process). The stream is one ordered sequence per rank, so more
+    workers would only repeat it."""
 
     def __post_init__(self) -> None:
         require_at_least(self, "data", 1, ("n_tokens", "ctx_len", "extract_batch_size", "extract_devices", "shard_tokens", "batch_size",
                                             "shuffle_buffer", "read_rows"))
-        require_at_least(self, "data", 0, ("exclude_first_tokens", "num_workers"))
+        require_at_least(self, "data", 0, ("exclude_first_tokens", "num_workers", "prefetch_batches"))
+        require(self.num_workers <= 1, "data.num_workers",
+                f"must be 0 or 1 (the stream is one ordered sequence per rank; more workers would repeat it), got {self.num_workers}")
         require(self.exclude_first_tokens < self.ctx_len, "data.exclude_first_tokens",
                 f"must be smaller than data.ctx_len={self.ctx_len}, got {self.exclude_first_tokens}")
         require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", f"must lie in [0, 1), got {self.val_fraction}")

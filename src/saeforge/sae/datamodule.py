@@ -7,6 +7,8 @@
   it is permuted and its first half is emitted as batches.
 - Exact resume: the stream is a pure function of (seed, epoch, rank); after a restart the first
   `global_step - epoch * batches_per_epoch` batches of the epoch are regenerated and skipped.
+- The stream runs `prefetch_batches` ahead in a background thread (`prefetch`), in numpy, so reading
+  and shuffling overlap the training step; the batches are the same with or without it.
 The first `exclude_first_tokens` positions of each stored window (default 2: BOS and the first
 text token — attention sinks with ~100x the typical norm in many LMs, SmolLM2 included) are
 dropped, so they skew neither the input scale nor the SAE. Non-finite rows are found in a scan before training: an error names the file and row, or with
@@ -21,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from saeforge.activations.readers import RowChunk, RowSource, open_rows, read_chunk
 from saeforge.config import DataConfig, from_config
+from saeforge.sae.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class StreamSpec:
     bad_rows: dict[RowChunk, list[int]] = field(default_factory=dict)
     skip: "PositionSkip" = field(default_factory=lambda: PositionSkip(0, 0))
     """Window positions dropped from every chunk (see `PositionSkip`)."""
+    prefetch: int = 0
+    """Batches produced ahead in a background thread (0: in the consumer's thread)."""
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -60,23 +66,27 @@ class PositionSkip:
     window: int
     first: int
 
-    def mask(self, chunk: RowChunk) -> torch.Tensor | None:
+    def mask(self, chunk: RowChunk) -> np.ndarray | None:
         if not (self.window and self.first):
             return None
-        return (torch.arange(chunk.start, chunk.stop) % self.window) < self.first
+        return (np.arange(chunk.start, chunk.stop) % self.window) < self.first
 
     def count(self, chunk: RowChunk) -> int:
         mask = self.mask(chunk)
         return int(mask.sum()) if mask is not None else 0
 
 
-def load_rows(chunk: RowChunk, bad_rows: Mapping[RowChunk, list[int]], skip: PositionSkip = PositionSkip(0, 0)) -> torch.Tensor:
-    """A chunk's rows without its non-finite rows and the skipped window positions."""
-    rows = read_chunk(chunk)
+def load_rows(chunk: RowChunk, bad_rows: Mapping[RowChunk, list[int]], skip: PositionSkip = PositionSkip(0, 0)) -> np.ndarray:
+    """A chunk's float32 rows without its non-finite rows and the skipped window positions.
+
+    numpy, not torch: the training stream runs in a background thread (`prefetch`), where torch ops
+    would fork-join over the intra-op threads the training step is using.
+    """
+    rows = read_chunk(chunk).numpy()
     bad = bad_rows.get(chunk)
     dropped = skip.mask(chunk)
     if bad or dropped is not None:
-        keep = torch.ones(rows.shape[0], dtype=torch.bool) if dropped is None else ~dropped
+        keep = np.ones(rows.shape[0], dtype=bool) if dropped is None else ~dropped
         if bad:
             keep[bad] = False
         rows = rows[keep]
@@ -107,9 +117,14 @@ class ActivationStream(IterableDataset):
         return guaranteed_rows(self.spec.chunks, 1, self.spec.bad_rows, self.spec.skip) // self.spec.batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        spec = self.spec
-        rank, world = rank_and_world()
+        # Where the stream starts is read at the first next(), in the loop's thread: Lightning calls iter()
+        # before it has restored a resumed run's progress (and once just to check the loader is iterable).
         epoch, skip = self.position.epoch_and_skip()
+        rank, world = rank_and_world()
+        yield from prefetched(self._batches(epoch, skip, rank, world), self.spec.prefetch)
+
+    def _batches(self, epoch: int, skip: int, rank: int, world: int) -> Iterator[torch.Tensor]:
+        spec = self.spec
         n_batches = batches_per_epoch(spec, world) if spec.shuffle else math.inf
         order = list(range(len(spec.chunks)))
         gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 7919 + rank)
@@ -118,40 +133,44 @@ class ActivationStream(IterableDataset):
             order = perm.tolist()
         mine = [spec.chunks[i] for i in (order[rank::world] if spec.shuffle else order)]
         emitted = 0
-        buffer = torch.empty(0)
-        parts: list[torch.Tensor] = []  # rows read since the buffer was last formed: one cat per refill, not per chunk
+        buffer: np.ndarray | None = None
+        parts: list[np.ndarray] = []  # rows read since the buffer was last formed: one concatenate per refill
+
+        def joined() -> np.ndarray:
+            return np.concatenate(([buffer] if buffer is not None else []) + parts)
+
+        def shuffled(rows: np.ndarray) -> np.ndarray:
+            return np.take(rows, torch.randperm(rows.shape[0], generator=gen).numpy(), axis=0)
+
         for chunk in mine:
             parts.append(load_rows(chunk, spec.bad_rows, spec.skip))
             if not spec.shuffle:
-                buffer = torch.cat([buffer.reshape(-1, parts[0].shape[1]), *parts])
-                parts = []
+                buffer, parts = joined(), []
                 while buffer.shape[0] >= spec.batch_size:
-                    yield buffer[: spec.batch_size]
+                    yield torch.from_numpy(buffer[: spec.batch_size])
                     buffer = buffer[spec.batch_size :]
                 continue
-            if buffer.shape[0] + sum(p.shape[0] for p in parts) < spec.shuffle_buffer:
+            if (0 if buffer is None else buffer.shape[0]) + sum(p.shape[0] for p in parts) < spec.shuffle_buffer:
                 continue
-            buffer = torch.cat([buffer.reshape(-1, parts[0].shape[1]), *parts])
-            parts = []
-            buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
+            buffer, parts = shuffled(joined()), []
             half = (buffer.shape[0] // 2 // spec.batch_size) * spec.batch_size
             for start in range(0, half, spec.batch_size):
                 if emitted >= n_batches:
                     return
                 if emitted >= skip:
-                    yield buffer[start : start + spec.batch_size]
+                    yield torch.from_numpy(buffer[start : start + spec.batch_size])
                 emitted += 1
             buffer = buffer[half:]
         if parts:
-            buffer = torch.cat([buffer.reshape(-1, parts[0].shape[1]), *parts])
-        if buffer.numel():
+            buffer, parts = joined(), []
+        if buffer is not None and buffer.size:
             if spec.shuffle:
-                buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
+                buffer = shuffled(buffer)
             for start in range(0, buffer.shape[0] - spec.batch_size + 1, spec.batch_size):
                 if emitted >= n_batches:
                     return
                 if emitted >= skip:
-                    yield buffer[start : start + spec.batch_size]
+                    yield torch.from_numpy(buffer[start : start + spec.batch_size])
                 emitted += 1
 
 
@@ -224,7 +243,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _spec(self, chunks: list[RowChunk], shuffle: bool) -> StreamSpec:
         return StreamSpec(chunks, self.cfg.batch_size, self.cfg.shuffle_buffer, self.seed, shuffle,
-                          self.bad_rows, self.skip)
+                          self.bad_rows, self.skip, self.cfg.prefetch_batches)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ActivationStream(self._spec(self.train_chunks, True), self.position), batch_size=None,
@@ -240,7 +259,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.prepare()
         seen = 0
         for chunk in self.val_chunks or self.train_chunks[-1:]:
-            rows = load_rows(chunk, self.bad_rows, self.skip)
+            rows = torch.from_numpy(load_rows(chunk, self.bad_rows, self.skip))
             yield rows
             seen += rows.shape[0]
             if max_rows is not None and seen >= max_rows:
@@ -253,7 +272,7 @@ class ActivationDataModule(L.LightningDataModule):
         order = torch.randperm(len(self.train_chunks), generator=gen).tolist()
         picked, total = [], 0
         for i in order:
-            rows = load_rows(self.train_chunks[i], self.bad_rows, self.skip)
+            rows = torch.from_numpy(load_rows(self.train_chunks[i], self.bad_rows, self.skip))
             picked.append(rows)
             total += rows.shape[0]
             if total >= n:
