@@ -21,7 +21,9 @@ HP = "layers.2"
 TIMING_KEYS = {"finished", "started", "timestamp", "time", "seconds", "elapsed_s", "duration_s", "wall_s",
                "tokens_per_s", "created", "updated"}
 """JSON keys dropped before comparing outputs: timing, not content."""
-EXCLUDED_PARTS = {"wandb", ".hydra", "lightning_logs", "logs"}
+# "datasets": the HF `datasets` Arrow cache of the corpus under the cache root — the library's files
+# (lock files, fingerprints), not our outputs; the stores built from it are compared.
+EXCLUDED_PARTS = {"wandb", ".hydra", "lightning_logs", "logs", "datasets"}
 EXCLUDED_SUFFIXES = (".log",)
 
 
