@@ -189,7 +189,7 @@ def saelens_inference(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def fmt(name: str, trainer: str, s: dict[str, float], wall: float) -> str:
     return (f"{name:>11} {trainer:>9} {s['MMCS']:6.3f} {100 * s['rec>.9']:6.1f}% {s['FVU']:7.4f} {s['L0']:6.2f} "
-            f"{100 * s['dead']:5.1f}% {100 * s['dup']:5.1f}% {wall:6.0f}s")
+            f"{100 * s['dead']:5.1f}% {100 * s['dup']:5.1f}% " + ("      –" if math.isnan(wall) else f"{wall:6.0f}s"))
 
 
 def main() -> None:
