@@ -55,13 +55,14 @@ def test_the_producer_runs_ahead_and_stops_when_the_consumer_does():
 def test_training_batches_do_not_depend_on_prefetch(tmp_path):
     path = write_h5(tmp_path / "a.h5", ids_rows(3000))
     streams = []
-    for prefetch in (0, 2):
-        dm = ActivationDataModule({**CFG, "prefetch_batches": prefetch}, str(path), None, seed=5)
+    for prefetch, workers in ((0, 0), (2, 0), (2, 1)):
+        dm = ActivationDataModule({**CFG, "prefetch_batches": prefetch, "num_workers": workers}, str(path), None, seed=5)
         dm.setup()
         streams.append([b.clone() for b in dm.train_dataloader()])
-    assert len(streams[0]) == len(streams[1]) > 10
-    for a, b in zip(*streams):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(streams[0]) == len(streams[1]) == len(streams[2]) > 10
+    for other in streams[1:]:
+        for a, b in zip(streams[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not producer_threads()
 
 
