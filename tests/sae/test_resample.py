@@ -60,6 +60,7 @@ def test_training_with_resampling_revives_a_dead_latent():
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(list(x.split(128)), batch_size=None))
     assert float(module.sae.b_enc[3]) > -1.0
+    assert int(module.resampled) >= 1  # the count the end-of-training line prints
     fires = module.sae.encode_inference(module.normalize(x[:1024])).gt(0).sum(0)
     assert int(fires[3]) > 0, fires.tolist()
 
@@ -74,3 +75,13 @@ def test_decoder_init_rows_points_every_latent_at_a_sample_row():
     best = (torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ rows.t()).max(dim=1).values
     assert torch.allclose(best, torch.ones(16), atol=1e-5)
     assert torch.allclose(sae.W_enc.detach(), sae.W_dec.detach().t())
+
+
+def test_checkpoints_from_before_the_resampling_state_load_with_zero_counts():
+    module = SAEModule({"d_sae": 8, "k": 2}, d_in=8)
+    state = module.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("resample_fires", "resampled")}
+    module.resample_fires.fill_(5)
+    module.resampled.fill_(3)
+    module.load_state_dict(old)  # strict: the hook supplies the missing keys
+    assert int(module.resample_fires.sum()) == 0 and int(module.resampled) == 0

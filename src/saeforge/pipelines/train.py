@@ -125,7 +125,8 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     threshold = module.calibrate(dm.heldout_batches)
     result = heldout_metrics(module, dm)
     result.update({"threshold": threshold, "k": float(settings.sae.k), "d_sae": module.c["d_sae"], "d_in": d_in,
-                   "steps": trainer.global_step, "hookpoint": hookpoint, "tokens_per_s": module.throughput.tokens_per_s})
+                   "steps": trainer.global_step, "hookpoint": hookpoint, "tokens_per_s": module.throughput.tokens_per_s,
+                   "resampled": int(module.resampled)})
     if trainer.is_global_zero:
         sparsity = torch.log10(result.pop("_frequency").clamp_min(1e-10))
         amax = result.pop("_amax")
@@ -137,7 +138,8 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
             logger.experiment.finish()  # the next job of a multirun (same process) starts its own W&B run
         print(f"SAE exported to {export_dir}")
         print(f"held-out: FVU {result['fvu']:.4f}  MSE {result['mse']:.4g}  L0 {result['l0']:.1f}  "
-              f"dead {100 * result['dead_frac']:.1f}%  ({result['rows']} rows)  |  training {result['tokens_per_s']:,.0f} tokens/s")
+              f"dead {100 * result['dead_frac']:.1f}%  ({result['rows']} rows)  |  resampled {result['resampled']} latents  |  "
+              f"training {result['tokens_per_s']:,.0f} tokens/s")
     else:
         result.pop("_frequency")
         result.pop("_amax")

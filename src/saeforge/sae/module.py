@@ -43,11 +43,13 @@ def _all_reduce_(t: Tensor, op: Any) -> Tensor:
     return t
 
 
-def _zero_missing_resample_fires(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-    """Checkpoints written before `resample_fires` was checkpointed load with zero counts."""
-    key = prefix + "resample_fires"
-    if key not in state_dict and prefix + "tokens_since_fired" in state_dict:
-        state_dict[key] = torch.zeros_like(state_dict[prefix + "tokens_since_fired"])
+def _zero_missing_resample_state(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the resampling state was checkpointed load with zero counts."""
+    dead = state_dict.get(prefix + "tokens_since_fired")
+    if dead is None:
+        return
+    state_dict.setdefault(prefix + "resample_fires", torch.zeros_like(dead))
+    state_dict.setdefault(prefix + "resampled", torch.zeros((), dtype=torch.long))
 
 
 class SAEModule(L.LightningModule):
@@ -67,7 +69,8 @@ class SAEModule(L.LightningModule):
         # inference-strength fires per latent since the last resampling (saeforge.sae.resample); checkpointed so a
         # resumed run resamples exactly as an uninterrupted one; checkpoints from before it load with zeros
         self.register_buffer("resample_fires", torch.zeros(self.c["d_sae"], dtype=torch.long))
-        self._register_load_state_dict_pre_hook(_zero_missing_resample_fires)
+        self.register_buffer("resampled", torch.zeros((), dtype=torch.long))  # latents moved so far, for the summary
+        self._register_load_state_dict_pre_hook(_zero_missing_resample_state)
         self._last_step_time: float | None = None
         self._resample_rows: tuple[Tensor, Tensor] | None = None  # (x, x̂) of a step that resamples
         self.throughput = Throughput()
@@ -155,6 +158,7 @@ class SAEModule(L.LightningModule):
         moved = resample_(self.sae, getattr(optimizer, "optimizer", optimizer), latents, x, x_hat)
         self.tokens_since_fired[latents[:moved]] = 0
         self.resample_fires.zero_()
+        self.resampled += moved
         self.log("train/resampled", float(moved))
 
     @torch.no_grad()
