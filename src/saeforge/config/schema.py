@@ -831,7 +831,8 @@ class TrainConfig:
     extract_only: bool = False
     """Build (or reuse) the activation store, then exit."""
     overwrite: List[str] = field(default_factory=list)
-    """[cache]: rebuild the activation store even when the cache key matches."""
+    """[cache]: rebuild the activation store even when the cache key matches; [run]: move an existing run.dir's
+    contents aside (to <run.dir>.replaced-<time>, not deleted) and train from scratch, whatever its settings."""
     ckpt_path: Optional[str] = None
     """Resume from a Lightning checkpoint; `last` = <run.dir>/checkpoints/last.ckpt (automatic when it exists)."""
     checkpoint_every_n_steps: int = 500
@@ -841,8 +842,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(int(self.checkpoint_every_n_steps) >= 1, "checkpoint_every_n_steps", f"must be >= 1, got {self.checkpoint_every_n_steps}")
-        bad = [o for o in self.overwrite if o != "cache"]
-        require(not bad, "overwrite", f"may only contain cache, got {bad}")
+        bad = [o for o in self.overwrite if o not in ("cache", "run")]
+        require(not bad, "overwrite", f"may only contain cache and run, got {bad}")
 
 
 @dataclass

@@ -30,6 +30,18 @@ class ExportSAECallback(L.Callback):
         self.write(pl_module, {"step": trainer.global_step, "threshold": "running mean of the smallest kept activation"})
 
 
+class FingerprintCallback(L.Callback):
+    """Stores the run's training fingerprint in every checkpoint, so a rerun resumes only under the same settings."""
+
+    def __init__(self, fingerprint: dict[str, Any]):
+        self.fingerprint = fingerprint
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from saeforge.pipelines.validate import FINGERPRINT_KEY
+
+        checkpoint[FINGERPRINT_KEY] = dict(self.fingerprint)
+
+
 class InterpretCallback(L.Callback):
     """Every `every_n_steps` optimizer steps, run `cfg.interpret.stages` on `cfg.interpret.max_latents` features."""
 

@@ -30,6 +30,37 @@ def run_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def move_run_aside(directory: Path) -> Path | None:
+    """overwrite=[run]: move everything in `directory` to `<directory>.replaced-<time>` beside it (kept, not
+    deleted), so training starts fresh there. Left in place: this process's lock and log files (`*.lock`,
+    `*.log`: the log is appended to across runs). Returns the folder moved to (None when nothing was there)."""
+    from datetime import datetime
+
+    entries = [p for p in directory.iterdir() if p.suffix not in (".lock", ".log")]
+    if not entries or not is_primary_process():
+        return None
+    stamp = f"{datetime.now():%Y-%m-%dT%H-%M-%S}"
+    aside = directory.parent / f"{directory.name}.replaced-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = directory.parent / f"{directory.name}.replaced-{stamp}-{n}"
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    log.warning("overwrite=[run]: moved the old run in %s to %s", directory, aside)
+    return aside
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+"""Set by Lightning's launcher (its child processes), torchrun and SLURM: a nonzero one means a secondary process."""
+
+
+def is_primary_process() -> bool:
+    """True in the process that owns a run: not a DDP child, not a process of another node."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
+
+
 def strip_secrets(node: Any) -> Any:
     """A plain copy of a config with secret-looking values removed (names of env vars are kept)."""
     if isinstance(node, (DictConfig,)):

@@ -14,12 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import build_store
 from saeforge.atomic import atomic_write_json, atomic_write_text
-from saeforge.pipelines.callbacks import ExportSAECallback
+from saeforge.pipelines.callbacks import ExportSAECallback, FingerprintCallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
 from saeforge.lm.hookpoints import hookpoint_layer
-from saeforge.pipelines.run import make_wandb_logger, run_dir, strip_secrets, write_wandb_run
-from saeforge.pipelines.validate import TrainPlan, trainer_kwargs_from, validate_train
+from saeforge.pipelines.run import make_wandb_logger, move_run_aside, run_dir, strip_secrets, write_wandb_run
+from saeforge.pipelines.validate import (TrainPlan, check_resume_fingerprint, run_fingerprint, trainer_kwargs_from,
+                                         validate_train)
 from saeforge.sae.formats import write_saelens
 from saeforge.sae.module import SAEModule
 from saeforge.sae.source import RUN_CONFIG
@@ -44,6 +45,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def resolve_ckpt(cfg: DictConfig, directory: Path) -> str | None:
     """`ckpt_path=last` or an existing <run.dir>/checkpoints/last.ckpt resumes; else a fresh run."""
     last = directory / "checkpoints" / "last.ckpt"
+    if "run" in (cfg.get("overwrite") or []):
+        return None  # a fresh run (validation refused a ckpt_path beside it)
     if cfg.ckpt_path in (None, "last"):
         if last.is_file():
             log.info("resuming from %s", last)
@@ -80,6 +83,10 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     plan = plan or validate_train(cfg)  # first: bad settings fail here, before any load or extraction
     settings, hookpoint = plan.settings, plan.hookpoint
     directory = run_dir(cfg)
+    if "run" in settings.overwrite:
+        move_run_aside(directory)
+    check_resume_fingerprint(cfg)  # again: another process may have trained here since validation
+    fingerprint = run_fingerprint(cfg)
     L.seed_everything(int(settings.seed), workers=True, verbose=False)
     path, model_name = data_source(cfg, plan)
     if settings.extract_only:
@@ -107,7 +114,7 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     # a training resumed from a checkpoint keeps its W&B run; a fresh one (overwrite=true too) starts a new run
     logger = make_wandb_logger(cfg, directory, "train", attach=directory if ckpt else None)
     write_wandb_run(logger, directory)  # evaluate.py and interpret.py attach to this W&B run
-    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
+    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write), FingerprintCallback(fingerprint)]
     every = int(settings.interpret_callback.every_n_steps)
     if every > 0:
         from hydra import compose
@@ -118,7 +125,7 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=callbacks)
-    record_run_config(cfg, directory)
+    record_run_config(cfg, directory, fingerprint)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)
 
@@ -155,9 +162,10 @@ def log_feature_histograms(logger: Any, log10_frequency: torch.Tensor, amax: tor
                            "final/feature_amax": wandb.Histogram(amax.double().cpu().numpy())})
 
 
-def record_run_config(cfg: DictConfig, directory: Path) -> None:
+def record_run_config(cfg: DictConfig, directory: Path, fingerprint: dict[str, Any]) -> None:
     """Write <run dir>/run_config.yaml (atomically, rank 0) as training starts: the config these checkpoints
-    come from, which interpret and evaluate read. A rerun that fails before this point leaves it as it was."""
+    come from, which interpret and evaluate read, with its training fingerprint (`fingerprint:`, the settings a
+    resume must match). A rerun that fails before this point leaves it as it was."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     if getattr(rank_zero_only, "rank", 0) != 0:
@@ -165,6 +173,7 @@ def record_run_config(cfg: DictConfig, directory: Path) -> None:
     plain = strip_secrets(OmegaConf.to_container(cfg, resolve=False))
     if isinstance(plain.get("run"), dict):
         plain["run"]["dir"] = str(directory)  # not the unresolved `${now:...}` default
+    plain["fingerprint"] = fingerprint
     atomic_write_text(directory / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 

@@ -90,7 +90,7 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         d_in = source.d_in
         hookpoint = canonical_name(str(data.hookpoint)) if hookpoint_given(cfg) else file_hookpoint_name(data.path)
         settings.sae.check_k(d_in)
-        check_resume_d_in(cfg, d_in)
+        check_resume(cfg, settings, d_in)
         return TrainPlan(settings, d_in, hookpoint, None)
 
     from saeforge.lm.dimensions import lora_width
@@ -122,8 +122,17 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         else:
             d_in = dims.d_model
     settings.sae.check_k(d_in)
-    check_resume_d_in(cfg, d_in)
+    check_resume(cfg, settings, d_in)
     return TrainPlan(settings, d_in, hookpoint, hookpoint)
+
+
+def check_resume(cfg: DictConfig, settings: TrainConfig, d_in: int) -> None:
+    """What a rerun would resume must be this run: the data's width, then every fingerprinted setting."""
+    if "run" in settings.overwrite and settings.ckpt_path not in (None, "last"):
+        raise ConfigError(f"overwrite=[run] starts a fresh run, but ckpt_path={settings.ckpt_path} asks to resume one: "
+                          "give one of them")
+    check_resume_d_in(cfg, d_in)
+    check_resume_fingerprint(cfg)
 
 
 def check_extract_devices(settings: TrainConfig) -> None:
@@ -150,7 +159,10 @@ def _train_run_dir(cfg: DictConfig) -> Path:
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint a training run would resume from, if it exists: ckpt_path, else <run dir>/checkpoints/last.ckpt."""
+    """The checkpoint a training run would resume from, if it exists: ckpt_path, else <run dir>/checkpoints/last.ckpt
+    (none with overwrite=[run], which moves the old run aside)."""
+    if "run" in (cfg.get("overwrite") or []):
+        return None
     ckpt_path = cfg.get("ckpt_path")
     path = _train_run_dir(cfg) / "checkpoints" / "last.ckpt" if ckpt_path in (None, "last") else Path(str(ckpt_path))
     return path if path.is_file() else None
@@ -174,6 +186,79 @@ def check_resume_d_in(cfg: DictConfig, d_in: int) -> None:
     if ckpt_d_in != d_in:
         raise ConfigError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}: "
                           "train into another run.dir, or point data at what this run was trained on")
+
+
+FINGERPRINT_KEY = "saeforge_fingerprint"
+"""Where a checkpoint carries its run's training fingerprint (`saeforge.config.fingerprint`)."""
+
+
+def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The training fingerprint of a composed train config (or of a run's recorded `run_config.yaml`)."""
+    from saeforge.config.fingerprint import training_fingerprint
+
+    groups = {g: OmegaConf.to_container(cfg[g], resolve=True) if cfg.get(g) is not None else {}
+              for g in ("model", "corpus", "data", "sae")}
+    trainer = trainer_kwargs_from(OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True))
+    trainer["devices"] = ranks_per_node(trainer)
+    return training_fingerprint({**groups, "trainer": trainer, "seed": cfg.get("seed")})
+
+
+def ranks_per_node(trainer: dict[str, Any]) -> int:
+    """The number of processes `trainer.devices` starts per node (`auto` / -1: every GPU when on GPUs, else 1)."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    import torch
+
+    accelerator = trainer.get("accelerator", "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return max(1, torch.cuda.device_count()) if on_gpu else 1
+
+
+def recorded_fingerprint(ckpt: Path, run: Path) -> dict[str, Any] | None:
+    """The fingerprint a checkpoint was trained under: stored in it, else (runs from before fingerprints)
+    computed from the run's `run_config.yaml`; None when neither is there."""
+    import torch
+
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(FINGERPRINT_KEY)
+    if stored is not None:
+        return dict(stored)
+    from saeforge.sae.source import RUN_CONFIG
+
+    if not (run / RUN_CONFIG).is_file():
+        return None
+    return run_fingerprint(OmegaConf.load(run / RUN_CONFIG))
+
+
+def check_resume_fingerprint(cfg: DictConfig) -> None:
+    """A checkpoint resumes only under the settings it was trained with: else one line naming each changed key."""
+    import logging
+    import pickle
+
+    from saeforge.config.fingerprint import fingerprint_changes
+
+    ckpt = resume_checkpoint(cfg)
+    if ckpt is None:
+        return
+    run = _train_run_dir(cfg)
+    try:
+        old = recorded_fingerprint(ckpt, run)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
+        return  # unreadable: the checkpoint checks report it
+    if old is None:
+        logging.getLogger(__name__).warning("%s records no settings fingerprint: resuming it unchecked", ckpt)
+        return
+    changes = fingerprint_changes(old, run_fingerprint(cfg))
+    if changes:
+        raise ConfigError(f"run.dir={str(run)!r} was trained with other settings ({'; '.join(changes)}): resuming it "
+                          "would not give the run you asked for; use a new run.dir, or overwrite=[run] to move the "
+                          "old run aside and start fresh")
 
 
 def _hookpoint_unset(cfg: DictConfig) -> bool:
