@@ -24,7 +24,7 @@ TIMING_KEYS = {"finished", "started", "timestamp", "time", "seconds", "elapsed_s
 # "datasets": the HF `datasets` Arrow cache of the corpus under the cache root — the library's files
 # (lock files, fingerprints), not our outputs; the stores built from it are compared.
 EXCLUDED_PARTS = {"wandb", ".hydra", "lightning_logs", "logs", "datasets"}
-EXCLUDED_SUFFIXES = (".log",)
+EXCLUDED_SUFFIXES = (".log", ".lock")
 
 
 def env(tmp: Path, **extra: str) -> dict[str, str]:

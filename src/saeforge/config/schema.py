@@ -805,6 +805,8 @@ class TrainRunConfig:
 
     dir: Optional[str] = "runs/${now:%Y-%m-%d_%H-%M-%S}"
     """Everything this run writes; rerun with the same dir to resume."""
+    wait: bool = False
+    """Another process (train, evaluate, interpret) holds run.dir: wait for it to end instead of failing at once."""
 
 
 @dataclass
@@ -813,6 +815,8 @@ class OutputRunConfig:
 
     dir: Optional[str] = None
     """Where results go; null: next to the SAE's training run (or runs/<job>-<time> for imports)."""
+    wait: bool = False
+    """Another process (train, evaluate, interpret) holds the run directory: wait for it to end instead of failing at once."""
 
 
 @dataclass

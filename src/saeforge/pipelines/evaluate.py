@@ -17,7 +17,8 @@ from saeforge.activations.windows import pack_windows
 from saeforge.sae.spliced import evaluate_spliced
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
-from saeforge.pipelines.run import make_wandb_logger, read_wandb_run
+from saeforge.config import EvaluateConfig
+from saeforge.pipelines.run import make_wandb_logger, read_wandb_run, run_lock
 from saeforge.pipelines.validate import exclude_first_tokens, validate_evaluate
 from saeforge.sae.source import SAESource, resolve_sae
 
@@ -59,6 +60,16 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     if settings.compare:
         return compare_runs([str(p) for p in settings.compare], Path(str(settings.run.dir or "runs/compare")), cfg)
     source = resolve_sae(settings.ckpt, settings.hookpoint)
+    out = output_dir(cfg, source)
+    # one process per run directory: the training run's when the results go into it, else the output folder
+    held = source.run_dir if source.run_dir is not None and out.is_relative_to(source.run_dir) else out
+    with run_lock(held, "evaluating", settings.run.wait):
+        return evaluate_source(cfg, settings, source, out, lm)
+
+
+def evaluate_source(cfg: DictConfig, settings: EvaluateConfig, source: SAESource, out: Path,
+                    lm: LoadedLM | None = None) -> dict[str, Any]:
+    """`evaluate` of a resolved SAE into `out`, once this process holds the run directory."""
     model_cfg, corpus_cfg, data_cfg = source_configs(cfg, source)
     lm = lm or load_lm(model_cfg)
     ev = settings.evaluate
@@ -68,7 +79,6 @@ def evaluate(cfg: DictConfig, lm: LoadedLM | None = None) -> dict[str, Any]:
     result = evaluate_spliced(lm, source.sae, source.hookpoint, tokens, ev.batch_size, skip)
     result.update({"ckpt": str(settings.ckpt), "sae": source.description, "hookpoint": source.hookpoint, "model": lm.name,
                    "k": source.sae.cfg.k, "d_sae": source.sae.cfg.d_sae})
-    out = output_dir(cfg, source)
     atomic_write_json(out / RESULT, result, default=str)
     logger = make_wandb_logger(cfg, out, "evaluate", attach=source.run_dir)  # the training run's W&B run, if any
     if logger is not None:

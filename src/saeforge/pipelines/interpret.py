@@ -53,6 +53,7 @@ from saeforge.config import (
     STAGES,
     ExplainConfig,
     ImportedSAEConfig,
+    InterpretConfig,
     LogitLensConfig,
     MaxActConfig,
     ScoreConfig,
@@ -61,7 +62,7 @@ from saeforge.config import (
 )
 from saeforge.interpret.describe import is_generic_label, top_token_description
 from saeforge.interpret.prompts import load_prompts, prompts_json, resolve_prompt_file
-from saeforge.pipelines.run import make_wandb_logger, strip_secrets
+from saeforge.pipelines.run import make_wandb_logger, run_lock, strip_secrets
 from saeforge.pipelines.validate import exclude_first_tokens, validate_interpret
 from saeforge.sae.source import SAESource, resolve_sae
 
@@ -587,9 +588,17 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
     result, unless `interpret.allow_partial` (then the failures are only reported).
     """
     settings = validate_interpret(cfg)  # first: bad settings fail here, before any load
-    stages = list(settings.interpret.stages)
     sources = resolve_sources(settings)
-    root = output_root(cfg, sources[0][1]) / "interpret"
+    out_root = output_root(cfg, sources[0][1])
+    with run_lock(out_root, "interpreting", settings.run.wait):  # one process per run directory
+        return interpret_sources(cfg, settings, sources, out_root, lm)
+
+
+def interpret_sources(cfg: DictConfig, settings: InterpretConfig, sources: list[tuple[str, SAESource]], out_root: Path,
+                      lm: LoadedLM | None = None) -> Path:
+    """`interpret` of the resolved SAEs, once this process holds `out_root` (their run directory)."""
+    stages = list(settings.interpret.stages)
+    root = out_root / "interpret"
     prompt_file, prompt_origin = resolve_prompt_file(cfg.prompts.get("override"), root.parent)
     prompts = load_prompts(prompt_file)  # a bad prompt file fails here, before the LM loads
     shared: dict[str, Any] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +59,47 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID
 def is_primary_process() -> bool:
     """True in the process that owns a run: not a DDP child, not a process of another node."""
     return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
+
+
+RUN_LOCK = ".saeforge.lock"
+"""`<run dir>/.saeforge.lock`: held by the train, evaluate or interpret process writing into the run."""
+_RUN_LOCKS: set[Path] = set()
+"""Run directories this process holds (a job inside another job of the same process, e.g. an interpret
+callback during training, needs no second lock)."""
+
+
+@contextmanager
+def run_lock(directory: Path, purpose: str, wait: bool = False) -> Iterator[None]:
+    """Hold `<directory>/.saeforge.lock` for the `with` block: one process per run directory.
+
+    Held by another live process: `runlock.LockedError` (one line naming its host, pid and command), or with
+    `wait` (run.wait=true) wait for it to end. A lock whose holder died is taken over with a warning. DDP
+    children and other nodes' processes take no lock: the launching process holds it for them."""
+    from saeforge.runlock import LockedError, hold
+
+    key = directory.resolve()
+    if key in _RUN_LOCKS or not is_primary_process():
+        yield
+        return
+    announced: list[bool] = []
+
+    def waiting(holder: Any) -> None:
+        if not announced:
+            log.warning("waiting for %s to release %s (run.wait=true)", holder or "another process", directory)
+            announced.append(True)
+
+    stack = ExitStack()
+    try:
+        stack.enter_context(hold(directory / RUN_LOCK, purpose, wait=wait, on_wait=waiting))
+    except LockedError as err:
+        err.args = (f"{err} (run.wait=true waits for it)",)
+        raise
+    with stack:
+        _RUN_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _RUN_LOCKS.discard(key)
 
 
 def strip_secrets(node: Any) -> Any:
@@ -239,13 +280,15 @@ def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
 
 @contextmanager
 def config_errors_exit() -> Iterator[None]:
-    """A ConfigError (a bad setting, found before any work) becomes one line on stderr and exit status 2."""
+    """A ConfigError (a bad setting, found before any work) or a run directory held by another process
+    (runlock.LockedError) becomes one line on stderr and exit status 2."""
     import sys
 
     from saeforge.config import ConfigError
+    from saeforge.runlock import LockedError
 
     try:
         yield
-    except ConfigError as err:
+    except (ConfigError, LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,7 +18,7 @@ from saeforge.pipelines.callbacks import ExportSAECallback, FingerprintCallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
 from saeforge.lm.hookpoints import hookpoint_layer
-from saeforge.pipelines.run import make_wandb_logger, move_run_aside, run_dir, strip_secrets, write_wandb_run
+from saeforge.pipelines.run import make_wandb_logger, move_run_aside, run_dir, run_lock, strip_secrets, write_wandb_run
 from saeforge.pipelines.validate import (TrainPlan, check_resume_fingerprint, run_fingerprint, trainer_kwargs_from,
                                          validate_train)
 from saeforge.sae.formats import write_saelens
@@ -81,8 +81,14 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     `plan` is `validate_train(cfg)` when the caller already ran it (the entry script does, before importing this).
     """
     plan = plan or validate_train(cfg)  # first: bad settings fail here, before any load or extraction
-    settings, hookpoint = plan.settings, plan.hookpoint
     directory = run_dir(cfg)
+    with run_lock(directory, "training", plan.settings.run.wait):  # one process per run directory
+        return train_locked(cfg, plan, directory)
+
+
+def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str, Any]:
+    """`train` once this process holds the run directory."""
+    settings, hookpoint = plan.settings, plan.hookpoint
     if "run" in settings.overwrite:
         move_run_aside(directory)
     check_resume_fingerprint(cfg)  # again: another process may have trained here since validation
