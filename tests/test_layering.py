@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "saeforge"
-LEAVES = {"paths", "atomic"}  # the bottom layer: they may import only each other
+LEAVES = {"paths", "atomic", "runlock"}  # the bottom layer: they may import only each other
 
 
 def unit_of(path: Path) -> str:
