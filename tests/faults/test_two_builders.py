@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class Started:
     def output(self) -> str:
         return "".join(self.chunks)
 
-    def wait_for(self, reached, what: str, timeout: float = 120) -> None:
+    def wait_for(self, reached: Callable[[], bool], what: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while not reached():
             assert self.proc.poll() is None or reached(), f"exited ({self.proc.returncode}) before {what}:\n{self.output[-3000:]}"
@@ -80,7 +81,7 @@ def lock_of(tmp: Path) -> Path:
     return store_lock(store_root(cfg.model, cfg.corpus, cfg.data))
 
 
-def start_then_pause_builder(tmp: Path, lock: Path, reached) -> Started:
+def start_then_pause_builder(tmp: Path, lock: Path, reached: Callable[[], bool]) -> Started:
     """Start a builder and SIGSTOP it once `reached()`, checking that it holds the store lock."""
     builder = Started(extract_args(tmp), tmp)
     builder.wait_for(reached, "the builder's progress point")
