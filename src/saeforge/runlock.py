@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-COMMAND_CHARS = 300
+COMMAND_CHARS = 2000
 """The holder's command line is cut to this many characters."""
 
 

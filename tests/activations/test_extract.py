@@ -69,7 +69,7 @@ def test_resume_after_kill_is_byte_identical(make_cfg, tiny_lm, tmp_path, fmt):
 
     with pytest.raises(Killed):
         build(cfg, lm=tiny_lm, on_shard=kill_after_two)
-    partial = next((tmp_path / "killed" / "activations").iterdir())
+    partial = next(p for p in (tmp_path / "killed" / "activations").iterdir() if p.is_dir())  # not its .lock
     assert not json.loads((partial / "manifest.json").read_text())["complete"]
     if fmt == "h5":
         assert not (partial / "layers.2.h5").exists() and (partial / "layers.2.h5.partial").exists()
@@ -128,7 +128,7 @@ def test_two_processes_resume_a_killed_store(make_cfg, tmp_path):
 
     with pytest.raises(Killed):
         build(cfg, on_shard=kill_rank0)
-    partial = next((tmp_path / "killed" / "activations").iterdir())
+    partial = next(p for p in (tmp_path / "killed" / "activations").iterdir() if p.is_dir())  # not its .lock
     assert not json.loads((partial / "manifest.json").read_text())["complete"]
     assert (partial / "layers.2" / "shard-00000.safetensors").is_file()
     resumed = build(cfg)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from saeforge.activations import lora as lora_capture
 from saeforge.activations.store import (
@@ -22,16 +23,18 @@ from saeforge.activations.store import (
     is_complete,
     read_manifest,
     read_tokens,
+    shard_path,
     write_manifest,
     write_tokens,
 )
 from saeforge.activations.corpus import iter_texts, load_corpus
-from saeforge.activations.shards import ShardJob, adapter_sites, extract_parallel, extract_shards
+from saeforge.activations.shards import PARTS, ShardJob, adapter_sites, extract_parallel, extract_shards
 from saeforge.activations.windows import pack_windows
 from saeforge.config import corpus_identity
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, check_hookpoint
 from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
+from saeforge.runlock import Holder, Lock, hold
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,38 @@ def store_root(model_cfg: Mapping[str, Any], corpus_cfg: Mapping[str, Any], data
     return cache_root(data_cfg.get("cache_dir")) / "activations" / store_spec(model_cfg, corpus_cfg, data_cfg).cache_key()
 
 
+def store_lock(root: Path) -> Path:
+    """The lock file of a store, beside it: `<cache>/activations/<cache key>.lock` (see `saeforge.runlock`)."""
+    return root.with_name(f"{root.name}.lock")
+
+
+class WaitLine:
+    """What a process waiting for another's build shows: a line naming the builder, then its shards done."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.builder: int | None = None
+        self.bar: Any = None
+
+    def __call__(self, holder: Holder | None) -> None:
+        if holder is None:
+            return
+        if holder.pid != self.builder:
+            self.close()
+            self.builder = holder.pid
+            log.info("activation store %s is being built by %s; waiting for it (this process resumes the build "
+                     "if that one dies)", self.root, holder)
+            self.bar = tqdm(total=0, unit="shard", desc=f"waiting for builder pid {holder.pid}", dynamic_ncols=True)
+        if "total" in holder.progress:
+            self.bar.total, self.bar.n = holder.progress["total"], holder.progress["done"]
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def build_store(
     model_cfg: Mapping[str, Any],
     corpus_cfg: Mapping[str, Any],
@@ -94,18 +129,45 @@ def build_store(
 
     A complete store with the same cache key is reused without loading the model; `overwrite`
     containing "cache" rebuilds it. An incomplete one is resumed: finished shards are kept.
+    One process builds a store at a time (the lock beside it, `store_lock`): another that needs it
+    waits, showing the builder's progress, then reuses it, or resumes the build if the builder died.
     `on_shard(i)` is called after shard i is written (tests use it to simulate a kill).
     """
     spec = store_spec(model_cfg, corpus_cfg, data_cfg)
-    cache = cache_root(data_cfg and data_cfg.get("cache_dir"))
     root = store_root(model_cfg, corpus_cfg, data_cfg)
-    if "cache" in overwrite and root.exists():
-        log.info("overwrite=[cache]: removing %s", root)
-        shutil.rmtree(root)
-    if is_complete(root):
-        log.info("reusing activation store %s (same cache key %s)", root, spec.cache_key())
-        return Store(root, read_manifest(root) or {}, reused=True)
+    if "cache" not in overwrite and is_complete(root):
+        return reuse_store(root, spec)
+    waiting = WaitLine(root)
+    try:
+        with hold(store_lock(root), f"building activation store {root}", wait=True, on_wait=waiting, poll=1.0) as lock:
+            waiting.close()
+            if "cache" in overwrite and root.exists():
+                log.info("overwrite=[cache]: removing %s", root)
+                shutil.rmtree(root)
+            if is_complete(root):
+                return reuse_store(root, spec)
+            return extract_store(spec, root, model_cfg, corpus_cfg, data_cfg, lm, on_shard, lock)
+    finally:
+        waiting.close()
 
+
+def reuse_store(root: Path, spec: StoreSpec) -> Store:
+    log.info("reusing activation store %s (same cache key %s)", root, spec.cache_key())
+    return Store(root, read_manifest(root) or {}, reused=True)
+
+
+def extract_store(
+    spec: StoreSpec,
+    root: Path,
+    model_cfg: Mapping[str, Any],
+    corpus_cfg: Mapping[str, Any],
+    data_cfg: Mapping[str, Any],
+    lm: LoadedLM | None,
+    on_shard: Callable[[int], None] | None,
+    lock: Lock,
+) -> Store:
+    """Build (or resume) the store at `root` while holding its lock; progress is noted in the lock file."""
+    cache = cache_root(data_cfg and data_cfg.get("cache_dir"))
     corpus = load_corpus(corpus_cfg, cache)
     lm = lm or load_lm(model_cfg)
     hookpoints = [check_hookpoint(h, lm.n_layers) for h in spec.hookpoints]
@@ -146,6 +208,17 @@ def build_store(
     todo = [i for i, s in enumerate(starts) if not all(w.has_shard(i, s, job.span(i)[1] - s) for w in writers.values())]
     if len(todo) < len(starts):
         log.info("resuming %s: %d of %d shards already written", root, len(starts) - len(todo), len(starts))
+    parts = root / PARTS
+
+    def report(index: int) -> None:
+        """Note the shards finished so far (any rank's) for waiting processes; then the caller's `on_shard`."""
+        done = sum(1 for i, s in enumerate(starts) if all(w.has_shard(i, s, job.span(i)[1] - s) for w in writers.values())
+                   or all(shard_path(parts, h, i).is_file() for h in hookpoints))
+        lock.note(done=done, total=len(starts))
+        if on_shard is not None:
+            on_shard(index)
+
+    lock.note(done=len(starts) - len(todo), total=len(starts))
     n_devices = min(int(data_cfg.get("extract_devices", 1) or 1), max(1, len(todo)))
 
     def write(index: int, first: int, rows: dict[str, torch.Tensor]) -> None:
@@ -154,14 +227,13 @@ def build_store(
 
     def write_and_report(index: int, first: int, rows: dict[str, torch.Tensor]) -> None:
         write(index, first, rows)
-        if on_shard is not None:
-            on_shard(index)
+        report(index)
 
     t0 = time.perf_counter()
     try:
         if n_devices > 1:
             done_tokens = extract_parallel(lm.model, lm.device, sites, job, todo, n_devices, write,
-                                           h5=spec.format == "h5", on_shard=on_shard)
+                                           h5=spec.format == "h5", on_shard=report)
         else:
             done_tokens = extract_shards(lm.model, lm.device, sites, job, todo, write_and_report)
         for h, writer in writers.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str]:
     """(path of the rows to train on, model name): a user file, or the activation store (built or reused)."""
     if plan.settings.data.path:
         return str(plan.settings.data.path), str(plan.settings.model.name or "unknown")
-    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=list(plan.settings.overwrite))
+    # a DDP child (LOCAL_RANK > 0) reuses the store rank 0 built (or waits for it): it never rebuilds it
+    child = int(os.environ.get("LOCAL_RANK", 0) or 0) > 0
+    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=[] if child else list(plan.settings.overwrite))
     return str(store.root), str(store.manifest.get("model"))
 
 
