@@ -115,6 +115,25 @@ def inject_fault(path: str | Path, tmp: str | Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
 
+def reserve_blocks(path: str | Path) -> None:
+    """Allocate the disk blocks of a (sparse) file before it is memory-mapped and written: without this, a
+    full disk kills the process with SIGBUS at some page write; with it, `DiskFullError` now. A filesystem
+    that cannot allocate ahead is left as it is. $SAEFORGE_FAULT_ENOSPC applies (test-only)."""
+    path = Path(path)
+    with disk_full_as(path, path):
+        inject_fault(path, path)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise
+        except AttributeError:  # no posix_fallocate (macOS, Windows)
+            pass
+        finally:
+            os.close(fd)
+
+
 def fsync_file(path: str | Path) -> None:
     """Flush a file's content to disk (the writer may have closed it already)."""
     fd = os.open(path, os.O_RDONLY)
