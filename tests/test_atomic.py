@@ -139,6 +139,10 @@ def test_enospc_reported_inside_a_library_error_is_a_disk_full_error(tmp_path):
     bare = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     assert str(disk_full_error(bare)).startswith(f"no space left on device writing {path} (")
     assert disk_full_error(OSError(errno.EACCES, "denied")) is None
+    worker = RuntimeError(f"extraction process 2 of 2 failed: saeforge.atomic.DiskFullError: no space left on device "
+                          f"writing {tmp_path / 'shard-00001.safetensors'} (needs ~12 bytes, 5 bytes free on {tmp_path})")
+    rebuilt = disk_full_error(worker)
+    assert rebuilt is not None and (rebuilt.path, rebuilt.needed) == (tmp_path / "shard-00001.safetensors", 12)
 
 
 def test_reserve_blocks_allocates_a_sparse_file_or_fails_as_disk_full(tmp_path, monkeypatch):

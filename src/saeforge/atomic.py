@@ -75,11 +75,20 @@ def is_disk_full(err: BaseException) -> bool:
                for e in _chain(err))
 
 
+_MESSAGE = re.compile(r"no space left on device writing (?P<path>.+?) \((?:needs ~(?P<needed>\d+) bytes, )?")
+
+
 def disk_full_error(err: BaseException) -> DiskFullError | None:
-    """The DiskFullError in `err`'s chain, else one made from a bare ENOSPC there (its file name if known), else None."""
+    """The DiskFullError in `err`'s chain; else one rebuilt from its message inside another error's text (a
+    worker process's traceback); else one made from a bare ENOSPC there (its file name if known); else None."""
     found = next((e for e in _chain(err) if isinstance(e, DiskFullError)), None)
-    if found is not None or not is_disk_full(err):
+    if found is not None:
         return found
+    for e in _chain(err):
+        if match := _MESSAGE.search(str(e)):
+            return DiskFullError(match["path"], int(match["needed"]) if match["needed"] else None)
+    if not is_disk_full(err):
+        return None
     filename = next((e.filename for e in _chain(err) if isinstance(e, OSError) and e.filename), None)
     return DiskFullError(filename or "?")
 
