@@ -75,3 +75,85 @@ def test_atomic_write_removes_temp_files_of_a_killed_writer_only(tmp_path):
     assert not killed.exists()
     assert running.exists() and other_file.exists() and (tmp_path / "maxact.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other_file.name, "maxact.json"])
+
+
+def test_injected_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """$SAEFORGE_FAULT_ENOSPC (a glob or a substring of the final path) fails the matching write at commit
+    time: DiskFullError (an OSError, ENOSPC) naming the file, the temp's size and the free bytes."""
+    import errno
+    import shutil
+
+    from saeforge.atomic import FAULT_ENOSPC, DiskFullError, atomic_write_text
+
+    path = tmp_path / "out.json"
+    atomic_write_text(path, "old")
+    for pattern in ("*/out.json", "out.js"):
+        monkeypatch.setenv(FAULT_ENOSPC, pattern)
+        with pytest.raises(DiskFullError) as caught:
+            atomic_write_text(path, "new content")
+        err = caught.value
+        assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+        free = shutil.disk_usage(tmp_path).free
+        assert abs(err.free - free) < 1 << 30  # other writers on the disk meanwhile
+        assert str(err) == f"no space left on device writing {path} (needs ~11 bytes, {err.free} bytes free on {tmp_path})"
+        assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    atomic_write_text(tmp_path / "other.json", "x")  # not matched
+    monkeypatch.delenv(FAULT_ENOSPC)
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+
+
+def test_injected_full_disk_keeps_the_old_folder(tmp_path, monkeypatch):
+    from saeforge.atomic import FAULT_ENOSPC, DiskFullError
+
+    out = tmp_path / "sae"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    monkeypatch.setenv(FAULT_ENOSPC, str(out))
+    with pytest.raises(DiskFullError, match=r"writing .*/sae \(needs ~2 bytes, \d+ bytes free on "), atomic_dir(out) as tmp:
+        (tmp / "b.txt").write_text("22")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["sae"]
+
+
+def test_enospc_reported_inside_a_library_error_is_a_disk_full_error(tmp_path):
+    """torch's zip writer raises RuntimeError with the OSError as its context; safetensors and h5py put
+    the OS message in their own error. Other errors pass through unchanged."""
+    import errno
+    import os
+
+    from saeforge.atomic import DiskFullError, disk_full_error
+
+    path = tmp_path / "last.ckpt"
+    with pytest.raises(DiskFullError, match=r"^no space left on device writing .*last\.ckpt \(\d+ bytes free on "):
+        with atomic_path(path):  # an empty temp: the bytes needed are unknown, so left out
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with pytest.raises(DiskFullError, match=r"needs ~4 bytes"), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise ValueError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(ValueError, match="other"), atomic_path(path):
+        raise ValueError("other")
+    assert list(tmp_path.iterdir()) == []
+    bare = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    assert str(disk_full_error(bare)).startswith(f"no space left on device writing {path} (")
+    assert disk_full_error(OSError(errno.EACCES, "denied")) is None
+    worker = RuntimeError(f"extraction process 2 of 2 failed: saeforge.atomic.DiskFullError: no space left on device "
+                          f"writing {tmp_path / 'shard-00001.safetensors'} (needs ~12 bytes, 5 bytes free on {tmp_path})")
+    rebuilt = disk_full_error(worker)
+    assert rebuilt is not None and (rebuilt.path, rebuilt.needed) == (tmp_path / "shard-00001.safetensors", 12)
+
+
+def test_reserve_blocks_allocates_a_sparse_file_or_fails_as_disk_full(tmp_path, monkeypatch):
+    """Before a file is memory-mapped: its blocks exist (a full disk would otherwise be a SIGBUS later)."""
+    from saeforge.atomic import FAULT_ENOSPC, DiskFullError, reserve_blocks
+
+    path = tmp_path / "cache.npy"
+    with open(path, "wb") as handle:
+        handle.truncate(1 << 20)
+    reserve_blocks(path)
+    assert path.stat().st_blocks * 512 >= 1 << 20
+    monkeypatch.setenv(FAULT_ENOSPC, "*.npy")
+    with pytest.raises(DiskFullError, match=rf"writing {path} \(needs ~{1 << 20} bytes, \d+ bytes free"):
+        reserve_blocks(path)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from saeforge.atomic import atomic_path, atomic_write_json, fsync_dir, fsync_file
+from saeforge.atomic import atomic_path, atomic_write_json, commit_file, disk_full_as
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
@@ -205,7 +205,7 @@ class H5Writer:
             self.file = None
             return
         if not self.partial.is_file():
-            with h5py.File(self.partial, "w", track_order=False) as f:
+            with disk_full_as(self.final, self.partial), h5py.File(self.partial, "w", track_order=False) as f:
                 rows = n_seq * ctx_len
                 chunk_rows = min(rows, max(1, 2**20 // (d_in * np.dtype(self.np_dtype).itemsize)))
                 f.create_dataset(
@@ -226,9 +226,10 @@ class H5Writer:
         start = first_seq * self.ctx_len
         rows = np.ascontiguousarray(acts.float().numpy().astype(self.np_dtype))
         self.hashes[index] = hashlib.sha256(rows.tobytes()).hexdigest()
-        self.file["activations"][start : start + acts.shape[0]] = rows
-        self.file.attrs["seqs_done"] = first_seq + acts.shape[0] // self.ctx_len
-        self.file.flush()
+        with disk_full_as(self.final, self.partial):  # the .partial file keeps the rows written so far
+            self.file["activations"][start : start + acts.shape[0]] = rows
+            self.file.attrs["seqs_done"] = first_seq + acts.shape[0] // self.ctx_len
+            self.file.flush()
         return self.describe(index, first_seq, acts.shape[0])
 
     def describe(self, index: int, first_seq: int, rows: int) -> dict[str, Any]:
@@ -241,9 +242,8 @@ class H5Writer:
         if self.file is not None:
             self.file.close()
             self.file = None
-            fsync_file(self.partial)
-            self.partial.replace(self.final)
-            fsync_dir(self.final.parent)
+            with disk_full_as(self.final, self.partial):
+                commit_file(self.partial, self.final)
 
     def close(self) -> None:
         if self.file is not None:

@@ -43,7 +43,7 @@ import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
-from saeforge.atomic import atomic_write_json
+from saeforge.atomic import atomic_write_json, reserve_blocks
 from saeforge.discover.concepts import ConceptSentences
 from saeforge.discover.files import ConceptActivations, read_progress, write_activations, write_progress
 from saeforge.discover.sae_set import ResolvedSAE
@@ -144,6 +144,8 @@ def build_hookpoint_cache(lm: Any, frags: Fragments, hookpoints: list[str], cach
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     maps = {h: np.lib.format.open_memmap(_cache_file(cache, h), mode="w+", dtype=np.float32,
                                          shape=(frags.n, lm.d_model)) for h in hookpoints}
+    for h in hookpoints:
+        reserve_blocks(_cache_file(cache, h))  # a full disk: DiskFullError now, not SIGBUS at a page write
     device = lm.device
     row = 0
     start = time.perf_counter()

@@ -278,12 +278,19 @@ def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+EXIT_DISK_FULL = 4
+"""Exit status of an entry script stopped by a full disk (2: a bad setting; interpret's 3: failed features)."""
+
+
 @contextmanager
 def config_errors_exit() -> Iterator[None]:
     """A ConfigError (a bad setting, found before any work) or a run directory held by another process
-    (runlock.LockedError) becomes one line on stderr and exit status 2."""
+    (runlock.LockedError) becomes one line on stderr and exit status 2; a full disk (`saeforge.atomic.DiskFullError`,
+    or ENOSPC wrapped in another error) one line naming the file and the free bytes, and exit status
+    `EXIT_DISK_FULL`. Outputs written so far stay: a rerun resumes."""
     import sys
 
+    from saeforge.atomic import disk_full_error
     from saeforge.config import ConfigError
     from saeforge.runlock import LockedError
 
@@ -292,3 +299,9 @@ def config_errors_exit() -> Iterator[None]:
     except (ConfigError, LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:
+        full = disk_full_error(err)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        raise SystemExit(EXIT_DISK_FULL) from None

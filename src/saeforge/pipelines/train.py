@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from saeforge.activations.extract import build_store
 from saeforge.atomic import atomic_write_json, atomic_write_text
 from saeforge.pipelines.callbacks import ExportSAECallback, FingerprintCallback
+from saeforge.pipelines.checkpoint_io import AtomicCheckpointIO
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
 from saeforge.lm.hookpoints import hookpoint_layer
@@ -41,31 +42,6 @@ def git_sha() -> str | None:
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer` group as Lightning kwargs (see `saeforge.pipelines.validate.trainer_kwargs_from`)."""
     return trainer_kwargs_from(OmegaConf.to_container(cfg.trainer, resolve=True))
-
-
-def resolve_ckpt(cfg: DictConfig, directory: Path) -> str | None:
-    """`ckpt_path=last` or an existing <run.dir>/checkpoints/last.ckpt resumes; else a fresh run."""
-    last = directory / "checkpoints" / "last.ckpt"
-    if "run" in (cfg.get("overwrite") or []):
-        return None  # a fresh run (validation refused a ckpt_path beside it)
-    if cfg.ckpt_path in (None, "last"):
-        if last.is_file():
-            log.info("resuming from %s", last)
-            return str(last)
-        if cfg.ckpt_path == "last":
-            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist")
-        return None
-    path = Path(str(cfg.ckpt_path))
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
-    return str(path)
-
-
-def check_ckpt_d_in(ckpt: str, d_in: int) -> None:
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    ckpt_d_in = state["sae.W_enc"].shape[0]
-    if ckpt_d_in != d_in:
-        raise ValueError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}")
 
 
 def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str]:
@@ -94,7 +70,8 @@ def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str,
     settings, hookpoint = plan.settings, plan.hookpoint
     if "run" in settings.overwrite:
         move_run_aside(directory)
-    check_resume_fingerprint(cfg)  # again: another process may have trained here since validation
+    if plan.resume is not None:
+        check_resume_fingerprint(cfg, plan.resume)  # again, now that no other process can train here
     fingerprint = run_fingerprint(cfg)
     L.seed_everything(int(settings.seed), workers=True, verbose=False)
     path, model_name = data_source(cfg, plan)
@@ -106,9 +83,7 @@ def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str,
     d_in = dm.d_in
     settings.sae.check_k(d_in)
     module = SAEModule(settings.sae, d_in)
-    ckpt = resolve_ckpt(cfg, directory)
-    if ckpt:
-        check_ckpt_d_in(ckpt, d_in)
+    ckpt = str(plan.resume) if plan.resume else None  # chosen (the newest readable) and checked in validate_train
     module.initialize(dm.sample_rows(INIT_SAMPLE_ROWS))
     export_dir = directory / "sae" / hookpoint
     provenance = {"config": strip_secrets(cfg), "git_sha": git_sha(), "data": path}
@@ -133,7 +108,7 @@ def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str,
         interpret_cfg = compose(config_name="interpret", overrides=list(settings.interpret_callback.overrides))
         callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
-                        callbacks=callbacks)
+                        callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # every checkpoint written atomically
     record_run_config(cfg, directory, fingerprint)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)

@@ -7,6 +7,7 @@ Checks that need the model's depth or width read it cheaply (see saeforge.lm.dim
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from saeforge.config import (
 )
 from saeforge.lm.hookpoints import LORA_HOOKPOINT, canonical_name, check_hookpoint
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainPlan:
@@ -37,6 +40,8 @@ class TrainPlan:
     data.hookpoint a name derived from the file."""
     store_hookpoint: str | None
     """Hookpoint to read inside an activation store (None for a user file)."""
+    resume: Path | None = None
+    """The checkpoint training resumes from (`resume_checkpoint`), None for a fresh run."""
 
 
 def file_hookpoint_name(path: str) -> str:
@@ -90,8 +95,7 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         d_in = source.d_in
         hookpoint = canonical_name(str(data.hookpoint)) if hookpoint_given(cfg) else file_hookpoint_name(data.path)
         settings.sae.check_k(d_in)
-        check_resume(cfg, settings, d_in)
-        return TrainPlan(settings, d_in, hookpoint, None)
+        return TrainPlan(settings, d_in, hookpoint, None, checked_resume(cfg, settings, d_in))
 
     from saeforge.lm.dimensions import lora_width
 
@@ -122,17 +126,21 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         else:
             d_in = dims.d_model
     settings.sae.check_k(d_in)
-    check_resume(cfg, settings, d_in)
-    return TrainPlan(settings, d_in, hookpoint, hookpoint)
+    return TrainPlan(settings, d_in, hookpoint, hookpoint, checked_resume(cfg, settings, d_in))
 
 
-def check_resume(cfg: DictConfig, settings: TrainConfig, d_in: int) -> None:
-    """What a rerun would resume must be this run: the data's width, then every fingerprinted setting."""
-    if "run" in settings.overwrite and settings.ckpt_path not in (None, "last"):
-        raise ConfigError(f"overwrite=[run] starts a fresh run, but ckpt_path={settings.ckpt_path} asks to resume one: "
-                          "give one of them")
-    check_resume_d_in(cfg, d_in)
-    check_resume_fingerprint(cfg)
+def checked_resume(cfg: DictConfig, settings: TrainConfig, d_in: int) -> Path | None:
+    """The checkpoint this run resumes (`resume_checkpoint`: readable, the data's width), refused unless it was
+    trained under this run's settings (`check_resume_fingerprint`); None for a fresh run (overwrite=[run] too)."""
+    if "run" in settings.overwrite:
+        if settings.ckpt_path not in (None, "last"):
+            raise ConfigError(f"overwrite=[run] starts a fresh run, but ckpt_path={settings.ckpt_path} asks to resume "
+                              "one: give one of them")
+        return None
+    ckpt = resume_checkpoint(cfg, d_in)
+    if ckpt is not None:
+        check_resume_fingerprint(cfg, ckpt)
+    return ckpt
 
 
 def check_extract_devices(settings: TrainConfig) -> None:
@@ -158,34 +166,96 @@ def _train_run_dir(cfg: DictConfig) -> Path:
     return Path(str(cfg.run.dir))
 
 
-def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint a training run would resume from, if it exists: ckpt_path, else <run dir>/checkpoints/last.ckpt
-    (none with overwrite=[run], which moves the old run aside)."""
-    if "run" in (cfg.get("overwrite") or []):
-        return None
+LAST_CKPT = "last.ckpt"
+STEP = re.compile(r"step=(\d+)")
+
+
+def resume_checkpoint(cfg: DictConfig, d_in: int | None = None) -> Path | None:
+    """The checkpoint a training run resumes from: the one choice, made once in `validate_train`.
+
+    `ckpt_path=<file>` must be readable. Otherwise (`ckpt_path` null or `last`) <run dir>/checkpoints/last.ckpt,
+    or where it is unreadable (truncated by a kill or a full disk) the newest readable step checkpoint there,
+    with a warning line per unreadable file. None for extract_only, or when there is no checkpoint (a fresh
+    run). ConfigError when checkpoints exist but none is readable, or the chosen one's d_in is not `d_in`.
+    Cheap: a candidate is loaded memory-mapped, its tensors not read.
+    """
     ckpt_path = cfg.get("ckpt_path")
-    path = _train_run_dir(cfg) / "checkpoints" / "last.ckpt" if ckpt_path in (None, "last") else Path(str(ckpt_path))
-    return path if path.is_file() else None
+    if cfg.get("extract_only"):
+        return None
+    if ckpt_path not in (None, "last"):
+        path = Path(str(ckpt_path))
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
+        try:
+            ckpt = _read_checkpoint(path)
+        except ValueError as err:
+            raise ConfigError(f"ckpt_path={str(path)!r} is {err}") from None
+        log.info("resuming from %s", path)
+    else:
+        folder = _train_run_dir(cfg) / "checkpoints"
+        found = _newest_readable(folder)
+        if found is None:
+            if ckpt_path == "last":
+                raise ConfigError(f"ckpt_path=last but {folder / LAST_CKPT} does not exist")
+            return None
+        path, ckpt = found
+    w_enc = ckpt["state_dict"].get("sae.W_enc")
+    if d_in is not None and w_enc is not None and int(w_enc.shape[0]) != d_in:
+        raise ConfigError(f"checkpoint {path} has d_in={int(w_enc.shape[0])} but the data has d_in={d_in}: "
+                          "train into another run.dir, or point data at what this run was trained on")
+    return path
 
 
-def check_resume_d_in(cfg: DictConfig, d_in: int) -> None:
-    """A checkpoint to resume must have the data's width: checked before training writes anything into the run."""
-    ckpt = resume_checkpoint(cfg)
-    if ckpt is None:
-        return
-    import pickle
+def _checkpoint_candidates(folder: Path) -> list[Path]:
+    """last.ckpt, then the step checkpoints newest first (by the step in their name, then mtime)."""
+    if not folder.is_dir():
+        return []
 
+    def newest(p: Path) -> tuple[int, float]:
+        match = STEP.search(p.name)
+        return (int(match[1]) if match else -1, p.stat().st_mtime)
+
+    steps = sorted((p for p in folder.glob("*.ckpt") if p.name != LAST_CKPT and p.is_file()), key=newest, reverse=True)
+    last = folder / LAST_CKPT
+    return ([last] if last.is_file() else []) + steps
+
+
+def _newest_readable(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The first readable of `_checkpoint_candidates(folder)` and its content, logged (a warning line for each
+    unreadable one before it). None when there is no candidate; ConfigError when none is readable."""
+    bad = []
+    for path in _checkpoint_candidates(folder):
+        try:
+            ckpt = _read_checkpoint(path)
+        except ValueError as err:
+            log.warning("checkpoint %s is %s: skipping it", path, err)
+            bad.append(path.name)
+            continue
+        if bad:
+            log.warning("resuming from %s instead, the newest readable checkpoint", path)
+        else:
+            log.info("resuming from %s", path)
+        return path, ckpt
+    if bad:
+        raise ConfigError(f"no readable checkpoint in {folder} ({', '.join(bad)}: truncated or corrupt): "
+                          "delete that folder to train from scratch, or train into a new run.dir")
+    return None
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's content, memory-mapped (its tensors are not read); ValueError saying what is wrong."""
     import torch
 
+    if path.stat().st_size == 0:
+        raise ValueError("empty")
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-        ckpt_d_in = int(state["sae.W_enc"].shape[0])
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError, pickle.UnpicklingError):
-        return  # unreadable or foreign: training reports it with the full error
-        return
-    if ckpt_d_in != d_in:
-        raise ConfigError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}: "
-                          "train into another run.dir, or point data at what this run was trained on")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a bad file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch adds advice
+        raise ValueError(f"unreadable: truncated or corrupt ({first})") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError("not a Lightning checkpoint (no state_dict)")
+    return ckpt
 
 
 FINGERPRINT_KEY = "saeforge_fingerprint"
@@ -224,9 +294,7 @@ def ranks_per_node(trainer: dict[str, Any]) -> int:
 def recorded_fingerprint(ckpt: Path, run: Path) -> dict[str, Any] | None:
     """The fingerprint a checkpoint was trained under: stored in it, else (runs from before fingerprints)
     computed from the run's `run_config.yaml`; None when neither is there."""
-    import torch
-
-    stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(FINGERPRINT_KEY)
+    stored = _read_checkpoint(ckpt).get(FINGERPRINT_KEY)
     if stored is not None:
         return dict(stored)
     from saeforge.sae.source import RUN_CONFIG
@@ -236,23 +304,14 @@ def recorded_fingerprint(ckpt: Path, run: Path) -> dict[str, Any] | None:
     return run_fingerprint(OmegaConf.load(run / RUN_CONFIG))
 
 
-def check_resume_fingerprint(cfg: DictConfig) -> None:
+def check_resume_fingerprint(cfg: DictConfig, ckpt: Path) -> None:
     """A checkpoint resumes only under the settings it was trained with: else one line naming each changed key."""
-    import logging
-    import pickle
-
     from saeforge.config.fingerprint import fingerprint_changes
 
-    ckpt = resume_checkpoint(cfg)
-    if ckpt is None:
-        return
     run = _train_run_dir(cfg)
-    try:
-        old = recorded_fingerprint(ckpt, run)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
-        return  # unreadable: the checkpoint checks report it
+    old = recorded_fingerprint(ckpt, run)
     if old is None:
-        logging.getLogger(__name__).warning("%s records no settings fingerprint: resuming it unchecked", ckpt)
+        log.warning("%s records no settings fingerprint: resuming it unchecked", ckpt)
         return
     changes = fingerprint_changes(old, run_fingerprint(cfg))
     if changes:
