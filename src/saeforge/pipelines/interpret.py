@@ -641,7 +641,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
                 log.info("stage %s%s: up to date, skipped", stage, where)
                 continue
             ctx.resuming = same and not complete
-            entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+            entry: dict[str, Any] = {"fingerprint": prints[stage], "started": now()}
             skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
             reason = None
             if skipped:
@@ -651,7 +651,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
                 reason = not_applicable(ctx)
             if reason is not None:
                 log.info("stage %s%s: not applicable: %s", stage, where, reason)
-                record[stage] = {**entry, NOT_APPLICABLE: reason}
+                record[stage] = {**entry, "finished": now(), NOT_APPLICABLE: reason}
                 records_io.write_stages(ctx.out, record)
                 continue
             log.info("stage %s%s: %s", stage, where, "retrying the failed features" if ctx.resuming else "running")
@@ -661,11 +661,12 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         for ctx, entry in todo:
             record = records[id(ctx)]
             if stage != "maxact":
+                entry["started"] = now()  # the contexts of one stage run one after another
                 try:
                     RUNNERS[stage](ctx)
                 except NotApplicable as reason:
                     log.info("stage %s: not applicable: %s", stage, reason)
-                    record[stage] = {**entry, NOT_APPLICABLE: str(reason)}
+                    record[stage] = {**entry, "finished": now(), NOT_APPLICABLE: str(reason)}
                     records_io.write_stages(ctx.out, record)
                     continue
             if stage in CHECKS:
@@ -677,7 +678,7 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
                     failed[name] = groups
                     lines.append(failure_line(name, n_total, groups))
                     log.warning("%s", lines[-1])
-            record[stage] = entry
+            record[stage] = {**entry, "finished": now()}  # after the runner and its checks
             records_io.write_stages(ctx.out, record)
             if stage == "maxact":
                 apply_min_examples(ctx, record)  # before the summary, which lists the kept features only
@@ -702,6 +703,11 @@ def interpret(cfg: DictConfig, lm: LoadedLM | None = None) -> Path:
         if not allow:
             raise IncompleteStages(message, out, failed)
     return out
+
+
+def now() -> str:
+    """The local time as ISO 8601 with milliseconds (stages.json's `started` / `finished`)."""
+    return datetime.now().isoformat(timespec="milliseconds")
 
 
 def write_run_summary(ctx: Context) -> None:
