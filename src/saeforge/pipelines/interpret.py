@@ -62,7 +62,7 @@ from saeforge.config import (
 from saeforge.interpret.describe import is_generic_label, top_token_description
 from saeforge.interpret.prompts import load_prompts, prompts_json, resolve_prompt_file
 from saeforge.pipelines.run import make_wandb_logger, strip_secrets
-from saeforge.pipelines.validate import exclude_first_tokens, validate_interpret
+from saeforge.pipelines.validate import exclude_first_tokens, run_model, validate_interpret
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Context:
         self.ckpt = ckpt if ckpt is not None else str(cfg.ckpt)
         """The ckpt this SAE came from (its stages' fingerprints name it)."""
         run_cfg = source.run_cfg
-        self.model_cfg = run_cfg.model if run_cfg is not None else cfg.model
+        self.model_cfg = run_model(run_cfg, cfg, source.run_dir)
         self.corpus_cfg = run_cfg.corpus if run_cfg is not None else cfg.corpus
         self.data_cfg = run_cfg.data if run_cfg is not None else None
         imported = from_config(ImportedSAEConfig, cfg.get("imported"), "imported")
@@ -734,14 +734,14 @@ def package_versions() -> dict[str, str]:
 
 
 def write_run_record(ctx: Context, prompts: dict[str, Any] | None = None) -> Path:
-    """The run record (records.RUN_CONFIG): resolved config (secrets removed), SAE, features, the
+    """The run record (records.RUN_CONFIG): resolved config (secrets removed; `model`: the LM analysed), SAE, features, the
     prompt file and its origin, the effective prompts, package versions."""
     doc = {
         "written": datetime.now().isoformat(timespec="seconds"),
         "ckpt": str(ctx.cfg.ckpt), "sae": ctx.source.description, "hookpoint": ctx.hookpoint, "layer": ctx.layer,
         "stages": list(ctx.cfg.interpret.stages), "features": ctx.features,
         "explain_source": explain_config(ctx.cfg).source,
-        "config": strip_secrets(ctx.cfg),
+        "config": {**strip_secrets(ctx.cfg), "model": strip_secrets(ctx.model_cfg)},  # the LM analysed: the run's
         "prompt_file": None if ctx.prompt_file is None else str(ctx.prompt_file), "prompt_file_origin": ctx.prompt_origin,
         "prompts": prompts_json(prompts if prompts is not None else load_prompts(ctx.prompt_file)),
         "versions": package_versions(),

@@ -64,10 +64,10 @@ def check_ckpt_d_in(ckpt: str, d_in: int) -> None:
         raise ValueError(f"checkpoint {ckpt} has d_in={ckpt_d_in} but the data has d_in={d_in}")
 
 
-def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str]:
+def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str | None]:
     """(path of the rows to train on, model name): a user file, or the activation store (built or reused)."""
     if plan.settings.data.path:
-        return str(plan.settings.data.path), str(plan.settings.model.name or "unknown")
+        return str(plan.settings.data.path), plan.model_name
     store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=list(plan.settings.overwrite))
     return str(store.root), str(store.manifest.get("model"))
 
@@ -95,7 +95,8 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         check_ckpt_d_in(ckpt, d_in)
     module.initialize(dm.sample_rows(INIT_SAMPLE_ROWS))
     export_dir = directory / "sae" / hookpoint
-    provenance = {"config": strip_secrets(cfg), "git_sha": git_sha(), "data": path}
+    recorded = recorded_config(cfg, directory, plan)
+    provenance = {"config": strip_secrets(recorded), "git_sha": git_sha(), "data": path}
 
     def write(pl_module: SAEModule, extra: dict[str, Any], sparsity: torch.Tensor | None = None) -> Path:
         return write_saelens(pl_module.export_sae(), export_dir, hook_name=hookpoint, hook_layer=hookpoint_layer(hookpoint),
@@ -105,7 +106,7 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
                                  every_n_train_steps=int(settings.checkpoint_every_n_steps), enable_version_counter=False)
     # a training resumed from a checkpoint keeps its W&B run; a fresh one (overwrite=true too) starts a new run
-    logger = make_wandb_logger(cfg, directory, "train", attach=directory if ckpt else None)
+    logger = make_wandb_logger(recorded, directory, "train", attach=directory if ckpt else None)
     write_wandb_run(logger, directory)  # evaluate.py and interpret.py attach to this W&B run
     callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
     every = int(settings.interpret_callback.every_n_steps)
@@ -115,10 +116,10 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         from saeforge.pipelines.callbacks import InterpretCallback
 
         interpret_cfg = compose(config_name="interpret", overrides=list(settings.interpret_callback.overrides))
-        callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
+        callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, recorded, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=callbacks)
-    record_run_config(cfg, directory)
+    record_run_config(recorded, directory)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)
 
@@ -155,6 +156,21 @@ def log_feature_histograms(logger: Any, log10_frequency: torch.Tensor, amax: tor
                            "final/feature_amax": wandb.Histogram(amax.double().cpu().numpy())})
 
 
+def recorded_config(cfg: DictConfig, directory: Path, plan: TrainPlan) -> DictConfig:
+    """The config a run records (run_config.yaml, cfg.json's provenance, W&B, the interpret callback), unresolved:
+    `cfg` with run.dir made concrete; for a user file no model or hookpoint it was not given (`model: {name: null,
+    hookpoint: null}`, `data.hookpoint: null`), not the defaults it never used."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    if isinstance(plain.get("run"), dict):
+        plain["run"]["dir"] = str(directory)  # not the unresolved `${now:...}` default
+    if plan.store_hookpoint is None:
+        if plan.model_name is None:
+            plain["model"] = {"name": None, "hookpoint": None}
+        if not plan.hookpoint_given:
+            plain["data"]["hookpoint"] = None
+    return OmegaConf.create(plain)
+
+
 def record_run_config(cfg: DictConfig, directory: Path) -> None:
     """Write <run dir>/run_config.yaml (atomically, rank 0) as training starts: the config these checkpoints
     come from, which interpret and evaluate read. A rerun that fails before this point leaves it as it was."""
@@ -163,8 +179,6 @@ def record_run_config(cfg: DictConfig, directory: Path) -> None:
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
     plain = strip_secrets(OmegaConf.to_container(cfg, resolve=False))
-    if isinstance(plain.get("run"), dict):
-        plain["run"]["dir"] = str(directory)  # not the unresolved `${now:...}` default
     atomic_write_text(directory / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
