@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import build_store
 from saeforge.atomic import atomic_write_json, atomic_write_text
-from saeforge.pipelines.callbacks import ExportSAECallback
+from saeforge.pipelines.callbacks import DeadRankWatchdog, ExportSAECallback
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
 from saeforge.lm.hookpoints import hookpoint_layer
@@ -39,6 +40,19 @@ def git_sha() -> str | None:
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer` group as Lightning kwargs (see `saeforge.pipelines.validate.trainer_kwargs_from`)."""
     return trainer_kwargs_from(OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def set_ddp_timeout(trainer: L.Trainer, seconds: float) -> None:
+    """Under DDP (strategy `ddp` or chosen by `auto`): the process group's collective timeout, and NCCL's
+    async error handling (a failed or timed-out collective aborts instead of hanging) unless already set.
+    Both take effect when `fit` starts the process group (the launched ranks inherit the environment)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._timeout = timedelta(seconds=seconds)  # DDPStrategy(timeout=...) for any strategy spelling
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 
 
 def resolve_ckpt(cfg: DictConfig, directory: Path) -> str | None:
@@ -108,7 +122,7 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
     # a training resumed from a checkpoint keeps its W&B run; a fresh one (overwrite=true too) starts a new run
     logger = make_wandb_logger(recorded, directory, "train", attach=directory if ckpt else None)
     write_wandb_run(logger, directory)  # evaluate.py and interpret.py attach to this W&B run
-    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write)]
+    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write), DeadRankWatchdog()]
     every = int(settings.interpret_callback.every_n_steps)
     if every > 0:
         from hydra import compose
@@ -119,6 +133,7 @@ def train(cfg: DictConfig, plan: TrainPlan | None = None) -> dict[str, Any]:
         callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, recorded, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=callbacks)
+    set_ddp_timeout(trainer, max(settings.ddp_timeout_s, 1800.0 if every > 0 else 0.0))
     record_run_config(recorded, directory)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)
