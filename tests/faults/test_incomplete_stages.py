@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,13 @@ def test_allow_partial_exits_normally_but_reports(tmp_path, sae_dir, corpus, tin
     printed = capsys.readouterr().out
     assert f"explain: 6/6 failed: {url}: server unreachable (connection refused)" in printed and "allow_partial" in printed
     assert out == tmp_path / "out" / "interpret" / HP
-    assert stages_json(tmp_path)["explain"]["complete"] is False
+    record = stages_json(tmp_path)
+    assert record["explain"]["complete"] is False
+    for stage in ("maxact", "explain"):  # stamped when the stage began and when it (and its checks) ended
+        started, finished = (datetime.fromisoformat(record[stage][k]).timestamp() for k in ("started", "finished"))
+        written = (out / records_io.stage_output(stage)).stat().st_mtime
+        assert started < finished and started - 0.05 <= written <= finished + 0.002, (stage, record[stage], written)
+    assert record["maxact"]["finished"] <= record["explain"]["started"]
 
 
 def test_rerun_asks_only_failed_features_and_completes(tmp_path, sae_dir, corpus, tiny_lm):

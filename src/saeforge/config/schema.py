@@ -841,11 +841,16 @@ class TrainConfig:
     """Resume from a Lightning checkpoint; `last` = <run.dir>/checkpoints/last.ckpt (automatic when it exists)."""
     checkpoint_every_n_steps: int = 500
     """Checkpoint (and SAE export) cadence."""
+    ddp_timeout_s: float = 60.0
+    """DDP: seconds a rank waits in a collective for the others before it fails (Lightning's default: 30 min).
+    With the interpret callback on, at least 1800 (the other ranks wait while rank 0 interprets). A rank
+    that dies on this machine ends the others within a second anyway (pipelines/callbacks.DeadRankWatchdog)."""
     interpret_callback: InterpretCallbackConfig = field(default_factory=InterpretCallbackConfig)
     run: TrainRunConfig = field(default_factory=TrainRunConfig)
 
     def __post_init__(self) -> None:
         require(int(self.checkpoint_every_n_steps) >= 1, "checkpoint_every_n_steps", f"must be >= 1, got {self.checkpoint_every_n_steps}")
+        require(float(self.ddp_timeout_s) > 0, "ddp_timeout_s", f"must be > 0, got {self.ddp_timeout_s}")
         bad = [o for o in self.overwrite if o not in ("cache", "run")]
         require(not bad, "overwrite", f"may only contain cache and run, got {bad}")
 

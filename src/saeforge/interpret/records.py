@@ -27,7 +27,9 @@ Files under one hookpoint's interpret directory (README.md, "Interpretation outp
   steering workflow's `layer,feature,label,steering_effect`.
 - `RUN_CONFIG` `{format_version, config, prompts, prompt_file, versions, …}`: the effective run
   (secrets removed by the caller).
-- `STAGES` `{format_version, "<stage>": {fingerprint, finished, complete, failures}}` (`complete`
+- `STAGES` `{format_version, "<stage>": {fingerprint, started, finished, complete, failures}}` (`started`
+  and `finished`: local ISO 8601 times, milliseconds, when the stage began and when it and its
+  checks ended; older files have `finished` only, stamped as the stage began; `complete`
   false, with `failures` `{reason: [features]}`, when some features of the stage failed; files
   without `complete` count as complete; `not_applicable`, a one-line reason, when the stage could not
   run on this SAE and was skipped)
@@ -740,7 +742,7 @@ def read_run_config(out_dir: str | Path) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------ stages + all
 def read_stages(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """`{stage: {fingerprint, finished, complete, failures}}` of earlier runs (empty when none)."""
+    """`{stage: {fingerprint, started, finished, complete, failures}}` of earlier runs (empty when none)."""
     return _read_json(Path(out_dir) / STAGES) or {}
 
 

@@ -1,7 +1,8 @@
-"""Lightning callbacks of a training run: export the SAE at each checkpoint, interpret every N steps.
+"""Lightning callbacks of a training run: export the SAE at each checkpoint, interpret every N steps,
+end every DDP rank with one line when one of them dies.
 
-Both act on rank zero only. Under DDP the other ranks simply wait at their next collective for as
-long as the interpret stages take. Interpret outputs go to
+The first two act on rank zero only. Under DDP the other ranks simply wait at their next collective for as
+long as the interpret stages take (ddp_timeout_s is then at least 30 min). Interpret outputs go to
 `<run.dir>/interpret_steps/step-<N>/<hookpoint>/`; a table of each feature's top logit-lens tokens,
 frequency and label (when explain runs) goes to the logger.
 """
@@ -9,6 +10,11 @@ frequency and label (when explain runs) goes to the logger.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,3 +107,96 @@ class InterpretCallback(L.Callback):
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_table"):
             logger.log_table("interpret/features", columns=["step", "feature", "frequency", "logit_lens_top", "label"], data=rows, step=step)
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel (zombies then count as alive)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class DeadRankWatchdog(L.Callback):
+    """Under DDP, end this rank within a second when another rank on this machine dies during `fit`, with
+    one line on stderr naming it (`error: DDP rank N (pid P) died; stopping`) instead of a traceback or
+    a wait for the collective timeout.
+
+    At setup the ranks exchange (host, pid); a thread then polls the same-host peers every `interval` s,
+    and a collective that fails (gloo: "connection reset") checks them too. The lowest surviving rank
+    prints the line; rank 0, the launcher, first kills the other ranks it launched. Every survivor exits
+    with status 1. Lightning's own child observer (rank 0, every 5 s, a silent SIGKILL of everything) is
+    paused while this one watches; both stop at the end of `fit`, when ranks finish at their own pace.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.rank = 0
+        self.peers: dict[int, int] = {}
+        """Global rank → pid of the other ranks on this machine."""
+        self.stop = threading.Event()
+        self.launched: list[Any] = []
+        self.paused: list[threading.Thread] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()))
+        self.rank = dist.get_rank()
+        host = socket.gethostname()
+        self.peers = {r: pid for r, (h, pid) in enumerate(everyone) if h == host and r != self.rank}
+        self.launched = list(getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or [])
+        self.paused = [t for t in threading.enumerate() if type(t).__name__ == "_ChildProcessObserver"]
+        for thread in self.paused:
+            thread._run = lambda: False  # type: ignore[attr-defined]  # ours reports which rank died
+        self.stop.clear()
+        threading.Thread(target=self.watch, name="dead-rank-watchdog", daemon=True).start()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stop.set()
+        for thread in self.paused:
+            del thread._run  # type: ignore[attr-defined]  # Lightning's observer again
+        self.paused = []
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed collective: when a peer died, say which and stop (its death may take a moment to show)."""
+        if not self.peers or self.stop.is_set():
+            return
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if self.dead():
+                self.end()
+            time.sleep(0.05)
+
+    def dead(self) -> list[int]:
+        for proc in self.launched:
+            proc.poll()  # reap: a dead child leaves /proc
+        return sorted(r for r, pid in self.peers.items() if not process_alive(pid))
+
+    def watch(self) -> None:
+        while not self.stop.wait(self.interval):
+            if self.dead():
+                self.end()
+
+    def end(self) -> None:
+        """Report the lowest dead rank (from the lowest surviving rank only) and exit with status 1."""
+        dead = self.dead()
+        for proc in self.launched:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self.rank == min([self.rank, *(r for r in self.peers if r not in dead)]):
+            print(f"error: DDP rank {dead[0]} (pid {self.peers[dead[0]]}) died; stopping", file=sys.stderr, flush=True)
+        os._exit(1)

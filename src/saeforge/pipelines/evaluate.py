@@ -19,7 +19,7 @@ from saeforge.lm.loading import LoadedLM, load_lm
 from saeforge.paths import cache_root
 from saeforge.config import EvaluateConfig
 from saeforge.pipelines.run import make_wandb_logger, read_wandb_run, run_lock
-from saeforge.pipelines.validate import exclude_first_tokens, validate_evaluate
+from saeforge.pipelines.validate import exclude_first_tokens, run_model, validate_evaluate
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def heldout_windows(corpus_cfg: Any, data_cfg: Any | None, lm: LoadedLM, ctx_len
 def source_configs(cfg: DictConfig, source: SAESource) -> tuple[Any, Any, Any]:
     """(model, corpus, data) configs: the training run's when the SAE came from one, else the command line's."""
     if source.run_cfg is not None:
-        return source.run_cfg.model, source.run_cfg.corpus, source.run_cfg.data
+        return run_model(source.run_cfg, cfg, source.run_dir), source.run_cfg.corpus, source.run_cfg.data
     return cfg.model, cfg.corpus, None
 
 

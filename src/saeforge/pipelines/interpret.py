@@ -63,7 +63,7 @@ from saeforge.config import (
 from saeforge.interpret.describe import is_generic_label, top_token_description
 from saeforge.interpret.prompts import load_prompts, prompts_json, resolve_prompt_file
 from saeforge.pipelines.run import make_wandb_logger, run_lock, strip_secrets
-from saeforge.pipelines.validate import exclude_first_tokens, validate_interpret
+from saeforge.pipelines.validate import exclude_first_tokens, run_model, validate_interpret
 from saeforge.sae.source import SAESource, resolve_sae
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class Context:
         self.ckpt = ckpt if ckpt is not None else str(cfg.ckpt)
         """The ckpt this SAE came from (its stages' fingerprints name it)."""
         run_cfg = source.run_cfg
-        self.model_cfg = run_cfg.model if run_cfg is not None else cfg.model
+        self.model_cfg = run_model(run_cfg, cfg, source.run_dir)
         self.corpus_cfg = run_cfg.corpus if run_cfg is not None else cfg.corpus
         self.data_cfg = run_cfg.data if run_cfg is not None else None
         imported = from_config(ImportedSAEConfig, cfg.get("imported"), "imported")
@@ -650,7 +650,7 @@ def interpret_sources(cfg: DictConfig, settings: InterpretConfig, sources: list[
                 log.info("stage %s%s: up to date, skipped", stage, where)
                 continue
             ctx.resuming = same and not complete
-            entry: dict[str, Any] = {"fingerprint": prints[stage], "finished": datetime.now().isoformat(timespec="seconds")}
+            entry: dict[str, Any] = {"fingerprint": prints[stage], "started": now()}
             skipped = [u for u in UPSTREAM.get(stage, []) if stage != "dashboard" and u in stages and record.get(u, {}).get(NOT_APPLICABLE)]
             reason = None
             if skipped:
@@ -660,7 +660,7 @@ def interpret_sources(cfg: DictConfig, settings: InterpretConfig, sources: list[
                 reason = not_applicable(ctx)
             if reason is not None:
                 log.info("stage %s%s: not applicable: %s", stage, where, reason)
-                record[stage] = {**entry, NOT_APPLICABLE: reason}
+                record[stage] = {**entry, "finished": now(), NOT_APPLICABLE: reason}
                 records_io.write_stages(ctx.out, record)
                 continue
             log.info("stage %s%s: %s", stage, where, "retrying the failed features" if ctx.resuming else "running")
@@ -670,11 +670,12 @@ def interpret_sources(cfg: DictConfig, settings: InterpretConfig, sources: list[
         for ctx, entry in todo:
             record = records[id(ctx)]
             if stage != "maxact":
+                entry["started"] = now()  # the contexts of one stage run one after another
                 try:
                     RUNNERS[stage](ctx)
                 except NotApplicable as reason:
                     log.info("stage %s: not applicable: %s", stage, reason)
-                    record[stage] = {**entry, NOT_APPLICABLE: str(reason)}
+                    record[stage] = {**entry, "finished": now(), NOT_APPLICABLE: str(reason)}
                     records_io.write_stages(ctx.out, record)
                     continue
             if stage in CHECKS:
@@ -686,7 +687,7 @@ def interpret_sources(cfg: DictConfig, settings: InterpretConfig, sources: list[
                     failed[name] = groups
                     lines.append(failure_line(name, n_total, groups))
                     log.warning("%s", lines[-1])
-            record[stage] = entry
+            record[stage] = {**entry, "finished": now()}  # after the runner and its checks
             records_io.write_stages(ctx.out, record)
             if stage == "maxact":
                 apply_min_examples(ctx, record)  # before the summary, which lists the kept features only
@@ -713,6 +714,11 @@ def interpret_sources(cfg: DictConfig, settings: InterpretConfig, sources: list[
     return out
 
 
+def now() -> str:
+    """The local time as ISO 8601 with milliseconds (stages.json's `started` / `finished`)."""
+    return datetime.now().isoformat(timespec="milliseconds")
+
+
 def write_run_summary(ctx: Context) -> None:
     """Rewrite the summary rows of the run's features from every output present (labels, steering
     effects, scores of every scorer file, explanation status, top-token descriptions)."""
@@ -737,14 +743,14 @@ def package_versions() -> dict[str, str]:
 
 
 def write_run_record(ctx: Context, prompts: dict[str, Any] | None = None) -> Path:
-    """The run record (records.RUN_CONFIG): resolved config (secrets removed), SAE, features, the
+    """The run record (records.RUN_CONFIG): resolved config (secrets removed; `model`: the LM analysed), SAE, features, the
     prompt file and its origin, the effective prompts, package versions."""
     doc = {
         "written": datetime.now().isoformat(timespec="seconds"),
         "ckpt": str(ctx.cfg.ckpt), "sae": ctx.source.description, "hookpoint": ctx.hookpoint, "layer": ctx.layer,
         "stages": list(ctx.cfg.interpret.stages), "features": ctx.features,
         "explain_source": explain_config(ctx.cfg).source,
-        "config": strip_secrets(ctx.cfg),
+        "config": {**strip_secrets(ctx.cfg), "model": strip_secrets(ctx.model_cfg)},  # the LM analysed: the run's
         "prompt_file": None if ctx.prompt_file is None else str(ctx.prompt_file), "prompt_file_origin": ctx.prompt_origin,
         "prompts": prompts_json(prompts if prompts is not None else load_prompts(ctx.prompt_file)),
         "versions": package_versions(),

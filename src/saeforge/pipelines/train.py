@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeforge.activations.extract import build_store
 from saeforge.atomic import atomic_write_json, atomic_write_text
-from saeforge.pipelines.callbacks import ExportSAECallback, FingerprintCallback
+from saeforge.pipelines.callbacks import DeadRankWatchdog, ExportSAECallback, FingerprintCallback
 from saeforge.pipelines.checkpoint_io import AtomicCheckpointIO
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
@@ -44,10 +44,23 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return trainer_kwargs_from(OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
-def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str]:
+def set_ddp_timeout(trainer: L.Trainer, seconds: float) -> None:
+    """Under DDP (strategy `ddp` or chosen by `auto`): the process group's collective timeout, and NCCL's
+    async error handling (a failed or timed-out collective aborts instead of hanging) unless already set.
+    Both take effect when `fit` starts the process group (the launched ranks inherit the environment)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._timeout = timedelta(seconds=seconds)  # DDPStrategy(timeout=...) for any strategy spelling
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+
+
+def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str | None]:
     """(path of the rows to train on, model name): a user file, or the activation store (built or reused)."""
     if plan.settings.data.path:
-        return str(plan.settings.data.path), str(plan.settings.model.name or "unknown")
+        return str(plan.settings.data.path), plan.model_name
     # a DDP child (LOCAL_RANK > 0) reuses the store rank 0 built (or waits for it): it never rebuilds it
     child = int(os.environ.get("LOCAL_RANK", 0) or 0) > 0
     store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=[] if child else list(plan.settings.overwrite))
@@ -86,7 +99,8 @@ def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str,
     ckpt = str(plan.resume) if plan.resume else None  # chosen (the newest readable) and checked in validate_train
     module.initialize(dm.sample_rows(INIT_SAMPLE_ROWS))
     export_dir = directory / "sae" / hookpoint
-    provenance = {"config": strip_secrets(cfg), "git_sha": git_sha(), "data": path}
+    recorded = recorded_config(cfg, directory, plan)
+    provenance = {"config": strip_secrets(recorded), "git_sha": git_sha(), "data": path}
 
     def write(pl_module: SAEModule, extra: dict[str, Any], sparsity: torch.Tensor | None = None) -> Path:
         return write_saelens(pl_module.export_sae(), export_dir, hook_name=hookpoint, hook_layer=hookpoint_layer(hookpoint),
@@ -96,9 +110,9 @@ def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str,
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=-1,
                                  every_n_train_steps=int(settings.checkpoint_every_n_steps), enable_version_counter=False)
     # a training resumed from a checkpoint keeps its W&B run; a fresh one (overwrite=true too) starts a new run
-    logger = make_wandb_logger(cfg, directory, "train", attach=directory if ckpt else None)
+    logger = make_wandb_logger(recorded, directory, "train", attach=directory if ckpt else None)
     write_wandb_run(logger, directory)  # evaluate.py and interpret.py attach to this W&B run
-    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write), FingerprintCallback(fingerprint)]
+    callbacks: list[L.Callback] = [checkpoint, ExportSAECallback(write), FingerprintCallback(fingerprint), DeadRankWatchdog()]
     every = int(settings.interpret_callback.every_n_steps)
     if every > 0:
         from hydra import compose
@@ -106,10 +120,11 @@ def train_locked(cfg: DictConfig, plan: TrainPlan, directory: Path) -> dict[str,
         from saeforge.pipelines.callbacks import InterpretCallback
 
         interpret_cfg = compose(config_name="interpret", overrides=list(settings.interpret_callback.overrides))
-        callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, cfg, every))
+        callbacks.append(InterpretCallback(interpret_cfg, directory, hookpoint, recorded, every))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(directory), logger=logger if logger else False,
                         callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # every checkpoint written atomically
-    record_run_config(cfg, directory, fingerprint)
+    set_ddp_timeout(trainer, max(settings.ddp_timeout_s, 1800.0 if every > 0 else 0.0))
+    record_run_config(recorded, directory, fingerprint)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     check_ranks_identical(module)
 
@@ -146,6 +161,21 @@ def log_feature_histograms(logger: Any, log10_frequency: torch.Tensor, amax: tor
                            "final/feature_amax": wandb.Histogram(amax.double().cpu().numpy())})
 
 
+def recorded_config(cfg: DictConfig, directory: Path, plan: TrainPlan) -> DictConfig:
+    """The config a run records (run_config.yaml, cfg.json's provenance, W&B, the interpret callback), unresolved:
+    `cfg` with run.dir made concrete; for a user file no model or hookpoint it was not given (`model: {name: null,
+    hookpoint: null}`, `data.hookpoint: null`), not the defaults it never used."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    if isinstance(plain.get("run"), dict):
+        plain["run"]["dir"] = str(directory)  # not the unresolved `${now:...}` default
+    if plan.store_hookpoint is None:
+        if plan.model_name is None:
+            plain["model"] = {"name": None, "hookpoint": None}
+        if not plan.hookpoint_given:
+            plain["data"]["hookpoint"] = None
+    return OmegaConf.create(plain)
+
+
 def record_run_config(cfg: DictConfig, directory: Path, fingerprint: dict[str, Any]) -> None:
     """Write <run dir>/run_config.yaml (atomically, rank 0) as training starts: the config these checkpoints
     come from, which interpret and evaluate read, with its training fingerprint (`fingerprint:`, the settings a
@@ -155,8 +185,6 @@ def record_run_config(cfg: DictConfig, directory: Path, fingerprint: dict[str, A
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
     plain = strip_secrets(OmegaConf.to_container(cfg, resolve=False))
-    if isinstance(plain.get("run"), dict):
-        plain["run"]["dir"] = str(directory)  # not the unresolved `${now:...}` default
     plain["fingerprint"] = fingerprint
     atomic_write_text(directory / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.create(plain)))
 

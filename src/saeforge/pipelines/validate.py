@@ -42,6 +42,11 @@ class TrainPlan:
     """Hookpoint to read inside an activation store (None for a user file)."""
     resume: Path | None = None
     """The checkpoint training resumes from (`resume_checkpoint`), None for a fresh run."""
+    model_name: str | None = None
+    """A user file's model as the command line named it (`model=`, `model.name=`), else None: recorded
+    as the SAE's model (cfg.json `model_name`, run_config.yaml `model.name`) instead of the default model."""
+    hookpoint_given: bool = True
+    """False for a user file without data.hookpoint: run_config.yaml records `data.hookpoint: null`."""
 
 
 def file_hookpoint_name(path: str) -> str:
@@ -54,6 +59,29 @@ def file_hookpoint_name(path: str) -> str:
 def hookpoint_given(cfg: DictConfig) -> bool:
     """True when data.hookpoint was set (not the default `${model.hookpoint}`)."""
     return not OmegaConf.is_interpolation(cfg.data, "hookpoint") and cfg.data.get("hookpoint") is not None
+
+
+def model_given(cfg: DictConfig) -> bool:
+    """True when the command line picked the model (`model=...` or `model.name=...`), not the default
+    group. A config composed without Hydra's runtime (the Python API) counts its model as given."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    return any(o.lstrip("+~").partition("=")[0] in ("model", "model.name") for o in HydraConfig.get().overrides.task)
+
+
+def run_model(run_cfg: DictConfig | None, cfg: DictConfig, run_dir: Path | None) -> Any:
+    """The model config of an SAE's LM: its training run's; the command line's for an imported SAE, or for
+    a run on a user file that recorded no model (`model.name: null`) when `model=` is given; else ConfigError."""
+    if run_cfg is None:
+        return cfg.model
+    if run_cfg.model.get("name") is not None:
+        return run_cfg.model
+    if model_given(cfg):
+        return cfg.model
+    raise ConfigError(f"{run_dir}/run_config.yaml: this SAE was trained on {run_cfg.data.get('path')} with no model named; "
+                      "pass model=<config> or model=hub model.name=<hub id | folder | .gguf> for the LM its activations came from")
 
 
 def check_trainer(trainer: dict[str, Any]) -> None:
@@ -95,7 +123,8 @@ def validate_train(cfg: DictConfig) -> TrainPlan:
         d_in = source.d_in
         hookpoint = canonical_name(str(data.hookpoint)) if hookpoint_given(cfg) else file_hookpoint_name(data.path)
         settings.sae.check_k(d_in)
-        return TrainPlan(settings, d_in, hookpoint, None, checked_resume(cfg, settings, d_in))
+        return TrainPlan(settings, d_in, hookpoint, None, resume=checked_resume(cfg, settings, d_in),
+                         model_name=settings.model.name if model_given(cfg) else None, hookpoint_given=hookpoint_given(cfg))
 
     from saeforge.lm.dimensions import lora_width
 
@@ -491,5 +520,5 @@ def validate_discover(cfg: DictConfig) -> DiscoverPlan:
     return DiscoverPlan(cfg, settings, concepts, saes, out, acts_dir, fingerprint, int(devices))
 
 
-__all__ = ["DiscoverPlan", "TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "interpret_ckpts", "trainer_kwargs_from", "validate_evaluate",
+__all__ = ["DiscoverPlan", "TrainPlan", "exclude_first_tokens", "file_hookpoint_name", "interpret_ckpts", "model_given", "run_model", "trainer_kwargs_from", "validate_evaluate",
            "validate_discover", "validate_interpret", "validate_train"]
