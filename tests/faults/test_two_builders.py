@@ -28,9 +28,10 @@ pytestmark = pytest.mark.slow
 N_SHARDS = 64
 
 
-def extract_args(tmp: Path) -> list[str]:
-    """extract_only on the tiny model, 64 shards of 512 tokens (so a kill lands mid-way)."""
-    base = [a for a in train_args(tmp, "run") if not a.startswith(("data.n_tokens=", "data.shard_tokens="))]
+def extract_args(tmp: Path, run: str = "run") -> list[str]:
+    """extract_only on the tiny model, 64 shards of 512 tokens (so a kill lands mid-way); each process has its
+    own `run` directory (two jobs of a sweep), the store under `tmp` is shared."""
+    base = [a for a in train_args(tmp, run) if not a.startswith(("data.n_tokens=", "data.shard_tokens="))]
     return [*base, "data.n_tokens=32768", f"data.shard_tokens={32768 // N_SHARDS}", "extract_only=true"]
 
 
@@ -108,7 +109,7 @@ def pair(tmp_path_factory) -> Pair:
     tmp = tmp_path_factory.mktemp("pair")
     lock = lock_of(tmp)
     builder = start_then_pause_builder(tmp, lock, lambda: read_holder(lock) is not None)
-    waiter = Started(extract_args(tmp), tmp)
+    waiter = Started(extract_args(tmp, "other-run"), tmp)
     try:
         waiter.wait_for(lambda: f"is being built by pid {builder.proc.pid}" in waiter.output, "the waiting line")
     finally:
@@ -133,7 +134,7 @@ def test_the_waiter_takes_over_a_killed_builder_and_resumes_its_shards(tmp_path,
     lock = lock_of(tmp_path)
     shards = at_least(tmp_path / "cache" / "activations", f"*/{HP}/shard-*.safetensors", 2)
     builder = start_then_pause_builder(tmp_path, lock, lambda: shards(""))
-    waiter = Started(extract_args(tmp_path), tmp_path)
+    waiter = Started(extract_args(tmp_path, "other-run"), tmp_path)
     try:
         waiter.wait_for(lambda: f"is being built by pid {builder.proc.pid}" in waiter.output, "the waiting line")
     finally:
