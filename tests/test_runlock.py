@@ -23,10 +23,13 @@ from saeforge.runlock import hold
 with hold(sys.argv[1], "building the marker store") as lock:
     lock.note(done=1, total=3)
     if sys.argv[2] == "fork":
+        ready, tell = os.pipe()
         child = os.fork()
-        if child == 0:
+        if child == 0:  # the fork hooks (which close the lock's copy) have run once os.fork returns here
+            os.write(tell, b"x")
             time.sleep(60)
             os._exit(0)
+        os.read(ready, 1)  # the child runs: report it only then
         print(child, flush=True)
     print("held", flush=True)
     sys.stdin.readline()  # hold until the test closes stdin (or kills us)

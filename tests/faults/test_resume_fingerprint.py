@@ -30,9 +30,11 @@ def test_fingerprint_takes_what_changes_weights_and_leaves_what_may_change():
     assert changed(data={**base["data"], "cache_dir": "/b", "lora": {"adapter": "x"}}) == ["data.lora: None → {'adapter': 'x'}"]
     assert changed(trainer={**base["trainer"], "accumulate_grad_batches": 2}) == ["trainer.accumulate_grad_batches: '<unset>' → 2"]
     assert changed(trainer={**base["trainer"], "devices": 2}, seed=1) == ["seed: 0 → 1", "trainer.devices: 1 → 2"]
-    # a user file's rows depend on no model or corpus
-    user = {**base, "data": {**base["data"], "path": "acts.h5"}}
-    assert fingerprint_changes(training_fingerprint(user), training_fingerprint({**user, "model": {"name": "other"}})) == []
+    # a user file's rows depend on no model, corpus or store setting (its fingerprint names no default model or hookpoint)
+    user = {**base, "data": {**base["data"], "path": "acts.h5", "hookpoint": "layers.15", "n_tokens": 10}}
+    assert "data.hookpoint" not in training_fingerprint(user) and "model.name" not in training_fingerprint(user)
+    other = {**user, "model": {"name": "other"}, "data": {**user["data"], "hookpoint": "layers.3", "n_tokens": 99}}
+    assert fingerprint_changes(training_fingerprint(user), training_fingerprint(other)) == []
     # a schema key of another saeforge version is not a change
     assert fingerprint_changes({**old, "sae.new_setting": 1}, old) == []
 

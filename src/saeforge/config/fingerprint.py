@@ -4,8 +4,8 @@ A training run records `training_fingerprint(config)` in `run_config.yaml` and i
 into the same `run.dir` computes its own; where they differ it is refused (`fingerprint_changes` names each
 key with its old and new value) instead of resuming weights trained under other settings.
 
-In the fingerprint: `model.*` and `corpus.*` (which rows exist; left out for a user file, `data.path`),
-`data.*`, `sae.*`, `seed`, and the `trainer` settings of the optimisation (precision, clipping,
+In the fingerprint: `model.*` and `corpus.*` (which rows exist; left out for a user file, `data.path`, with
+the `data` settings of a store, `STORE_ONLY`), `data.*`, `sae.*`, `seed`, and the `trainer` settings of the optimisation (precision, clipping,
 accumulation, ...) with the number of ranks (each rank reads its own rows, so the rows of a step change
 with it). Left out, so they may change on resume: `RESUMABLE` below, plus everything outside those
 groups (logger, interpret_callback, checkpoint_every_n_steps, ckpt_path, overwrite, run, extract_only).
@@ -42,6 +42,10 @@ RESUMABLE: dict[str, str] = {
 """Settings that may differ on resume, with why (the README lists them)."""
 
 GROUPS = ("model", "corpus", "data", "sae", "trainer")
+STORE_ONLY = ("data.hookpoint", "data.hookpoints", "data.n_tokens", "data.ctx_len", "data.prepend_bos", "data.format",
+              "data.store_dtype", "data.shard_tokens", "data.lora")
+"""`data` settings that select the rows of an activation store: not in a user file's fingerprint (its rows are
+the file's; `data.hookpoint` only names its export)."""
 
 
 def training_fingerprint(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,7 +61,7 @@ def training_fingerprint(settings: Mapping[str, Any]) -> dict[str, Any]:
             continue  # a user file's rows do not depend on a model or corpus
         # one level deep: `data.lora` is one value whether it is null or a dict
         out.update({f"{group}.{key}": value for key, value in (settings.get(group) or {}).items()})
-    out = {k: v for k, v in out.items() if k not in RESUMABLE}
+    out = {k: v for k, v in out.items() if k not in RESUMABLE and not (user_file and k in STORE_ONLY)}
     return dict(sorted(out.items()))
 
 
