@@ -20,7 +20,8 @@ from saeforge.pipelines.checkpoint_io import AtomicCheckpointIO
 from saeforge.sae.datamodule import ActivationDataModule
 from saeforge.sae import metrics
 from saeforge.lm.hookpoints import hookpoint_layer
-from saeforge.pipelines.run import make_wandb_logger, move_run_aside, run_dir, run_lock, strip_secrets, write_wandb_run
+from saeforge.pipelines.run import (is_primary_process, make_wandb_logger, move_run_aside, run_dir, run_lock, strip_secrets,
+                                   write_wandb_run)
 from saeforge.pipelines.validate import (TrainPlan, check_resume_fingerprint, run_fingerprint, trainer_kwargs_from,
                                          validate_train)
 from saeforge.sae.formats import write_saelens
@@ -61,9 +62,9 @@ def data_source(cfg: DictConfig, plan: TrainPlan) -> tuple[str, str | None]:
     """(path of the rows to train on, model name): a user file, or the activation store (built or reused)."""
     if plan.settings.data.path:
         return str(plan.settings.data.path), plan.model_name
-    # a DDP child (LOCAL_RANK > 0) reuses the store rank 0 built (or waits for it): it never rebuilds it
-    child = int(os.environ.get("LOCAL_RANK", 0) or 0) > 0
-    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=[] if child else list(plan.settings.overwrite))
+    # a DDP child or another node's process reuses the store rank 0 built (or waits for it): it never rebuilds it
+    overwrite = list(plan.settings.overwrite) if is_primary_process() else []
+    store = build_store(cfg.model, cfg.corpus, cfg.data, overwrite=overwrite)
     return str(store.root), str(store.manifest.get("model"))
 
 
